@@ -1,0 +1,1 @@
+"""Pure tensor math: scores, masks, search and tuning. Imports torch only (no INC, no transformers)."""

@@ -1,0 +1,177 @@
+"""Wanda (Sun et al. 2023, arXiv:2306.11695): score S_ij = |W_ij| * ||X_j||_2 and the masks built from it.
+
+Every weight here is a matrix ``[out_features, in_features]`` (see ``inc_plugins.models.layer_views`` for
+turning Linear / Conv1D / Conv2d layers into one). Every mask is a bool tensor shaped like its scores:
+``True`` = keep the weight, ``False`` = prune it.
+
+Ties: candidates are ranked with a *stable* ascending sort, so among equal scores the one with the lower
+index is pruned first (column index within a row for ``per_output_mask``; row-major flat index for
+``per_layer_mask``; layers in the dict's order, then row-major, for ``global_masks``). This is the order INC
+3.7.1's ``prune_wanda`` uses (``torch.sort(..., stable=True)``), so per-output masks match it even on ties.
+``variant_mask`` has no index order: like the reference it prunes every score at or below a row threshold.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+# The reference's bisection for the variant: start at alpha 0.4 inside [0, 0.8], stop once the sparsity is
+# within 0.001 of the target or the bracket is narrower than 0.001 (so at most 10 halvings).
+_VARIANT_ALPHA_START = 0.4
+_VARIANT_ALPHA_MAX = 0.8
+_VARIANT_SPARSITY_TOLERANCE = 0.001
+_VARIANT_MIN_BRACKET = 0.001
+
+
+class InputFeatureNorms:
+    """Running per-input-feature mean of x_j^2 over all rows (tokens) seen, kept in float32.
+
+    The reference and INC keep ``||X_j||^2 / n_sequences``; here the divisor is the number of rows, which is
+    what a caller flattening activations to ``[tokens, in_features]`` knows. For one layer the two differ by
+    the constant factor tokens-per-sequence, which scales every score of the layer alike: per-output,
+    per-layer, N:M and variant masks are unchanged. Across layers (``global_masks``) the per-token mean keeps
+    layers with different numbers of positions per sample (e.g. convolutions) comparable.
+    """
+
+    def __init__(self) -> None:
+        self._sum_of_squares: torch.Tensor | None = None
+        self.num_rows = 0
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add activations ``rows`` of shape ``[tokens, in_features]`` (any floating dtype)."""
+        if rows.dim() != 2:
+            raise ValueError(f"rows must have shape [tokens, in_features], got shape {list(rows.shape)}")
+        if self._sum_of_squares is None:
+            self._sum_of_squares = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+        elif rows.shape[1] != self._sum_of_squares.numel():
+            raise ValueError(
+                f"rows have {rows.shape[1]} features but earlier batches had {self._sum_of_squares.numel()}"
+            )
+        # Square in float32: bf16/fp16 activations would lose most of their mantissa when squared and summed.
+        self._sum_of_squares += rows.detach().float().square().sum(dim=0)
+        self.num_rows += rows.shape[0]
+
+    @property
+    def squared_norms(self) -> torch.Tensor:
+        """``[in_features]`` float32: mean over rows of x_j^2."""
+        if self._sum_of_squares is None or self.num_rows == 0:
+            raise RuntimeError("no activations were added: call update() with at least one row first")
+        return self._sum_of_squares / self.num_rows
+
+
+def wanda_scores(weight: torch.Tensor, feature_sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda scores ``|W_ij| * sqrt(feature_sq_norms_j)``, float32, shape ``[out_features, in_features]``.
+
+    ``weight`` is ``[out_features, in_features]``; ``feature_sq_norms`` is ``[in_features]`` (for example
+    ``InputFeatureNorms.squared_norms``).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [out_features, in_features], got shape {list(weight.shape)}")
+    if feature_sq_norms.shape != (weight.shape[1],):
+        raise ValueError(
+            f"feature_sq_norms must have shape [in_features] = [{weight.shape[1]}], "
+            f"got shape {list(feature_sq_norms.shape)}"
+        )
+    return weight.detach().abs().float() * feature_sq_norms.detach().float().sqrt().unsqueeze(0)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights pruned), got {sparsity!r}")
+
+
+def _check_matrix(scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [out_features, in_features], got shape {list(scores.shape)}")
+
+
+def _prune_lowest(flat_scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Keep mask for a 1-D tensor, pruning its ``num_pruned`` lowest entries (lower index first on ties)."""
+    keep = torch.ones_like(flat_scores, dtype=torch.bool)
+    order = torch.sort(flat_scores, stable=True).indices
+    keep[order[:num_pruned]] = False
+    return keep
+
+
+def per_output_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask ``[out_features, in_features]`` pruning the same number of lowest scores in every row.
+
+    Each row prunes ``int(in_features * sparsity)`` weights, the reference's rounding (a plain truncation of
+    the float product, so e.g. ``int(100 * 0.29) == 28``).
+    """
+    _check_matrix(scores)
+    _check_sparsity(sparsity)
+    num_pruned = int(scores.shape[1] * sparsity)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    return keep.scatter_(1, order[:, :num_pruned], False)
+
+
+def per_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask shaped like ``scores`` pruning the ``int(numel * sparsity)`` lowest scores of the whole matrix."""
+    _check_sparsity(sparsity)
+    return _prune_lowest(scores.flatten(), int(scores.numel() * sparsity)).reshape(scores.shape)
+
+
+def global_masks(scores_by_name: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Keep masks for several layers pruning the ``int(total * sparsity)`` lowest scores across all of them.
+
+    ``scores_by_name`` maps a layer name to its scores (``[out_features, in_features]``, same device for all);
+    the result maps the same names to masks of the same shapes.
+    """
+    _check_sparsity(sparsity)
+    if not scores_by_name:
+        raise ValueError("global_masks needs the scores of at least one layer, got an empty mapping")
+    flat = torch.cat([scores.flatten().float() for scores in scores_by_name.values()])
+    keep = _prune_lowest(flat, int(flat.numel() * sparsity))
+    pieces = keep.split([scores.numel() for scores in scores_by_name.values()])
+    return {name: piece.reshape(scores.shape) for (name, scores), piece in zip(scores_by_name.items(), pieces)}
+
+
+def _variant_keep_mask(
+    scores: torch.Tensor, sorted_scores: torch.Tensor, cumulative: torch.Tensor, row_sums: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    in_prefix = cumulative <= (row_sums * alpha).unsqueeze(1)
+    prefix_length = in_prefix.sum(dim=1, keepdim=True)
+    # The reference takes the last score of the prefix as a threshold and prunes every score <= it, so ties
+    # with the threshold go too. An empty prefix (the reference would index -1 and fail) prunes nothing.
+    threshold = sorted_scores.gather(1, (prefix_length - 1).clamp(min=0))
+    pruned = (scores <= threshold) & (prefix_length > 0)
+    return ~pruned
+
+
+def variant_mask(scores: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, float]:
+    """The Wanda variant: per row, prune the smallest scores whose cumulative sum is <= alpha * the row sum.
+
+    ``alpha`` is the same for all rows and is found by the reference's bisection so that the sparsity of the
+    whole matrix is within 0.001 of ``sparsity``. Returns ``(keep mask [out_features, in_features], alpha)``.
+    Sparsity 0 keeps everything (alpha 0). Raises ValueError if no alpha in [0, 0.8] gets within 0.001.
+    """
+    _check_matrix(scores)
+    _check_sparsity(sparsity)
+    if sparsity == 0:
+        return torch.ones_like(scores, dtype=torch.bool), 0.0
+    sorted_scores = torch.sort(scores, dim=1, stable=True).values
+    cumulative = sorted_scores.cumsum(dim=1)
+    # Row sums of the unsorted scores, as the reference: they can differ from cumulative[:, -1] in the last bit.
+    row_sums = scores.sum(dim=1)
+
+    def keep_and_sparsity(alpha: float) -> tuple[torch.Tensor, float]:
+        keep = _variant_keep_mask(scores, sorted_scores, cumulative, row_sums, alpha)
+        return keep, (~keep).sum().item() / keep.numel()
+
+    alpha, low, high = _VARIANT_ALPHA_START, 0.0, _VARIANT_ALPHA_MAX
+    keep, achieved = keep_and_sparsity(alpha)
+    while abs(achieved - sparsity) > _VARIANT_SPARSITY_TOLERANCE and high - low >= _VARIANT_MIN_BRACKET:
+        if achieved > sparsity:
+            alpha, high = (alpha + low) / 2.0, alpha
+        else:
+            alpha, low = (alpha + high) / 2.0, alpha
+        keep, achieved = keep_and_sparsity(alpha)
+    if abs(achieved - sparsity) > _VARIANT_SPARSITY_TOLERANCE:
+        raise ValueError(
+            f"the Wanda variant could not reach sparsity {sparsity} within {_VARIANT_SPARSITY_TOLERANCE}: "
+            f"the last try gave {achieved:.6f} at alpha {alpha:.6f} (alpha is searched in [0, {_VARIANT_ALPHA_MAX}] "
+            f"as in the reference); use per_output_mask, or a sparsity this matrix's scores can reach"
+        )
+    return keep, alpha

@@ -1,0 +1,74 @@
+"""`prepare_pruning`: INC's entry point, extended to the project's one-shot pruners.
+
+Configs whose pruning type is one of the plugins' one-shot types run the plugin's pruning class; every other
+config goes to INC's own `prepare_pruning` unchanged, so INC's built-in pruners keep working through this door.
+"""
+
+import contextlib
+import copy
+
+import torch
+from neural_compressor import WeightPruningConfig
+from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_pruning
+from neural_compressor.compression.pruner.utils import process_config
+
+from .config import private_copy
+from .config_checks import PruningConfigError, check_pruner_settings
+from .decoder_outputs import tuple_layer_outputs
+from .one_shot import ONE_SHOT_PRUNINGS, one_shot_pruning_class
+
+
+def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
+    """Each local entry merged over the global settings: what INC will resolve, before its assertions run."""
+    global_settings = dict(config.weight_compression)
+    locals_ = config.pruning_configs or [{}]
+    return [{**global_settings, **{k: v for k, v in entry.items() if v is not None}} for entry in locals_]
+
+
+def _sub_config(config: WeightPruningConfig, local_entries: list[dict]) -> WeightPruningConfig:
+    return WeightPruningConfig(pruning_configs=copy.deepcopy(local_entries), **copy.deepcopy(dict(config.weight_compression)))
+
+
+def prepare_pruning(
+    model: torch.nn.Module,
+    config: WeightPruningConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+    dataloader=None,
+    loss_func=None,
+    device: str | torch.device | None = None,
+):
+    """Same arguments and return value as `neural_compressor.compression.pruner.prepare_pruning`.
+
+    The config is copied first: INC writes resolved settings into it, which would leak into later configs
+    that share its default lists. Returns one pruning object, or a list when several flows were started.
+    """
+    if not isinstance(config, WeightPruningConfig):
+        raise PruningConfigError(f"config must be a neural_compressor.WeightPruningConfig, got {type(config).__name__}")
+    config = private_copy(config)
+    settings = _settings_per_pruner(config)
+    for entry in settings:
+        check_pruner_settings(entry)
+
+    local_entries = config.pruning_configs or [{}]
+    is_plugin = [entry["pruning_type"] in ONE_SHOT_PRUNINGS for entry in settings]
+    prunings = []
+    if not all(is_plugin):
+        inc_config = config if not any(is_plugin) else _sub_config(config, [e for e, p in zip(local_entries, is_plugin) if not p])
+        uses_sparse_gpt = any("gpt" in e["pruning_type"] for e, p in zip(settings, is_plugin) if not p)
+        with tuple_layer_outputs(model) if uses_sparse_gpt and dataloader is not None else contextlib.nullcontext():
+            started = inc_prepare_pruning(model, inc_config, optimizer, dataloader, loss_func, device=device)
+        prunings.extend(started if isinstance(started, list) else [started])
+
+    if any(is_plugin):
+        if dataloader is None:
+            names = sorted({e["pruning_type"] for e, p in zip(settings, is_plugin) if p})
+            raise PruningConfigError(f"pruning types {names} prune one-shot from calibration data: pass dataloader=")
+        plugin_infos = process_config(_sub_config(config, [e for e, p in zip(local_entries, is_plugin) if p]))
+        by_type: dict[str, list] = {}
+        for info in plugin_infos:
+            by_type.setdefault(info["pruning_type"], []).append(info)
+        for pruning_type, infos in by_type.items():
+            prunings.append(one_shot_pruning_class(pruning_type)(infos, model, dataloader, loss_func, device))
+
+    return prunings[0] if len(prunings) == 1 else prunings
+

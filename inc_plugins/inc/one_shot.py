@@ -1,0 +1,41 @@
+"""Registry of the project's one-shot pruning types, which INC's own `prepare_pruning` cannot route.
+
+INC 3.7.1 sends a config to a one-shot flow only when its pruning type contains "gpt" or "retrain". Each
+project pruning class registered here also goes into INC's `PRUNINGS` registry, beside INC's own flows.
+"""
+
+from neural_compressor.compression.pruner.pruning import PRUNINGS, register_pruning
+
+# Substrings that INC's dispatch treats specially ("gpt", "retrain") or that change which pruner it builds.
+RESERVED_SUBSTRINGS = ("gpt", "retrain", "block", "free", "progressive")
+
+# pruning_type -> key of its pruning class in INC's PRUNINGS
+ONE_SHOT_PRUNINGS: dict[str, str] = {}
+
+
+def register_one_shot_pruning(pruning_type: str):
+    """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS.
+
+    The class is built as `cls(pruner_infos, model, dataloader, loss_func, device)` and prunes at construction,
+    like INC's `SparseGPTPruning`.
+    """
+    clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
+    if clashes:
+        raise ValueError(f"pruning type {pruning_type!r} contains {clashes}, which INC's dispatch reserves")
+
+    def register(cls):
+        key = f"{pruning_type}_pruning"
+        register_pruning(key)(cls)
+        ONE_SHOT_PRUNINGS[pruning_type] = key
+        return cls
+
+    return register
+
+
+def one_shot_pruning_class(pruning_type: str):
+    return PRUNINGS[ONE_SHOT_PRUNINGS[pruning_type]]
+
+
+def is_one_shot(pruning_type: str) -> bool:
+    """True for types that prune at once from a dataloader; False for INC's training-aware types."""
+    return pruning_type in ONE_SHOT_PRUNINGS or "gpt" in pruning_type or "retrain" in pruning_type

@@ -1,0 +1,1 @@
+"""How to find blocks, heads, neurons and channels in each model family."""

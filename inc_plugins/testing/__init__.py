@@ -1,0 +1,1 @@
+"""Tiny, seeded models and calibration batches for tests and quick benchmarks (synthetic, no downloads)."""

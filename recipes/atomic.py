@@ -1,0 +1,37 @@
+"""Writes that either complete or leave nothing behind."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path):
+    """Yields a temporary sibling directory that becomes `final` only if the block succeeds.
+
+    Refuses to replace an existing `final`: earlier results are never silently overwritten.
+    """
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; refusing to overwrite it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield staging
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

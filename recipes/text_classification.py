@@ -1,0 +1,78 @@
+"""Batching, training and evaluation for single-sentence classification."""
+
+import math
+import random
+from collections.abc import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .movie_snippets import Example
+
+
+def tokenized_batches(tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                      shuffle_seed: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Padded batches with `labels`; shuffled with the seed when one is given."""
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        encoded = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        encoded["labels"] = torch.tensor([e.label for e in chunk])
+        batches.append(encoded)
+    return batches
+
+
+def cycle(batches: list) -> Iterator:
+    while True:
+        yield from batches
+
+
+def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate: float, desc: str,
+          optimizer: torch.optim.Optimizer | None = None,
+          after_step: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW with linear decay for `steps` steps over the (cycled) batches; returns the loss of each step."""
+    model.train()
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
+    losses = []
+    progress = tqdm(range(steps), desc=desc, unit="step")
+    for step, batch in zip(progress, cycle(batches)):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def epochs_to_steps(epochs: float, n_batches: int) -> int:
+    return max(1, math.ceil(epochs * n_batches))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate") -> dict[str, float]:
+    """Accuracy and (for two classes) F1 of the positive class."""
+    model.eval()
+    predictions, labels = [], []
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        predictions.append(model(**inputs).logits.argmax(-1))
+        labels.append(batch["labels"])
+    pred, gold = torch.cat(predictions), torch.cat(labels)
+    metrics = {"accuracy": (pred == gold).float().mean().item(), "examples": len(gold)}
+    if int(gold.max()) <= 1:
+        tp = ((pred == 1) & (gold == 1)).sum().item()
+        precision = tp / max(1, (pred == 1).sum().item())
+        recall = tp / max(1, (gold == 1).sum().item())
+        metrics["f1"] = 0.0 if tp == 0 else 2 * precision * recall / (precision + recall)
+    return metrics
