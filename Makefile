@@ -30,7 +30,7 @@ demo: assets
 	$(BIN)/python -m recipes.apply $(RECIPE)
 
 test: assets
-	$(BIN)/python -m pytest -p no:logging $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # IPEX 2.8 only works with torch 2.8, so it gets an environment of its own (about 4 GB: the only
 # torch 2.8 on the registry is a CUDA build). The project's other dependencies are installed without its torch pin.

@@ -6,6 +6,7 @@
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -55,11 +56,19 @@ def _finetuned(recipe: Recipe, model, tokenizer, train_examples, timer: StageTim
     return model, tokenizer, {**info, "cached": False}
 
 
+def _fresh_run_dir(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... when runs started within the same second."""
+    candidate, suffix = base, 2
+    while candidate.exists():
+        candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    return candidate
+
+
 def run(recipe: Recipe, run_dir: Path | None = None) -> Path:
     """Runs the recipe and returns its run directory, which appears only once everything succeeded."""
     timer = StageTimer()
     started = datetime.now(timezone.utc)
-    run_dir = run_dir or recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    run_dir = run_dir or _fresh_run_dir(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
     if run_dir.exists():
         raise RecipeError(f"run directory {run_dir} already exists; refusing to overwrite it")
 
@@ -127,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.apply", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="a recipe file, or the bare name of a shipped recipe in recipes/")
     parser.add_argument("--run-dir", type=Path, help="where to write this run (default: <output.dir>/<name>-<time>)")
+    parser.add_argument("--verbose", action="store_true", help="show INC's own INFO logs (every pruning step)")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     try:
         run(load_recipe(args.recipe), args.run_dir)
     except (RecipeError, FileExistsError) as err:

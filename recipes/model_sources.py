@@ -52,3 +52,39 @@ def source_fingerprint(source: ModelSource) -> str:
         digest.update(name.encode())
         digest.update(hashlib.sha256((Path(where) / name).read_bytes()).digest())
     return digest.hexdigest()
+
+
+GGUF_FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def load_causal_lm(asset: str):
+    """(model, tokenizer) of a GGUF decoder asset, in fp32 and eval mode.
+
+    De-quantizing the GGUF takes ~30 s, so the fp32 weights are saved once as safetensors in the cache. The tokenizer
+    is always read from the GGUF file: one saved with `save_pretrained` and reloaded maps spaces to <|endoftext|>.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inc_plugins.assets import cache_root
+
+    if asset not in GGUF_FILES:
+        raise RecipeError(f"no causal-LM loader for asset {asset!r}; causal-LM assets: {', '.join(GGUF_FILES)}")
+    directory, gguf = model_directory(ModelSource(asset=asset)), GGUF_FILES[asset]
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    converted = cache_root() / "converted" / asset
+    if not (converted / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=converted.parent, prefix=f".{asset}."))
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            os.rename(staging, converted)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=torch.float32)
+    return model.eval(), tokenizer

@@ -59,8 +59,10 @@ def recording_type(monkeypatch):
     monkeypatch.setattr(one_shot, "ONE_SHOT_PRUNINGS", dict(one_shot.ONE_SHOT_PRUNINGS))
     monkeypatch.setattr("inc_plugins.inc.entry.ONE_SHOT_PRUNINGS", one_shot.ONE_SHOT_PRUNINGS)
     monkeypatch.setattr("inc_plugins.inc.config_checks.ONE_SHOT_PRUNINGS", one_shot.ONE_SHOT_PRUNINGS)
+    monkeypatch.setattr(one_shot, "PLUGIN_CONFIG_KEYS", set(one_shot.PLUGIN_CONFIG_KEYS))
+    monkeypatch.setattr("inc_plugins.inc.entry.PLUGIN_CONFIG_KEYS", one_shot.PLUGIN_CONFIG_KEYS)
     monkeypatch.setitem(PRUNINGS, "recording_pruning", RecordingPruning)
-    one_shot.register_one_shot_pruning("recording")(RecordingPruning)
+    one_shot.register_one_shot_pruning("recording", config_keys=("flavour",))(RecordingPruning)
     RecordingPruning.calls = []
     return "recording"
 
@@ -96,6 +98,19 @@ def test_routing_sends_plugin_types_to_plugin_code_and_the_rest_to_inc(recording
     assert call["infos"][0]["target_sparsity"] == 0.5 and call["dataloader"] is batches
     inc_pruner_types = [p.config["pruning_type"] for p in result[0].pruners]
     assert inc_pruner_types == ["magnitude"]
+
+
+def test_plugin_keys_given_globally_reach_every_plugin_entry_without_inc_warnings(recording_type, caplog):
+    config = inc_plugins.pruning_config(
+        pruning_configs=[{"pruning_type": "recording", "target_sparsity": 0.5, "pattern": "1x1"},
+                         {"pruning_type": "recording", "target_sparsity": 0.2, "pattern": "1x1", "flavour": "local"}],
+        flavour="global",
+    )
+    with caplog.at_level("WARNING", logger="neural_compressor"):
+        inc_plugins.prepare_pruning(tiny_bert_classifier(), config, dataloader=token_batches(1, 2, 8))
+    (call,) = RecordingPruning.calls
+    assert [info["flavour"] for info in call["infos"]] == ["global", "local"]
+    assert "flavour is not supported" not in caplog.text
 
 
 def test_inc_only_configs_return_what_inc_returns():

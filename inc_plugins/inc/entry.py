@@ -6,6 +6,7 @@ config goes to INC's own `prepare_pruning` unchanged, so INC's built-in pruners 
 
 import contextlib
 import copy
+import logging
 
 import torch
 from neural_compressor import WeightPruningConfig
@@ -15,7 +16,7 @@ from neural_compressor.compression.pruner.utils import process_config
 from .config import private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
 from .decoder_outputs import tuple_layer_outputs
-from .one_shot import ONE_SHOT_PRUNINGS, one_shot_pruning_class
+from .one_shot import ONE_SHOT_PRUNINGS, PLUGIN_CONFIG_KEYS, one_shot_pruning_class
 
 
 def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -27,6 +28,30 @@ def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
 
 def _sub_config(config: WeightPruningConfig, local_entries: list[dict]) -> WeightPruningConfig:
     return WeightPruningConfig(pruning_configs=copy.deepcopy(local_entries), **copy.deepcopy(dict(config.weight_compression)))
+
+
+def _with_plugin_keys(config: WeightPruningConfig, local_entries: list[dict]) -> list[dict]:
+    """Local entries that inherit the plugins' extra keys given globally: INC only propagates its own keys."""
+    extra = {k: v for k, v in config.weight_compression.items() if k in PLUGIN_CONFIG_KEYS}
+    return [{**extra, **entry} for entry in local_entries]
+
+
+class _QuietAboutPluginKeys(logging.Filter):
+    """INC warns '<key> is not supported for config' for every key it does not know, plugins' keys included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message == f"{key} is not supported for config" for key in PLUGIN_CONFIG_KEYS)
+
+
+@contextlib.contextmanager
+def _inc_quiet_about_plugin_keys():
+    inc_logger, quiet = logging.getLogger("neural_compressor"), _QuietAboutPluginKeys()
+    inc_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        inc_logger.removeFilter(quiet)
 
 
 def prepare_pruning(
@@ -63,7 +88,9 @@ def prepare_pruning(
         if dataloader is None:
             names = sorted({e["pruning_type"] for e, p in zip(settings, is_plugin) if p})
             raise PruningConfigError(f"pruning types {names} prune one-shot from calibration data: pass dataloader=")
-        plugin_infos = process_config(_sub_config(config, [e for e, p in zip(local_entries, is_plugin) if p]))
+        plugin_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if p])
+        with _inc_quiet_about_plugin_keys():
+            plugin_infos = process_config(_sub_config(config, plugin_entries))
         by_type: dict[str, list] = {}
         for info in plugin_infos:
             by_type.setdefault(info["pruning_type"], []).append(info)

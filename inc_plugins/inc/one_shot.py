@@ -11,13 +11,15 @@ RESERVED_SUBSTRINGS = ("gpt", "retrain", "block", "free", "progressive")
 
 # pruning_type -> key of its pruning class in INC's PRUNINGS
 ONE_SHOT_PRUNINGS: dict[str, str] = {}
+# config keys that plugin pruners read beyond INC's own (INC would drop them from global settings)
+PLUGIN_CONFIG_KEYS: set[str] = set()
 
 
-def register_one_shot_pruning(pruning_type: str):
+def register_one_shot_pruning(pruning_type: str, config_keys: tuple[str, ...] = ()):
     """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS.
 
     The class is built as `cls(pruner_infos, model, dataloader, loss_func, device)` and prunes at construction,
-    like INC's `SparseGPTPruning`.
+    like INC's `SparseGPTPruning`. `config_keys` names the extra per-config keys the class reads.
     """
     clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
     if clashes:
@@ -27,6 +29,7 @@ def register_one_shot_pruning(pruning_type: str):
         key = f"{pruning_type}_pruning"
         register_pruning(key)(cls)
         ONE_SHOT_PRUNINGS[pruning_type] = key
+        PLUGIN_CONFIG_KEYS.update(config_keys)
         return cls
 
     return register

@@ -1,0 +1,133 @@
+"""Latency lookup tables: shapes, interpolation, files, and the machine check (timings themselves are not asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from inc_plugins import latency_table as lt
+from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_llama_lm
+
+QUICK = dict(batch_size=2, seq_len=8, repeats=2, warmup=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # intra-op threads that spin on a shared 2-core machine make tiny timings erratic
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INC_PLUGINS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def bert_table():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield lt.measure_latency_table(tiny_bert_classifier(), neuron_step=32, **QUICK)
+    torch.set_num_threads(previous)
+
+
+def test_bert_table_has_one_entry_per_kept_count(bert_table):
+    assert len(bert_table.head_latency) == 4 + 1
+    assert len(bert_table.neuron_latency) == 64 + 1
+    assert all(v >= 0 for v in bert_table.head_latency + bert_table.neuron_latency)
+    assert bert_table.head_latency[0] > 0  # an emptied layer still runs its residuals and LayerNorms
+    assert bert_table.neuron_latency[0] == 0.0
+    assert bert_table.measured_heads == [0, 1, 2, 3, 4]
+    assert bert_table.measured_neurons == [0, 32, 64]
+    # unmeasured neuron counts lie on the line between their measured neighbours
+    low, high = bert_table.neuron_latency[32], bert_table.neuron_latency[64]
+    assert bert_table.neuron_latency[48] == pytest.approx((low + high) / 2)
+    assert bert_table.machine == lt.current_machine("eager", 2, 8)
+    assert bert_table.model["num_heads"] == 4 and bert_table.model["intermediate_size"] == 64
+
+
+def test_measuring_leaves_the_model_untouched():
+    model = tiny_bert_classifier()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    lt.measure_latency_table(model, neuron_step=64, **QUICK)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 4
+
+
+def test_gqa_table_is_measured_in_whole_kv_groups():
+    table = lt.measure_latency_table(tiny_llama_lm(), neuron_step=64, **QUICK)
+    assert table.measured_heads == [0, 2, 4]  # 4 query heads in 2 key/value groups
+    assert len(table.head_latency) == 5 and len(table.neuron_latency) == 65
+    assert table.head_latency[1] == pytest.approx((table.head_latency[0] + table.head_latency[2]) / 2)
+    assert table.model["num_kv_heads"] == 2
+
+
+def test_interpolation_and_sample_points():
+    assert lt._sample_points(10, 4) == [0, 4, 8, 10]
+    assert lt._interpolate([0, 4, 8, 10], [0.0, 4.0, 4.0, 8.0], 10) == pytest.approx(
+        [0, 1, 2, 3, 4, 4, 4, 4, 4, 6, 8]
+    )
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        lt._sample_points(10, 0)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'tvm'; available: eager"):
+        lt.measure_latency_table(tiny_bert_classifier(), backend="tvm", **QUICK)
+
+
+def test_save_load_round_trip(bert_table, tmp_path):
+    path = lt.save_latency_table(bert_table)
+    assert path.parent == tmp_path / "cache" / "latency"
+    assert path == lt.default_table_path(bert_table)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    assert lt.load_latency_table(path) == bert_table
+
+    explicit = lt.save_latency_table(bert_table, tmp_path / "elsewhere" / "table.json")
+    assert json.loads(explicit.read_text())["format"] == lt.FORMAT_VERSION
+
+
+def test_load_rejects_files_that_are_not_tables(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="not a latency table"):
+        lt.load_latency_table(bad)
+    bad.write_text(json.dumps({"format": lt.FORMAT_VERSION, "head_latency": [0.1, -1.0], "neuron_latency": [0, 1],
+                               "machine": {}}))
+    with pytest.raises(ValueError, match="head_latency must hold"):
+        lt.load_latency_table(bad)
+
+
+def _with_machine(table, **changes):
+    return lt.LatencyTable(table.head_latency, table.neuron_latency, {**table.machine, **changes}, table.model)
+
+
+def test_check_same_machine_flags_other_machines(bert_table):
+    lt.check_same_machine(bert_table, "eager", batch_size=2, seq_len=8)  # measured here: passes
+    with pytest.raises(lt.LatencyTableMismatch, match="cpu_model: table 'Some Other CPU'"):
+        lt.check_same_machine(_with_machine(bert_table, cpu_model="Some Other CPU"), "eager")
+    other_flags = {**bert_table.machine["cpu_flags"], "amx_bf16": not bert_table.machine["cpu_flags"]["amx_bf16"]}
+    with pytest.raises(lt.LatencyTableMismatch, match="cpu_flags"):
+        lt.check_same_machine(_with_machine(bert_table, cpu_flags=other_flags), "eager")
+    with pytest.raises(lt.LatencyTableMismatch, match="num_threads"):
+        lt.check_same_machine(_with_machine(bert_table, num_threads=64), "eager")
+    with pytest.raises(lt.LatencyTableMismatch, match="backend: table 'eager', now 'inductor'"):
+        lt.check_same_machine(bert_table, "inductor")
+    with pytest.raises(lt.LatencyTableMismatch, match="seq_len"):
+        lt.check_same_machine(bert_table, "eager", seq_len=128)
+    with pytest.warns(UserWarning, match="torch 1.0"):
+        lt.check_same_machine(_with_machine(bert_table, torch_version="1.0"), "eager")
+
+
+def test_command_line_measures_and_shows(tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    assert lt.main(["measure", "--model", "tiny-llama", "--batch-size", "1", "--seq-len", "4", "--repeats", "1",
+                    "--warmup", "0", "--neuron-step", "64", "--threads", "1", "--output", str(out)]) == 0
+    table = lt.load_latency_table(out)
+    assert len(table.head_latency) == 5 and table.machine["seq_len"] == 4
+    assert lt.main(["show", str(out)]) == 0
+    assert "matches this machine" in capsys.readouterr().out
