@@ -17,6 +17,7 @@ with warnings.catch_warnings():
 from .inc.config import pruning_config  # noqa: E402
 from .inc.config_checks import PruningConfigError, known_pruning_types  # noqa: E402
 from .inc.entry import prepare_pruning  # noqa: E402
+from .inc.mask_search import slim  # noqa: E402  (registers mask_search; slim(model) slims a mask_search-pruned model)
 from .inc import wanda as _wanda  # noqa: E402,F401  (registers pt_wanda, wanda_pruning, wanda_score)
 from .inc.lifecycle import complete_pruning  # noqa: E402
 from .inc.one_shot import is_one_shot  # noqa: E402

@@ -1,0 +1,44 @@
+"""Kwon et al. (2022), "A Fast Post-Training Pruning Framework for Transformers", end to end on a model.
+
+One module per step (the paper's sections): ``mask_gradients`` (Fisher, 4.1), ``flops_budget`` and
+``latency_budget`` (the constrained search, 4.1), rearrangement (``inc_plugins.algorithms.rearrange``, 4.2),
+``mask_tuning`` (4.3), and ``pipeline``, which chains them. No INC here: ``inc_plugins.inc.mask_search``
+registers the pipeline as INC's pruning type "mask_search".
+"""
+
+from .flops_budget import UnitCosts, masked_macs, search_masks_under_flops, unit_costs
+from .latency_budget import (
+    LatencyTable,
+    LatencyTableMismatchError,
+    as_latency_table,
+    check_machine,
+    current_machine,
+    unit_latency_table,
+)
+from .mask_gradients import MaskGradients, collect_mask_gradients
+from .mask_tuning import TuningResult, ffn_normal_equations, head_normal_equations, tune_mask_scales
+from .pipeline import CONSTRAINTS, KwonResult, KwonSettings, prune_post_training, settings_from_config
+
+__all__ = [
+    "CONSTRAINTS",
+    "KwonResult",
+    "KwonSettings",
+    "LatencyTable",
+    "LatencyTableMismatchError",
+    "MaskGradients",
+    "TuningResult",
+    "UnitCosts",
+    "as_latency_table",
+    "check_machine",
+    "collect_mask_gradients",
+    "current_machine",
+    "ffn_normal_equations",
+    "head_normal_equations",
+    "masked_macs",
+    "prune_post_training",
+    "search_masks_under_flops",
+    "settings_from_config",
+    "tune_mask_scales",
+    "unit_costs",
+    "unit_latency_table",
+]

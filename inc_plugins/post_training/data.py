@@ -1,0 +1,124 @@
+"""Calibration batches for the post-training pipeline: sampling, sequence lengths, labels, model calls.
+
+Batches are dicts of tensors as transformers models take them (``input_ids``, ``attention_mask``, ``labels``, ...),
+e.g. ``inc_plugins.testing.calibration_data.token_batches`` or a ``DataLoader`` with a padding collator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["take_samples", "slice_batch", "batch_size", "token_mask", "average_sequence_length", "require_labels", "forward_with_labels"]
+
+
+def _check_batch(batch: Any, index: int) -> Mapping[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"calibration batch {index} is a {type(batch).__name__}; the post-training pipeline needs dict batches "
+            f"as transformers models take them (input_ids, attention_mask, labels, ...)"
+        )
+    if not isinstance(batch.get("input_ids"), Tensor) and not isinstance(batch.get("inputs_embeds"), Tensor):
+        raise ValueError(f"calibration batch {index} has no 'input_ids' (keys: {sorted(batch)})")
+    return batch
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """Number of sequences in a batch (the leading dimension of its inputs)."""
+    inputs = batch["input_ids"] if isinstance(batch.get("input_ids"), Tensor) else batch["inputs_embeds"]
+    return int(inputs.shape[0])
+
+
+def slice_batch(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Sequences ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is sliced."""
+    rows = batch_size(batch)
+    return {
+        key: value[start:stop] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows else value
+        for key, value in batch.items()
+    }
+
+
+def take_samples(batches: Iterable[Any], num_samples: int | None = None) -> list[dict[str, Any]]:
+    """The first ``num_samples`` sequences of ``batches`` (all when None), as a list of dict batches; the last
+    batch is cut to size. Raises ValueError when there are no batches or fewer sequences than asked for."""
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples must be a positive int or None (all), got {num_samples!r}")
+    taken: list[dict[str, Any]] = []
+    count = 0
+    for index, batch in enumerate(batches):
+        batch = _check_batch(batch, index)
+        rows = batch_size(batch)
+        if num_samples is not None and count + rows >= num_samples:
+            taken.append(slice_batch(batch, 0, num_samples - count))
+            count = num_samples
+            break
+        taken.append(dict(batch))
+        count += rows
+    if not taken:
+        raise ValueError("the calibration dataloader yielded no batches")
+    if num_samples is not None and count < num_samples:
+        raise ValueError(f"num_samples={num_samples} but the calibration dataloader holds only {count} sequences")
+    return taken
+
+
+def token_mask(batch: Mapping[str, Any]) -> Tensor:
+    """[batch, seq] bool: True at real (non-padding) tokens, from ``attention_mask`` (all True without one)."""
+    mask = batch.get("attention_mask")
+    inputs = batch["input_ids"] if isinstance(batch.get("input_ids"), Tensor) else batch["inputs_embeds"]
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask.detach().cpu() != 0
+    return torch.ones(inputs.shape[:2], dtype=torch.bool)
+
+
+def average_sequence_length(batches: Iterable[Mapping[str, Any]]) -> int:
+    """Mean number of non-padding tokens per sequence, rounded to the nearest int (at least 1)."""
+    tokens = sequences = 0
+    for batch in batches:
+        mask = token_mask(batch)
+        tokens += int(mask.sum())
+        sequences += mask.shape[0]
+    if sequences == 0:
+        raise ValueError("no sequences to measure the average length of")
+    return max(1, round(tokens / sequences))
+
+
+def require_labels(batches: list[Mapping[str, Any]], loss_func) -> None:
+    """Raise ValueError when a batch has no ``labels`` and no ``loss_func`` is given: the Fisher importance is
+    the gradient of the task loss, which needs labels."""
+    if loss_func is not None:
+        return
+    for index, batch in enumerate(batches):
+        if batch.get("labels") is None:
+            raise ValueError(
+                f"calibration batch {index} has no 'labels' (keys: {sorted(batch)}): mask_search scores heads and "
+                f"neurons by gradients of the task loss, so it needs labelled batches. Add 'labels' ([batch] class ids "
+                f"for sequence classification; for a causal LM, the input_ids with padding set to -100), or pass "
+                f"loss_func(outputs, batch) -> scalar loss"
+            )
+
+
+def forward_with_labels(model: nn.Module, batch: Mapping[str, Any], loss_func=None) -> Tensor:
+    """The scalar loss of one batch: ``loss_func(outputs, batch)`` when given, else ``outputs.loss``."""
+    device = next(model.parameters()).device
+    kwargs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    if loss_func is not None:
+        kwargs.pop("labels", None)
+        outputs = model(**kwargs)
+        loss = loss_func(outputs, batch)
+    else:
+        outputs = model(**kwargs)
+        loss = getattr(outputs, "loss", None)
+        if loss is None:
+            raise ValueError(
+                f"{type(model).__name__} returned no loss for a batch with labels: use a model with a task head "
+                f"(…ForSequenceClassification, …ForCausalLM) or pass loss_func(outputs, batch)"
+            )
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError(f"the loss must be a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    return loss

@@ -1,0 +1,118 @@
+"""FLOPs (MAC) cost of heads and FFN neurons, and the FLOPs-constrained mask search.
+
+``target_sparsity`` of ``mask_search`` is the FRACTION OF FLOPs REMOVED from the prunable parts: the attention
+units and FFN neurons of every block. Embeddings, layer norms, biases, softmax and task heads (classifier, pooler,
+LM head) are not counted, as in Kwon et al. (2022), because pruning heads and neurons does not change them.
+The budget is ``(1 - target_sparsity) * dense MACs`` per sequence of ``seq_len`` tokens (by default the average
+non-padding length of the calibration batches).
+
+Costs per sequence of L tokens, hidden size d, head size d_h (MACs; FLOPs are about 2x):
+
+* bert-like head: ``4*L*d*d_h + 2*L^2*d_h`` (Q, K, V, output projection, scores, weighted sum) and neuron
+  ``2*L*d`` (``inc_plugins.algorithms.mac_cost``, the paper's model).
+* llama-like key/value group of g query heads: ``(2g + 2)*L*d*d_h + 2g*L^2*d_h`` (g query heads, one key and one
+  value head, g output slices; scores for the full L x L matrix as eager attention computes them) and neuron
+  ``3*L*d`` (gate, up and down projections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inc_plugins.algorithms.mac_cost import head_macs, model_macs, neuron_macs
+from inc_plugins.algorithms.mask_search import search_masks_under_macs
+from inc_plugins.models.structure_masks import MaskStructure
+
+__all__ = ["UnitCosts", "unit_costs", "masked_macs", "flops_budget", "search_masks_under_flops"]
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """MACs per sequence of one attention unit and of one FFN neuron, and of the dense prunable parts."""
+
+    seq_len: int
+    per_head_unit: int
+    per_neuron: int
+    dense: int
+
+
+def unit_costs(structure: MaskStructure, seq_len: int) -> UnitCosts:
+    """MAC costs of ``structure``'s units for sequences of ``seq_len`` tokens."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int (tokens per sequence), got {seq_len!r}")
+    d, dh = structure.hidden_size, structure.head_dim
+    if structure.family == "llama-like":
+        g = structure.heads_per_unit
+        per_head = (2 * g + 2) * seq_len * d * dh + 2 * g * seq_len * seq_len * dh
+        per_neuron = 3 * seq_len * d
+    else:
+        per_head, per_neuron = head_macs(seq_len, d, dh), neuron_macs(seq_len, d)
+    dense = structure.n_layers * (structure.n_head_units * per_head + structure.n_neurons * per_neuron)
+    return UnitCosts(seq_len, per_head, per_neuron, dense)
+
+
+def masked_macs(structure: MaskStructure, unit_head_mask: torch.Tensor, neuron_mask: torch.Tensor, seq_len: int) -> int:
+    """MACs per sequence of the units a mask keeps (nonzero entries). ``unit_head_mask``: [n_layers, n_head_units].
+
+    bert-like models are counted by ``mac_cost.model_macs`` (matrix by matrix), llama-like ones by unit costs.
+    """
+    if structure.family != "llama-like":
+        return model_macs(unit_head_mask, neuron_mask, seq_len, structure.hidden_size, structure.head_dim)
+    costs = unit_costs(structure, seq_len)
+    return int((unit_head_mask != 0).sum()) * costs.per_head_unit + int((neuron_mask != 0).sum()) * costs.per_neuron
+
+
+def flops_budget(costs: UnitCosts, target_sparsity: float) -> float:
+    """MACs allowed: ``(1 - target_sparsity) * dense``. Raises ValueError unless 0 <= target_sparsity < 1."""
+    if isinstance(target_sparsity, bool) or not 0 <= float(target_sparsity) < 1:  # also rejects NaN
+        raise ValueError(
+            f"target_sparsity={target_sparsity!r} (the fraction of head+FFN FLOPs to remove) cannot be met: it must be "
+            f"in [0, 1); 1 would remove every attention head and FFN neuron"
+        )
+    return (1.0 - float(target_sparsity)) * costs.dense
+
+
+def _search_uniform(
+    head_importance: torch.Tensor, neuron_importance: torch.Tensor, budget: float, per_head: int, per_neuron: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search for any per-unit costs: for every head count h, the h most important heads plus as many of the
+    most important neurons as the rest of the budget pays for (the same argument as ``search_masks_under_macs``)."""
+    head_scores, head_order = torch.sort(head_importance.flatten().double(), descending=True, stable=True)
+    neuron_scores, neuron_order = torch.sort(neuron_importance.flatten().double(), descending=True, stable=True)
+    head_prefix = torch.cat([head_scores.new_zeros(1), head_scores.cumsum(0)])
+    neuron_prefix = torch.cat([neuron_scores.new_zeros(1), neuron_scores.cumsum(0)])
+    n_heads = torch.arange(head_order.numel() + 1)
+    leftover = float(budget) - n_heads.double() * per_head
+    n_neurons = torch.floor(leftover / per_neuron).clamp(0, neuron_order.numel()).long()
+    retained = head_prefix[n_heads] + neuron_prefix[n_neurons]
+    retained[leftover < 0] = -torch.inf
+    best = int(torch.argmax(retained))
+    head_mask = torch.zeros(head_importance.numel(), dtype=torch.bool)
+    head_mask[head_order[:best]] = True
+    neuron_mask = torch.zeros(neuron_importance.numel(), dtype=torch.bool)
+    neuron_mask[neuron_order[: int(n_neurons[best])]] = True
+    return head_mask.view(head_importance.shape), neuron_mask.view(neuron_importance.shape)
+
+
+def search_masks_under_flops(
+    structure: MaskStructure,
+    head_importance: torch.Tensor,
+    neuron_importance: torch.Tensor,
+    budget: float,
+    costs: UnitCosts,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]) with the largest retained
+    Fisher importance whose MACs fit ``budget``. bert-like: ``search_masks_under_macs``; llama-like: the same exact
+    search with the group and gated-FFN costs."""
+    if not 0 <= budget <= costs.dense:
+        raise ValueError(f"MAC budget {budget!r} cannot be met: it must be in [0, {costs.dense}] (dense)")
+    if structure.family != "llama-like":
+        return search_masks_under_macs(
+            head_importance, neuron_importance, budget, costs.seq_len, structure.hidden_size, structure.head_dim
+        )
+    for name, scores in (("head_importance", head_importance), ("neuron_importance", neuron_importance)):
+        if not torch.isfinite(scores).all() or (scores < 0).any():
+            raise ValueError(f"{name} must be finite and >= 0 (a sum of squared gradients)")
+    return _search_uniform(head_importance, neuron_importance, budget, costs.per_head_unit, costs.per_neuron)

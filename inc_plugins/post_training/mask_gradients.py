@@ -1,0 +1,90 @@
+"""Gradients of the task loss with respect to head and neuron masks at m = 1 (Kwon et al. 2022, section 4.1).
+
+Mask variables (one per attention unit: a head, or a key/value group under grouped-query attention; one per FFN
+neuron) are hooked into the model at 1.0, so the model computes what the dense model computes, and each batch's
+loss is back-propagated to them. The model's parameters get no gradients (they are frozen for the pass).
+
+Per batch or per sample: the paper's empirical Fisher sums squared *per-sample* gradients. The reference code uses
+one gradient per mini-batch (of the batch's mean loss), which is what ``per_sample=False`` (the default) does.
+``per_sample=True`` runs every sequence alone (batch size 1): the paper's definition, ``batch_size`` times the
+forward/backward passes. The two rank units differently in general; see ``inc_plugins.algorithms.fisher``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_plugins.algorithms.fisher import FisherAccumulator
+from inc_plugins.models.structure_masks import MaskStructure, apply_structure_masks, mask_structure
+
+from .data import slice_batch, batch_size, forward_with_labels, require_labels
+
+__all__ = ["MaskGradients", "collect_mask_gradients"]
+
+
+@dataclass(frozen=True)
+class MaskGradients:
+    """``head``: [n_vectors, n_layers, n_head_units]; ``neuron``: [n_vectors, n_layers, n_neurons]; float32.
+
+    One vector per batch, or per sequence when ``per_sample``. Units: loss per unit of mask.
+    """
+
+    head: torch.Tensor
+    neuron: torch.Tensor
+    per_sample: bool
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode (no dropout) and no parameter gradients, restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _pieces(batch: Mapping[str, Any], per_sample: bool) -> list[Mapping[str, Any]]:
+    if not per_sample:
+        return [batch]
+    return [slice_batch(batch, row, row + 1) for row in range(batch_size(batch))]
+
+
+def collect_mask_gradients(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    loss_func=None,
+    per_sample: bool = False,
+    structure: MaskStructure | None = None,
+) -> MaskGradients:
+    """Gradient of each batch's (or sequence's) loss w.r.t. every mask variable, at masks of 1.
+
+    ``batches``: dict batches with ``labels`` (or any batches ``loss_func(outputs, batch)`` can score).
+    Raises ValueError when a batch has no labels and no ``loss_func`` is given, or when a gradient is not finite.
+    """
+    structure = structure or mask_structure(model)
+    require_labels(list(batches), loss_func)
+    device = next(model.parameters()).device
+    head_mask = torch.ones(structure.n_layers, structure.n_head_units, device=device, requires_grad=True)
+    neuron_mask = torch.ones(structure.n_layers, structure.n_neurons, device=device, requires_grad=True)
+    heads, neurons = FisherAccumulator(), FisherAccumulator()
+    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask):
+        for batch in batches:
+            for piece in _pieces(batch, per_sample):
+                loss = forward_with_labels(model, piece, loss_func)
+                head_grad, neuron_grad = torch.autograd.grad(loss, (head_mask, neuron_mask), allow_unused=True)
+                heads.add(head_grad if head_grad is not None else torch.zeros_like(head_mask))
+                neurons.add(neuron_grad if neuron_grad is not None else torch.zeros_like(neuron_mask))
+    return MaskGradients(heads.grads(), neurons.grads(), per_sample)

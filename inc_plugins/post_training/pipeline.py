@@ -1,0 +1,217 @@
+"""The whole post-training pruning framework of Kwon et al. (2022) on one model, without retraining:
+
+    Fisher mask gradients -> constrained mask search (FLOPs or latency) -> mask rearrangement -> mask tuning
+
+Each step is one module of this package (or of ``inc_plugins.algorithms``). ``prune_post_training`` returns masks
+and leaves the model's weights as they were; ``inc_plugins.models.structure_masks`` applies them with hooks
+(``apply_structure_masks``) or writes them into the weights (``fold_structure_masks``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import Tensor, nn
+
+from inc_plugins.algorithms.fisher import diagonal_fisher
+from inc_plugins.algorithms.rearrange import rearrange_mask
+from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
+
+from .data import average_sequence_length, require_labels, take_samples
+from .flops_budget import flops_budget, masked_macs, search_masks_under_flops, unit_costs
+from .latency_budget import (
+    as_latency_table,
+    check_machine,
+    current_machine,
+    latency_budget,
+    search_masks_under_latency_table,
+    unit_latency_table,
+)
+from .mask_gradients import MaskGradients, collect_mask_gradients
+from .mask_tuning import TuningResult, tune_mask_scales
+
+__all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "settings_from_config", "prune_post_training"]
+
+logger = logging.getLogger(__name__)
+
+CONSTRAINTS = ("flops", "latency")
+
+
+def _nearest(value: Any, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True)
+class KwonSettings:
+    """What to prune and how; the keys of a ``mask_search`` config entry.
+
+    - ``target_sparsity``: fraction of the dense cost to REMOVE, in [0, 1): FLOPs of attention units and FFN
+      neurons (``constraint="flops"``) or table latency of the blocks (``"latency"``).
+    - ``constraint``: "flops" (default) or "latency" (needs ``latency_table``: a path that
+      ``inc_plugins.latency_table.load_latency_table`` reads, or an object/dict with ``head_latency``,
+      ``neuron_latency`` and ``machine``).
+    - ``seq_len``: tokens per sequence for FLOPs; None = average non-padding length of the calibration samples.
+    - ``num_samples``: calibration sequences used (the first ones); None = all the dataloader yields.
+    - ``rearrange`` / ``tune``: run mask rearrangement / mask tuning (both default True).
+    - ``per_sample_fisher``: one gradient per sequence (the paper's definition) instead of per batch (reference).
+    - ``latency_backend``: the backend the table's latencies are for, compared with the table's metadata;
+      ``allow_foreign_latency_table``: use a table from another machine with a warning instead of refusing it.
+    - ``damp`` / ``max_abs_scale``: least-squares damping and the largest accepted |scale| in mask tuning.
+    """
+
+    target_sparsity: float
+    constraint: str = "flops"
+    seq_len: int | None = None
+    num_samples: int | None = None
+    rearrange: bool = True
+    tune: bool = True
+    per_sample_fisher: bool = False
+    latency_table: Any = None
+    latency_backend: str = "eager"
+    allow_foreign_latency_table: bool = False
+    damp: float = 1.0
+    max_abs_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        sparsity = self.target_sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(
+                f"target_sparsity={sparsity!r} cannot be met: it is the fraction of head+FFN "
+                f"{'FLOPs' if self.constraint != 'latency' else 'latency'} to remove and must be in [0, 1) "
+                f"(1 would remove every attention head and FFN neuron)"
+            )
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(
+                f"constraint {self.constraint!r} is not one of {', '.join(map(repr, CONSTRAINTS))}."
+                f"{_nearest(self.constraint, CONSTRAINTS)}"
+            )
+        for key in ("seq_len", "num_samples"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive int or None, got {value!r}")
+        for key in ("rearrange", "tune", "per_sample_fisher", "allow_foreign_latency_table"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not self.damp >= 0:
+            raise ValueError(f"damp must be a number >= 0, got {self.damp!r}")
+        if not isinstance(self.max_abs_scale, (int, float)) or isinstance(self.max_abs_scale, bool) or not self.max_abs_scale > 0:
+            raise ValueError(f"max_abs_scale must be a number > 0, got {self.max_abs_scale!r}")
+        if self.constraint == "latency" and self.latency_table is None:
+            raise ValueError("constraint 'latency' needs latency_table: a table path, or an object with "
+                             "head_latency, neuron_latency and machine")
+        if self.constraint == "flops" and self.latency_table is not None:
+            logger.warning("latency_table is ignored with constraint 'flops'")
+
+
+def settings_from_config(entry: Mapping[str, Any]) -> KwonSettings:
+    """``KwonSettings`` from a config entry (e.g. INC's processed dict); keys that are absent or None take their
+    defaults, keys that are not settings (INC's own) are ignored."""
+    names = {f.name for f in fields(KwonSettings)}
+    return KwonSettings(**{key: entry[key] for key in names if key in entry and entry[key] is not None})
+
+
+@dataclass(frozen=True)
+class KwonResult:
+    """Masks and what they cost.
+
+    ``head_mask`` [n_layers, n_heads] per query head and ``neuron_mask`` [n_layers, n_neurons]: float, 0 = pruned,
+    else the unit's scale (the convention of ``structure_masks`` and ``slimming``); under grouped-query attention
+    the heads of a group share one value, and ``unit_head_mask`` [n_layers, n_head_units] holds it per group.
+    ``cost`` / ``budget`` / ``dense_cost``: MACs per sequence of ``seq_len`` tokens ("flops") or seconds
+    ("latency") of the kept units, the allowed cost and the dense cost.
+    """
+
+    head_mask: Tensor
+    neuron_mask: Tensor
+    unit_head_mask: Tensor
+    structure: MaskStructure
+    constraint: str
+    cost: float
+    budget: float
+    dense_cost: float
+    seq_len: int | None
+    gradients: MaskGradients
+    tuning: TuningResult | None
+
+
+def _latency_table(settings: KwonSettings):
+    table = as_latency_table(settings.latency_table)
+    check_machine(table, current_machine(settings.latency_backend), settings.allow_foreign_latency_table)
+    return table
+
+
+def prune_post_training(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    settings: KwonSettings,
+    loss_func=None,
+) -> KwonResult:
+    """Run Fisher -> search -> rearrange -> tune on ``model`` (weights untouched) and return the masks.
+
+    ``batches``: labelled dict batches (``labels`` for ``outputs.loss``), or any dict batches with
+    ``loss_func(outputs, batch) -> scalar``. Raises UnsupportedModelError for families without head/neuron masks,
+    ValueError for batches without labels, a target that cannot be met, or a bad latency table
+    (``LatencyTableMismatchError`` when it comes from another machine).
+    """
+    structure = mask_structure(model)
+    samples = take_samples(batches, settings.num_samples)
+    require_labels(samples, loss_func)
+    table = unit_latency_table(structure, _latency_table(settings)) if settings.constraint == "latency" else None
+
+    if settings.constraint == "flops":
+        seq_len = settings.seq_len or average_sequence_length(samples)
+        costs = unit_costs(structure, seq_len)
+        budget, dense = flops_budget(costs, settings.target_sparsity), float(costs.dense)
+    else:
+        seq_len = settings.seq_len
+        budget, dense = latency_budget(structure, table, settings.target_sparsity)
+
+    gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure)
+    head_importance, neuron_importance = diagonal_fisher(gradients.head), diagonal_fisher(gradients.neuron)
+    if settings.constraint == "flops":
+        unit_keep, neuron_keep = search_masks_under_flops(structure, head_importance, neuron_importance, budget, costs)
+        cost = float(masked_macs(structure, unit_keep, neuron_keep, seq_len))
+    else:
+        unit_keep, neuron_keep = search_masks_under_latency_table(head_importance, neuron_importance, budget, table)
+        cost = float(table.head_latency[unit_keep.sum(dim=1)].sum() + table.neuron_latency[neuron_keep.sum(dim=1)].sum())
+    logger.info(
+        "mask_search: kept %d/%d attention units and %d/%d neurons; cost %.4g of budget %.4g (dense %.4g)",
+        int(unit_keep.sum()), unit_keep.numel(), int(neuron_keep.sum()), neuron_keep.numel(), cost, budget, dense,
+    )
+
+    if settings.rearrange:
+        unit_keep = rearrange_mask(unit_keep, gradients.head)
+        neuron_keep = rearrange_mask(neuron_keep, gradients.neuron)
+
+    unit_head_mask, neuron_mask = unit_keep.float(), neuron_keep.float()
+    tuning = None
+    if settings.tune:
+        tuning = tune_mask_scales(
+            model, unit_head_mask, neuron_mask, samples,
+            damp=settings.damp, max_abs_scale=settings.max_abs_scale, structure=structure,
+        )
+        unit_head_mask, neuron_mask = tuning.unit_head_mask, tuning.neuron_mask
+        if tuning.stopped_at is not None:
+            rejected = tuning.log[-1]
+            logger.warning(
+                "mask tuning stopped at block %d (%s: %s); later blocks keep scales of 1",
+                tuning.stopped_at, rejected.part, rejected.reason,
+            )
+    return KwonResult(
+        head_mask=expand_head_mask(unit_head_mask, structure).clone(),
+        neuron_mask=neuron_mask,
+        unit_head_mask=unit_head_mask,
+        structure=structure,
+        constraint=settings.constraint,
+        cost=cost,
+        budget=float(budget),
+        dense_cost=dense,
+        seq_len=seq_len,
+        gradients=gradients,
+        tuning=tuning,
+    )
