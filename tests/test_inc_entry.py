@@ -67,6 +67,19 @@ def recording_type(monkeypatch):
     return "recording"
 
 
+def test_import_registers_the_plugins_in_inc_registries():
+    from neural_compressor.compression.pruner.criteria import CRITERIA
+    from neural_compressor.compression.pruner.pruners import PRUNERS
+
+    assert PRUNERS["pt_wanda"].__module__ == "inc_plugins.inc.wanda"
+    assert CRITERIA["wanda_score"].__module__ == "inc_plugins.inc.wanda"
+    assert PRUNINGS["wanda_pruning"].__module__ == "inc_plugins.inc.wanda"
+    assert PRUNINGS["mask_search_pruning"].__module__ == "inc_plugins.inc.mask_search"
+    assert {"wanda", "mask_search", "wanda_score", "magnitude", "sparse_gpt"} <= set(inc_plugins.known_pruning_types())
+    assert inc_plugins.is_one_shot("wanda") and inc_plugins.is_one_shot("mask_search")
+    assert not inc_plugins.is_one_shot("wanda_score")
+
+
 def test_registering_a_one_shot_type_puts_it_in_inc_registry(recording_type):
     assert PRUNINGS["recording_pruning"] is RecordingPruning
     assert recording_type in inc_plugins.known_pruning_types()

@@ -23,6 +23,7 @@ import torch
 from .mac_cost import head_macs, neuron_macs
 
 __all__ = [
+    "search_masks_under_unit_costs",
     "search_masks_under_macs",
     "PiecewiseLinearLatency",
     "fit_piecewise_linear_latency",
@@ -69,33 +70,30 @@ def _mask_from_flat(indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return mask.view(shape)
 
 
-def search_masks_under_macs(
+def search_masks_under_unit_costs(
     head_importance: torch.Tensor,
     neuron_importance: torch.Tensor,
-    mac_budget: float,
-    seq_len: int,
-    hidden_size: int,
-    head_dim: int,
+    budget: float,
+    per_head: float,
+    per_neuron: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks with the largest retained importance whose MACs fit ``mac_budget``.
+    """Masks with the largest retained importance whose cost fits ``budget``, when every head unit costs
+    ``per_head`` and every neuron ``per_neuron`` (any unit: MACs, seconds, ...).
 
-    ``head_importance``: [n_layers, n_heads], ``neuron_importance``: [n_layers, n_neurons], both >= 0.
-    ``mac_budget``: MACs per sequence of ``seq_len`` tokens for the prunable parts (see ``mac_cost``), in
-    ``[0, dense MACs]``. Returns boolean (head_mask [n_layers, n_heads], neuron_mask [n_layers, n_neurons]).
+    ``head_importance``: [n_layers, n_heads], ``neuron_importance``: [n_layers, n_neurons], both >= 0. ``budget`` in
+    ``[0, dense cost]``. Returns boolean (head_mask [n_layers, n_heads], neuron_mask [n_layers, n_neurons]).
     Ties: among equal-importance units the lower flat index is kept; among equal totals, fewer heads.
     """
     _check_importance(head_importance, neuron_importance)
-    per_head = head_macs(seq_len, hidden_size, head_dim)
-    per_neuron = neuron_macs(seq_len, hidden_size)
     dense = head_importance.numel() * per_head + neuron_importance.numel() * per_neuron
-    _check_budget("mac_budget", mac_budget, 0.0, float(dense), "MACs")
+    _check_budget("budget", budget, 0.0, float(dense), "cost units")
 
     head_scores, head_order = _descending(head_importance.flatten().double())
     neuron_scores, neuron_order = _descending(neuron_importance.flatten().double())
     head_prefix, neuron_prefix = _prefix_sums(head_scores), _prefix_sums(neuron_scores)
 
     n_heads = torch.arange(head_order.numel() + 1)
-    leftover = float(mac_budget) - n_heads.double() * per_head
+    leftover = float(budget) - n_heads.double() * per_head
     n_neurons = torch.floor(leftover / per_neuron).clamp(0, neuron_order.numel()).long()
     retained = head_prefix[n_heads] + neuron_prefix[n_neurons]
     retained[leftover < 0] = -torch.inf  # these head counts alone exceed the budget
@@ -104,6 +102,25 @@ def search_masks_under_macs(
     head_mask = _mask_from_flat(head_order[:best], head_importance.shape)
     neuron_mask = _mask_from_flat(neuron_order[: int(n_neurons[best])], neuron_importance.shape)
     return head_mask, neuron_mask
+
+
+def search_masks_under_macs(
+    head_importance: torch.Tensor,
+    neuron_importance: torch.Tensor,
+    mac_budget: float,
+    seq_len: int,
+    hidden_size: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search_masks_under_unit_costs`` with the paper's MAC costs of a head and a neuron (``mac_cost``).
+
+    ``mac_budget``: MACs per sequence of ``seq_len`` tokens for the prunable parts, in ``[0, dense MACs]``.
+    """
+    per_head, per_neuron = head_macs(seq_len, hidden_size, head_dim), neuron_macs(seq_len, hidden_size)
+    _check_importance(head_importance, neuron_importance)
+    dense = head_importance.numel() * per_head + neuron_importance.numel() * per_neuron
+    _check_budget("mac_budget", mac_budget, 0.0, float(dense), "MACs")
+    return search_masks_under_unit_costs(head_importance, neuron_importance, mac_budget, per_head, per_neuron)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ Three thin adapters around ``inc_plugins.algorithms.wanda`` / ``nm_mask`` (where
     block's inputs are captured; for each block, hooks on its selected layers accumulate the squared input
     feature norms over every calibration batch, the block is pruned, and its outputs, recomputed with the
     pruned weights, become the next block's inputs. Peak memory is the model plus one block's activations for
-    the calibration set. Extra keys of a ``pruning_configs`` entry (they must be in the entry: INC drops unknown
-    global keys from local entries):
+    the calibration set. Extra keys, in a ``pruning_configs`` entry or given globally (``prepare_pruning`` copies
+    global plugin keys into the entries, which INC alone would not):
 
     - ``comparison_group``: ``"per_output"`` (default, the paper's choice: every output row prunes
       ``int(in_features * sparsity)`` weights), ``"per_layer"`` (``int(numel * sparsity)`` per layer) or

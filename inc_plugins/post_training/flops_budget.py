@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from inc_plugins.algorithms.mac_cost import head_macs, model_macs, neuron_macs
-from inc_plugins.algorithms.mask_search import search_masks_under_macs
+from inc_plugins.algorithms.mask_search import search_masks_under_unit_costs
 from inc_plugins.models.structure_masks import MaskStructure
 
 __all__ = ["UnitCosts", "unit_costs", "masked_macs", "flops_budget", "search_masks_under_flops"]
@@ -74,28 +74,6 @@ def flops_budget(costs: UnitCosts, target_sparsity: float) -> float:
     return (1.0 - float(target_sparsity)) * costs.dense
 
 
-def _search_uniform(
-    head_importance: torch.Tensor, neuron_importance: torch.Tensor, budget: float, per_head: int, per_neuron: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact search for any per-unit costs: for every head count h, the h most important heads plus as many of the
-    most important neurons as the rest of the budget pays for (the same argument as ``search_masks_under_macs``)."""
-    head_scores, head_order = torch.sort(head_importance.flatten().double(), descending=True, stable=True)
-    neuron_scores, neuron_order = torch.sort(neuron_importance.flatten().double(), descending=True, stable=True)
-    head_prefix = torch.cat([head_scores.new_zeros(1), head_scores.cumsum(0)])
-    neuron_prefix = torch.cat([neuron_scores.new_zeros(1), neuron_scores.cumsum(0)])
-    n_heads = torch.arange(head_order.numel() + 1)
-    leftover = float(budget) - n_heads.double() * per_head
-    n_neurons = torch.floor(leftover / per_neuron).clamp(0, neuron_order.numel()).long()
-    retained = head_prefix[n_heads] + neuron_prefix[n_neurons]
-    retained[leftover < 0] = -torch.inf
-    best = int(torch.argmax(retained))
-    head_mask = torch.zeros(head_importance.numel(), dtype=torch.bool)
-    head_mask[head_order[:best]] = True
-    neuron_mask = torch.zeros(neuron_importance.numel(), dtype=torch.bool)
-    neuron_mask[neuron_order[: int(n_neurons[best])]] = True
-    return head_mask.view(head_importance.shape), neuron_mask.view(neuron_importance.shape)
-
-
 def search_masks_under_flops(
     structure: MaskStructure,
     head_importance: torch.Tensor,
@@ -104,15 +82,8 @@ def search_masks_under_flops(
     costs: UnitCosts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool (unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]) with the largest retained
-    Fisher importance whose MACs fit ``budget``. bert-like: ``search_masks_under_macs``; llama-like: the same exact
-    search with the group and gated-FFN costs."""
+    Fisher importance whose MACs fit ``budget``: the exact search with this family's unit costs."""
     if not 0 <= budget <= costs.dense:
         raise ValueError(f"MAC budget {budget!r} cannot be met: it must be in [0, {costs.dense}] (dense)")
-    if structure.family != "llama-like":
-        return search_masks_under_macs(
-            head_importance, neuron_importance, budget, costs.seq_len, structure.hidden_size, structure.head_dim
-        )
-    for name, scores in (("head_importance", head_importance), ("neuron_importance", neuron_importance)):
-        if not torch.isfinite(scores).all() or (scores < 0).any():
-            raise ValueError(f"{name} must be finite and >= 0 (a sum of squared gradients)")
-    return _search_uniform(head_importance, neuron_importance, budget, costs.per_head_unit, costs.per_neuron)
+    return search_masks_under_unit_costs(head_importance, neuron_importance, budget, costs.per_head_unit,
+                                         costs.per_neuron)
