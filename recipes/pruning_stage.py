@@ -1,10 +1,17 @@
-"""Runs one recipe pruning stage through `inc_plugins.prepare_pruning`: one-shot or training-aware."""
+"""Runs one recipe pruning stage through `inc_plugins.prepare_pruning` (one-shot or training-aware), slims a
+mask_search-pruned model, and counts the attention-head and FFN MACs a model still computes."""
 
 import random
+import time
 
 import torch
 
 import inc_plugins
+from inc_plugins.inc.mask_search import STRUCTURE_MASKS_ATTRIBUTE
+from inc_plugins.models.architectures import UnsupportedModelError
+from inc_plugins.models.slimming import slimmed_sizes
+from inc_plugins.models.structure_masks import MaskStructure, mask_structure
+from inc_plugins.post_training import masked_macs
 
 from .movie_snippets import Example
 from .schema import PruningStage, RecipeError
@@ -13,25 +20,117 @@ from .text_classification import tokenized_batches, train
 
 def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, train_examples: list[Example],
                       max_length: int) -> dict:
-    """Prunes `model` in place; returns what the report should say about how it was driven."""
-    config = inc_plugins.pruning_config(pruning_configs=[stage.inc_settings()])
+    """Prunes `model` in place; returns what the report should say about how it was driven.
+
+    `prune_seconds` is the wall time of the pruning call alone (no tokenization, no evaluation)."""
+    settings = stage.inc_settings()
     if inc_plugins.is_one_shot(stage.pruning_type):
         sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
         calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
-        inc_plugins.prepare_pruning(model, config, dataloader=calibration)
-        return {"mode": "one-shot", "calibration_samples": len(sample)}
+        if stage.pruning_type == "mask_search" and "num_samples" not in settings:
+            # say the count explicitly, so the Fisher estimate uses exactly the calibration samples drawn
+            settings["num_samples"] = len(sample)
+        config = inc_plugins.pruning_config(pruning_configs=[settings])
+        start = time.perf_counter()
+        pruning = inc_plugins.prepare_pruning(model, config, dataloader=calibration)
+        report = {"mode": "one-shot", "calibration_samples": len(sample),
+                  "prune_seconds": round(time.perf_counter() - start, 3)}
+        if stage.pruning_type == "mask_search":
+            report["mask_search"] = mask_search_summary(pruning)
+        return report
 
     if stage.training_steps < 1:
         raise RecipeError(
             f"pruning_type {stage.pruning_type!r} prunes during training: set training_steps >= 1 in its stage"
         )
+    config = inc_plugins.pruning_config(pruning_configs=[settings])
     torch.manual_seed(stage.seed)
     batches = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate)
+    start = time.perf_counter()
     pruning = inc_plugins.prepare_pruning(model, config, optimizer=optimizer)
     pruning.on_train_begin()
     losses = train(model, batches, stage.training_steps, stage.learning_rate, desc=f"prune ({stage.pruning_type})",
                    optimizer=optimizer, after_step=lambda _: pruning.on_step_end())
     pruning.on_train_end()
     inc_plugins.complete_pruning(model, optimizer)
-    return {"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1]}
+    return {"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1],
+            "prune_seconds": round(time.perf_counter() - start, 3)}
+
+
+def mask_search_summary(pruning) -> dict:
+    """What a mask_search pruning found: units kept per layer, and its cost against the budget."""
+    result = pruning.result
+    return {
+        "constraint": result.constraint,
+        "cost_unit": "MACs per sequence (heads + FFN neurons)" if result.constraint == "flops" else "seconds",
+        "seq_len": result.seq_len,
+        "dense_cost": result.dense_cost,
+        "budget": result.budget,
+        "cost": result.cost,
+        "removed_fraction": 1 - result.cost / result.dense_cost,
+        "kept_heads": (result.head_mask != 0).sum(dim=1).tolist(),
+        "kept_neurons": (result.neuron_mask != 0).sum(dim=1).tolist(),
+        "fisher_gradient_vectors": int(result.gradients.head.shape[0]),
+        "per_sample_fisher": result.gradients.per_sample,
+        "tuning_stopped_at_block": None if result.tuning is None else result.tuning.stopped_at,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ slimming, MACs
+
+
+@torch.no_grad()
+def slim_pruned_model(model: torch.nn.Module, probe_batch: dict) -> tuple[torch.nn.Module, dict]:
+    """`inc_plugins.slim(model)`: the heads and neurons mask_search zeroed are removed for real.
+
+    The logits on `probe_batch` before and after are compared, so the report shows that slimming kept the outputs.
+    """
+    inputs = {k: v for k, v in probe_batch.items() if k != "labels"}
+    masked = model(**inputs).logits
+    slimmed = inc_plugins.slim(model)
+    difference = (slimmed(**inputs).logits - masked).abs().max().item()
+    return slimmed, {"max_abs_logit_difference_on_a_dev_batch": difference}
+
+
+def structure_or_none(model: torch.nn.Module) -> MaskStructure | None:
+    """Heads/neurons layout of a dense model, or None for families without one (their MACs are not reported)."""
+    try:
+        return mask_structure(model)
+    except UnsupportedModelError:
+        return None
+
+
+def kept_unit_masks(model: torch.nn.Module, structure: MaskStructure) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]), 1 = still computed.
+
+    Read from the slimmed sizes, else from the masks mask_search stored, else everything is kept. Weights zeroed
+    by other pruners do not count: dense kernels still multiply them."""
+    units = torch.ones(structure.n_layers, structure.n_head_units)
+    neurons = torch.ones(structure.n_layers, structure.n_neurons)
+    sizes = slimmed_sizes(model)
+    stored = getattr(model, STRUCTURE_MASKS_ATTRIBUTE, None)
+    if sizes is not None:
+        units.zero_()
+        neurons.zero_()
+        for layer, (heads, width) in enumerate(zip(sizes["heads"], sizes["intermediate_size"])):
+            units[layer, [head // structure.heads_per_unit for head in heads]] = 1
+            neurons[layer, :width] = 1
+    elif stored is not None:
+        per_head = stored["head_mask"] != 0
+        units = per_head.view(structure.n_layers, structure.n_head_units, -1).any(dim=-1).float()
+        neurons = (stored["neuron_mask"] != 0).float()
+    return units, neurons
+
+
+def dense_prunable_macs(structure: MaskStructure, seq_len: int) -> int:
+    """`prunable_macs` of the dense model that `structure` describes."""
+    units, neurons = torch.ones(structure.n_layers, structure.n_head_units), torch.ones(structure.n_layers, structure.n_neurons)
+    return int(masked_macs(structure, units, neurons, seq_len))
+
+
+def prunable_macs(model: torch.nn.Module, structure: MaskStructure, seq_len: int) -> int:
+    """MACs per sequence of `seq_len` tokens of the attention units and FFN neurons `model` computes: Kwon et
+    al.'s accounting (embeddings, norms, biases and the task head left out). `structure` is the dense model's."""
+    units, neurons = kept_unit_masks(model, structure)
+    return int(masked_macs(structure, units, neurons, seq_len))

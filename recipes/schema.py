@@ -56,11 +56,28 @@ class FineTune(_Strict):
     seed: int = 0
 
 
+# Keys that only one pruning type reads (its own settings beyond INC's), and the type that reads them. The names are
+# those of inc_plugins' KwonSettings (mask_search) and WandaSettings (wanda); tests check that they stay in sync.
+MASK_SEARCH_KEYS = ("constraint", "seq_len", "num_samples", "rearrange", "tune", "per_sample_fisher", "latency_table",
+                    "latency_backend", "allow_foreign_latency_table", "damp", "max_abs_scale")
+WANDA_KEYS = ("comparison_group", "use_variant")
+TYPE_SPECIFIC_KEYS = {"mask_search": MASK_SEARCH_KEYS, "wanda": WANDA_KEYS}
+
+# Kwon et al. (2022) calibrate with 2048 samples on GLUE; the other one-shot pruners need far fewer.
+DEFAULT_CALIBRATION_SAMPLES = {"mask_search": 2048}
+FALLBACK_CALIBRATION_SAMPLES = 128
+
+
 class PruningStage(_Strict):
     """One INC `WeightPruningConfig` entry, plus how the recipe drives it.
 
-    One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples. Training-aware
-    types (magnitude, snip_momentum, ...) prune through INC's callbacks while training for `training_steps` steps.
+    One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples (default 2048
+    for mask_search, as in Kwon et al. 2022, else 128). Training-aware types (magnitude, snip_momentum, ...) prune
+    through INC's callbacks while training for `training_steps` steps.
+
+    mask_search's own keys (see `inc_plugins.post_training.KwonSettings`) and wanda's (`comparison_group`,
+    `use_variant`) are optional; only the ones a recipe sets reach the INC config entry, so the pruner's own
+    defaults apply to the rest.
     """
 
     pruning_type: str
@@ -76,16 +93,57 @@ class PruningStage(_Strict):
     training_steps: Annotated[int, Field(ge=0)] = 0
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5e-5
     batch_size: Annotated[int, Field(ge=1)] = 32
-    calibration_samples: Annotated[int, Field(ge=1)] = 128
+    calibration_samples: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
 
+    # mask_search (Kwon et al. 2022): target_sparsity is the fraction of head+FFN FLOPs (or latency) removed
+    constraint: Literal["flops", "latency"] | None = None
+    seq_len: Annotated[int, Field(ge=1)] | None = None  # tokens per sequence for FLOPs; default: calibration average
+    num_samples: Annotated[int, Field(ge=1)] | None = None  # the first num_samples of the calibration samples
+    rearrange: bool | None = None
+    tune: bool | None = None
+    per_sample_fisher: bool | None = None
+    latency_table: str | None = None  # a table file written by inc_plugins.latency_table
+    latency_backend: str | None = None
+    allow_foreign_latency_table: bool | None = None
+    damp: Annotated[float, Field(ge=0)] | None = None
+    max_abs_scale: Annotated[float, Field(gt=0)] | None = None
+
+    # wanda
+    comparison_group: Literal["per_output", "per_layer", "global"] | None = None
+    use_variant: bool | None = None
+
+    @model_validator(mode="after")
+    def _type_specific_keys(self):
+        for owner, keys in TYPE_SPECIFIC_KEYS.items():
+            given = [key for key in keys if getattr(self, key) is not None]
+            if given and self.pruning_type != owner:
+                raise ValueError(
+                    f"{', '.join(map(repr, given))} only apply to pruning_type {owner!r}, "
+                    f"not {self.pruning_type!r}: remove them or change pruning_type"
+                )
+        if self.calibration_samples is None:
+            self.calibration_samples = DEFAULT_CALIBRATION_SAMPLES.get(self.pruning_type, FALLBACK_CALIBRATION_SAMPLES)
+        if self.num_samples is not None and self.num_samples > self.calibration_samples:
+            raise ValueError(
+                f"num_samples {self.num_samples} is more than calibration_samples {self.calibration_samples}: "
+                f"calibration_samples is how many training examples are drawn; set that instead"
+            )
+        if self.constraint == "latency" and self.latency_table is None:
+            raise ValueError("constraint 'latency' needs latency_table: a table file (python -m inc_plugins.latency_table)")
+        return self
+
     def inc_settings(self) -> dict:
-        """The keys INC's WeightPruningConfig understands, with INC's defaults for what the recipe left out."""
+        """The keys INC's WeightPruningConfig understands, with INC's defaults for what the recipe left out, plus
+        the pruner-specific keys the recipe set."""
         settings = self.model_dump(
             include={"pruning_type", "target_sparsity", "pattern", "op_names", "excluded_op_names", "pruning_scope",
                      "start_step", "pruning_frequency", "sparsity_decay_type"}
         )
         settings["end_step"] = self.end_step if self.end_step is not None else max(self.training_steps - 1, self.start_step)
+        for key in TYPE_SPECIFIC_KEYS.get(self.pruning_type, ()):
+            if getattr(self, key) is not None:
+                settings[key] = getattr(self, key)
         return settings
 
 
@@ -106,8 +164,21 @@ class Recipe(_Strict):
     data: DataSource = Field(default_factory=DataSource)
     finetune: FineTune | None = None
     pruning: Annotated[list[PruningStage], Field(min_length=1)]
+    # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
+    # has layers of different sizes and loads with inc_plugins.models.slimming.load_slimmed, not from_pretrained.
+    slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _slim_needs_structured_masks(self):
+        if self.slim and not any(stage.pruning_type == "mask_search" for stage in self.pruning):
+            types = ", ".join(repr(stage.pruning_type) for stage in self.pruning)
+            raise ValueError(
+                f"slim: true removes the attention heads and FFN neurons that a 'mask_search' stage pruned, but the "
+                f"stages are {types}; add a mask_search stage or set slim: false"
+            )
+        return self
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -170,3 +241,17 @@ def load_recipe(name: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     return parse_recipe(data, source=str(path))
+
+
+if __name__ == "__main__":
+    # python -m recipes.schema recipes/*.yaml: validate recipes without loading any model
+    import sys
+
+    failed = 0
+    for argument in sys.argv[1:]:
+        try:
+            print(f"ok: {load_recipe(argument).name} ({resolve_recipe_path(argument)})")
+        except RecipeError as err:
+            failed += 1
+            print(f"error: {err}", file=sys.stderr)
+    sys.exit(1 if failed else 0)

@@ -272,3 +272,13 @@ def test_save_and_load_reject_dense_models(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="not a slimmed model"):
         load_slimmed(tmp_path / "dense")
+
+
+def test_a_model_loaded_with_from_pretrained_round_trips(tmp_path):
+    """transformers 5.5 saves from_pretrained-loaded BERTs with legacy LayerNorm names unless told not to."""
+    tiny_bert_classifier().save_pretrained(tmp_path / "dense")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    slim_model(model, *_encoder_masks(*_sizes(model)[1:3], _sizes(model)[4]))
+    batch = token_batches(1, batch_size=2, seq_len=8, seed=3)[0]
+    loaded = load_slimmed(save_slimmed(model, tmp_path / "slim"))
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=1e-5, rtol=1e-5)

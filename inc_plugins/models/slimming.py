@@ -372,7 +372,9 @@ def save_slimmed(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        # transformers 5.5 otherwise renames the LayerNorm weight/bias of models loaded with from_pretrained to
+        # the legacy gamma/beta, which the strict load in load_slimmed would reject.
+        model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
         previous = None
         if directory.exists():
             previous = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
