@@ -19,6 +19,7 @@ from .inc.config_checks import PruningConfigError, known_pruning_types  # noqa: 
 from .inc.entry import prepare_pruning  # noqa: E402
 from .inc.mask_search import slim  # noqa: E402  (registers mask_search; slim(model) slims a mask_search-pruned model)
 from .inc import wanda as _wanda  # noqa: E402,F401  (registers pt_wanda, wanda_pruning, wanda_score)
+from .inc import classic as _classic  # noqa: E402,F401  (registers network_trimming, network_slimming, particle_filter, apoz, bn_l1)
 from .inc.lifecycle import complete_pruning  # noqa: E402
 from .inc.one_shot import is_one_shot  # noqa: E402
 

@@ -54,19 +54,21 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) to call `model` with: a dict batch without its labels, the first element of a tuple or
-    list batch (the inputs of an (inputs, labels) pair), or a bare tensor. Tensors go to the model's device."""
+    list batch (the inputs of an (inputs, labels) pair), or a bare tensor. Tensors go to the model's device.
+
+    The KV cache is switched off for every kind of batch: a captured cache would be handed to the block on each
+    replay, so the block would append to it and attend to the keys of earlier replays (stale, unpruned ones).
+    """
     device = next(model.parameters()).device
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     if isinstance(batch, Mapping):
-        kwargs = {key: value.to(device) if isinstance(value, Tensor) else value
-                  for key, value in batch.items() if key != "labels"}
-        # a cache would grow with every batch and is never read: blocks replay without one
-        if "use_cache" in inspect.signature(model.forward).parameters:
-            kwargs["use_cache"] = False
+        kwargs |= {key: value.to(device) if isinstance(value, Tensor) else value
+                   for key, value in batch.items() if key not in ("labels", "use_cache")}
         return (), kwargs
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if isinstance(batch, Tensor):
-        return (batch.to(device),), {}
+        return (batch.to(device),), kwargs
     raise TypeError(f"calibration batches must be dicts, tuples, lists or tensors, got {type(batch).__name__}")
 
 

@@ -61,7 +61,13 @@ class FineTune(_Strict):
 MASK_SEARCH_KEYS = ("constraint", "seq_len", "num_samples", "rearrange", "tune", "per_sample_fisher", "latency_table",
                     "latency_backend", "allow_foreign_latency_table", "damp", "max_abs_scale")
 WANDA_KEYS = ("comparison_group", "use_variant")
-TYPE_SPECIFIC_KEYS = {"mask_search": MASK_SEARCH_KEYS, "wanda": WANDA_KEYS}
+NETWORK_TRIMMING_KEYS = ("apoz_threshold",)
+PARTICLE_FILTER_KEYS = ("granularity", "num_particles", "iterations", "weighting", "temperature", "mutation_rate",
+                        "stride", "keep_best")
+TYPE_SPECIFIC_KEYS = {"mask_search": MASK_SEARCH_KEYS, "wanda": WANDA_KEYS, "network_trimming": NETWORK_TRIMMING_KEYS,
+                      "particle_filter": PARTICLE_FILTER_KEYS}
+# The stage's own `seed` (calibration sampling) also seeds these pruners' random search.
+SEEDED_TYPES = ("particle_filter",)
 
 # Kwon et al. (2022) calibrate with 2048 samples on GLUE; the other one-shot pruners need far fewer.
 DEFAULT_CALIBRATION_SAMPLES = {"mask_search": 2048}
@@ -113,6 +119,19 @@ class PruningStage(_Strict):
     comparison_group: Literal["per_output", "per_layer", "global"] | None = None
     use_variant: bool | None = None
 
+    # network_trimming: activations with |x| <= apoz_threshold count as zeros (GELU/SiLU; 0 for ReLU)
+    apoz_threshold: Annotated[float, Field(ge=0)] | None = None
+
+    # particle_filter (the pruner validates the values and names the bad key)
+    granularity: Literal["channel", "kernel", "intra_kernel"] | None = None
+    num_particles: Annotated[int, Field(ge=1)] | None = None
+    iterations: Annotated[int, Field(ge=1)] | None = None
+    weighting: str | None = None
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    mutation_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    stride: Annotated[int, Field(ge=1)] | None = None
+    keep_best: bool | None = None
+
     @model_validator(mode="after")
     def _type_specific_keys(self):
         for owner, keys in TYPE_SPECIFIC_KEYS.items():
@@ -144,6 +163,8 @@ class PruningStage(_Strict):
         for key in TYPE_SPECIFIC_KEYS.get(self.pruning_type, ()):
             if getattr(self, key) is not None:
                 settings[key] = getattr(self, key)
+        if self.pruning_type in SEEDED_TYPES:
+            settings["seed"] = self.seed
         return settings
 
 

@@ -130,6 +130,18 @@ def test_llama_capture_keeps_rotary_embeddings_and_disables_the_cache():
     assert kwargs["use_cache"] is False
 
 
+@pytest.mark.parametrize("as_batch", [lambda ids: ids, lambda ids: (ids,), lambda ids: {"input_ids": ids}],
+                         ids=["tensor", "tuple", "dict"])
+def test_replaying_a_decoder_block_is_idempotent_for_every_batch_kind(as_batch):
+    """A captured KV cache would make each replay attend to the keys of the previous one."""
+    model = tiny_llama_lm()
+    _, blocks = adapter_for(model).blocks(model)
+    (captured,) = capture_block_inputs(model, blocks, [as_batch(tokens(None)[0]["input_ids"])])
+    assert captured.kwargs.get("past_key_values") is None
+    first = run_block(blocks[0], captured)
+    assert torch.equal(run_block(blocks[0], captured), first)
+
+
 def test_pruning_a_block_changes_the_next_blocks_inputs():
     """Block 1 must see block 0's outputs with block 0's pruned weights, as the pruned full model does."""
     model, batches = tiny_llama_lm(), tokens()

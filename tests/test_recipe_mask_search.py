@@ -12,7 +12,7 @@ from inc_plugins.inc.mask_search import MASK_SEARCH_CONFIG_KEYS
 from inc_plugins.models.slimming import load_slimmed
 from inc_plugins.testing.tiny_tokenizer import save_tiny_classifier
 from recipes import apply, finetune_cache
-from recipes.schema import MASK_SEARCH_KEYS, WANDA_KEYS, RecipeError, load_recipe, parse_recipe
+from recipes.schema import MASK_SEARCH_KEYS, TYPE_SPECIFIC_KEYS, WANDA_KEYS, RecipeError, load_recipe, parse_recipe
 
 
 @pytest.fixture
@@ -87,7 +87,9 @@ def test_mask_search_keys_reach_the_inc_config_entry_only_when_set(tmp_path):
 
 def test_schema_knows_exactly_the_plugins_keys():
     assert set(MASK_SEARCH_KEYS) == set(MASK_SEARCH_CONFIG_KEYS)
-    assert set(WANDA_KEYS) | set(MASK_SEARCH_KEYS) == set(inc_plugins.inc.one_shot.PLUGIN_CONFIG_KEYS)
+    schema_keys = {key for keys in TYPE_SPECIFIC_KEYS.values() for key in keys} | {"seed"}  # seed: the stage's own
+    assert schema_keys == set(inc_plugins.inc.one_shot.PLUGIN_CONFIG_KEYS)
+    assert set(WANDA_KEYS) <= schema_keys
 
 
 def test_calibration_samples_default_to_the_papers_2048_for_mask_search(tmp_path):
