@@ -126,6 +126,17 @@ def test_plugin_keys_given_globally_reach_every_plugin_entry_without_inc_warning
     assert "flavour is not supported" not in caplog.text
 
 
+def test_plugin_keys_given_globally_also_reach_inc_flows(recording_type):
+    """Plugin criteria (wanda_score, apoz) run inside INC's training-aware pruners and read plugin keys."""
+    model = tiny_bert_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = inc_plugins.pruning_config(pruning_configs=[{"pruning_type": "magnitude", "pattern": "4x1"}],
+                                        flavour="global", target_sparsity=0.5)
+    pruning = inc_plugins.prepare_pruning(model, config, optimizer=optimizer)
+    inc_plugins.complete_pruning(model, optimizer)
+    assert pruning.pruners[0].config["flavour"] == "global"
+
+
 def test_inc_only_configs_return_what_inc_returns():
     model = tiny_bert_classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -542,7 +542,7 @@ class APoZCriterion(PruningCriterion):
 # --- network slimming ----------------------------------------------------------------------------------------
 
 
-@register_one_shot_pruning("network_slimming")
+@register_one_shot_pruning("network_slimming", needs_data=False)
 class NetworkSlimmingPruning(_OneShotClassic):
     """One-shot network slimming: mask the channels with the smallest BatchNorm ``|gamma|`` (see the module doc).
 

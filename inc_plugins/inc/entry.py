@@ -16,7 +16,7 @@ from neural_compressor.compression.pruner.utils import process_config
 from .config import private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
 from .decoder_outputs import tuple_layer_outputs
-from .one_shot import ONE_SHOT_PRUNINGS, PLUGIN_CONFIG_KEYS, one_shot_pruning_class
+from .one_shot import DATA_FREE_TYPES, ONE_SHOT_PRUNINGS, PLUGIN_CONFIG_KEYS, one_shot_pruning_class
 
 
 def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -78,16 +78,19 @@ def prepare_pruning(
     is_plugin = [entry["pruning_type"] in ONE_SHOT_PRUNINGS for entry in settings]
     prunings = []
     if not all(is_plugin):
-        inc_config = config if not any(is_plugin) else _sub_config(config, [e for e, p in zip(local_entries, is_plugin) if not p])
+        # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys
+        inc_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if not p])
         uses_sparse_gpt = any("gpt" in e["pruning_type"] for e, p in zip(settings, is_plugin) if not p)
         with tuple_layer_outputs(model) if uses_sparse_gpt and dataloader is not None else contextlib.nullcontext():
-            started = inc_prepare_pruning(model, inc_config, optimizer, dataloader, loss_func, device=device)
+            with _inc_quiet_about_plugin_keys():
+                started = inc_prepare_pruning(model, _sub_config(config, inc_entries), optimizer, dataloader,
+                                              loss_func, device=device)
         prunings.extend(started if isinstance(started, list) else [started])
 
     if any(is_plugin):
-        if dataloader is None:
-            names = sorted({e["pruning_type"] for e, p in zip(settings, is_plugin) if p})
-            raise PruningConfigError(f"pruning types {names} prune one-shot from calibration data: pass dataloader=")
+        needing_data = sorted({e["pruning_type"] for e, p in zip(settings, is_plugin) if p} - DATA_FREE_TYPES)
+        if dataloader is None and needing_data:
+            raise PruningConfigError(f"pruning types {needing_data} prune one-shot from calibration data: pass dataloader=")
         plugin_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if p])
         with _inc_quiet_about_plugin_keys():
             plugin_infos = process_config(_sub_config(config, plugin_entries))

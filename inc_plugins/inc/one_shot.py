@@ -13,13 +13,16 @@ RESERVED_SUBSTRINGS = ("gpt", "retrain", "block", "free", "progressive")
 ONE_SHOT_PRUNINGS: dict[str, str] = {}
 # config keys that plugin pruners read beyond INC's own (INC would drop them from global settings)
 PLUGIN_CONFIG_KEYS: set[str] = set()
+# one-shot types that prune from the weights alone, so `dataloader=` may be omitted
+DATA_FREE_TYPES: set[str] = set()
 
 
-def register_one_shot_pruning(pruning_type: str, config_keys: tuple[str, ...] = ()):
+def register_one_shot_pruning(pruning_type: str, config_keys: tuple[str, ...] = (), needs_data: bool = True):
     """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS.
 
     The class is built as `cls(pruner_infos, model, dataloader, loss_func, device)` and prunes at construction,
-    like INC's `SparseGPTPruning`. `config_keys` names the extra per-config keys the class reads.
+    like INC's `SparseGPTPruning`. `config_keys` names the extra per-config keys the class reads; `needs_data=False`
+    lets callers omit the dataloader (it is then None).
     """
     clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
     if clashes:
@@ -30,6 +33,8 @@ def register_one_shot_pruning(pruning_type: str, config_keys: tuple[str, ...] = 
         register_pruning(key)(cls)
         ONE_SHOT_PRUNINGS[pruning_type] = key
         PLUGIN_CONFIG_KEYS.update(config_keys)
+        if not needs_data:
+            DATA_FREE_TYPES.add(pruning_type)
         return cls
 
     return register
