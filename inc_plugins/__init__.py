@@ -23,4 +23,12 @@ from .inc import classic as _classic  # noqa: E402,F401  (registers network_trim
 from .inc.lifecycle import complete_pruning  # noqa: E402
 from .inc.one_shot import is_one_shot  # noqa: E402
 
-__all__ = ["prepare_pruning", "complete_pruning", "is_one_shot", "pruning_config", "known_pruning_types", "PruningConfigError"]
+__all__ = [
+    "prepare_pruning",
+    "complete_pruning",
+    "slim",
+    "is_one_shot",
+    "pruning_config",
+    "known_pruning_types",
+    "PruningConfigError",
+]

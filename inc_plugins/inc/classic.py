@@ -84,9 +84,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -119,6 +118,7 @@ from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 
 from .config import pruning_config
 from .config_checks import PruningConfigError
+from .layer_selection import EXAMPLE_NAMES, select_layers
 from .one_shot import register_one_shot_pruning
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,6 @@ __all__ = [
     "slim_cnn_channels",
 ]
 
-_EXAMPLES = 6
 _CHANNEL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -167,22 +166,6 @@ def _scope(info: Mapping[str, Any]) -> str:
     return scope
 
 
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _compiled(patterns: Sequence[str], key: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as error:
-            raise PruningConfigError(f"{key} entry {pattern!r} is not a valid regular expression: {error}") from error
-    return compiled
-
-
 def _head_names(model: nn.Module) -> list[str]:
     """Task heads to keep dense: the adapter's, or (models no adapter knows) the last Linear, as INC does."""
     try:
@@ -190,44 +173,6 @@ def _head_names(model: nn.Module) -> list[str]:
     except UnsupportedModelError:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         return linears[-1:]
-
-
-def _select_layers(info: Mapping[str, Any], model: nn.Module, heads: Sequence[str]) -> dict[str, nn.Module]:
-    """{name: module} that a config entry selects, with INC's semantics, minus the task heads (by exact name)."""
-    op_types = _as_list(info.get("pruning_op_types")) or ["Conv", "Linear"]
-    candidates = {
-        name: module for name, module in model.named_modules()
-        if getattr(module, "weight", None) is not None and any(t in type(module).__name__ for t in op_types)
-    }
-    op_names = _as_list(info.get("op_names")) or [".*"]
-    selected: dict[str, nn.Module] = {}
-    unmatched = []
-    for raw, pattern in zip(op_names, _compiled(op_names, "op_names")):
-        matched = {name: module for name, module in candidates.items() if pattern.search(name)}
-        if not matched:
-            unmatched.append(raw)
-        selected.update(matched)
-    if unmatched:
-        examples = ", ".join(repr(name) for name in list(candidates)[:_EXAMPLES]) or "none"
-        raise PruningConfigError(
-            f"op_names {unmatched} match no {'/'.join(op_types)} layer of {type(model).__name__}; "
-            f"layer names look like: {examples}"
-        )
-    excluded = _compiled(_as_list(info.get("excluded_op_names")), "excluded_op_names")
-
-    def is_head(name: str) -> bool:
-        return any(name == head or name.startswith(head + ".") for head in heads)
-
-    kept = {
-        name: module for name, module in selected.items()
-        if not is_head(name) and not any(pattern.search(name) for pattern in excluded)
-    }
-    if not kept:
-        raise PruningConfigError(
-            f"every layer matched by op_names {op_names} is excluded by excluded_op_names "
-            f"{_as_list(info.get('excluded_op_names'))} or is a task head {list(heads)}"
-        )
-    return kept
 
 
 def _model_inputs(batch) -> tuple[tuple, dict]:
@@ -375,7 +320,7 @@ class _OneShotClassic(BasePruning):
         pruners, owner = [], {}
         for index, info in enumerate(self.pruners_info):
             self._check(info)
-            layers = self._layers(index, info, _select_layers(info, self._model, self._heads))
+            layers = self._layers(index, info, select_layers(info, self._model, self._heads))
             for name in layers:
                 if name in owner:
                     raise PruningConfigError(
@@ -564,7 +509,7 @@ class NetworkSlimmingPruning(_OneShotClassic):
             raise PruningConfigError(
                 f"network_slimming ranks channels by the scale of the BatchNorm that follows each convolution, and "
                 f"none of the layers selected by config entry {index} "
-                f"({', '.join(map(repr, list(selected)[:_EXAMPLES]))}) is directly followed by a BatchNorm layer"
+                f"({', '.join(map(repr, list(selected)[:EXAMPLE_NAMES]))}) is directly followed by a BatchNorm layer"
             )
         if without:
             logger.warning("network_slimming: these selected layers have no BatchNorm after them, so stay dense: %s",
@@ -686,7 +631,7 @@ class ParticleFilterPruning(_OneShotClassic):
         if not convs:
             raise PruningConfigError(
                 f"particle_filter prunes Conv2d layers (groups=1); config entry {index} selects none of them: "
-                f"{others[:_EXAMPLES]}"
+                f"{others[:EXAMPLE_NAMES]}"
             )
         if others:
             logger.warning("particle_filter prunes Conv2d layers only; these selected layers stay dense: %s", others)

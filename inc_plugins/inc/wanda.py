@@ -78,13 +78,13 @@ from inc_plugins.models.architectures import ArchitectureAdapter, adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, weight_matrix
 
 from .config_checks import PruningConfigError
+from .layer_selection import select_layers
 from .one_shot import register_one_shot_pruning
 
 logger = logging.getLogger(__name__)
 
 COMPARISON_GROUPS = ("per_output", "per_layer", "global")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
-_EXAMPLE_NAMES = 6
 
 
 # --- settings ------------------------------------------------------------------------------------------------
@@ -305,68 +305,10 @@ class WandaPruner(PytorchBasePruner):
 # --- layer selection -----------------------------------------------------------------------------------------
 
 
-def _compiled(patterns: Sequence[str], key: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as error:
-            raise PruningConfigError(f"{key} entry {pattern!r} is not a valid regular expression: {error}") from error
-    return compiled
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def select_layers(info: Mapping[str, Any], model: nn.Module, head_names: Sequence[str]) -> dict[str, nn.Module]:
-    """{name: module} that a config entry selects, as INC's ``parse_to_prune`` would, minus the task heads.
-
-    A module is a candidate when one of ``pruning_op_types`` is a substring of its class name and it has a
-    ``weight``; ``op_names`` (default: every candidate) and ``excluded_op_names`` are regexes searched in the
-    name. Modules named in ``head_names``, and their submodules, are excluded by exact name.
-    Raises PruningConfigError when an ``op_names`` entry matches no candidate, when nothing is left, or when a
-    selected layer has no ``[out, in]`` view (only Linear, Conv1D and Conv2d with groups=1 do).
-    """
-    op_types = _as_list(info["pruning_op_types"]) or ["Conv", "Linear"]
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if hasattr(module, "weight") and any(op_type in type(module).__name__ for op_type in op_types)
-    }
-    op_names = _as_list(info["op_names"]) or [".*"]
-    selected: dict[str, nn.Module] = {}
-    unmatched = []
-    for raw, pattern in zip(op_names, _compiled(op_names, "op_names")):
-        matched = {name: module for name, module in candidates.items() if pattern.search(name)}
-        if not matched:
-            unmatched.append(raw)
-        selected.update(matched)
-    if unmatched:
-        examples = ", ".join(repr(name) for name in list(candidates)[:_EXAMPLE_NAMES]) or "none"
-        raise PruningConfigError(
-            f"op_names {unmatched} match no {'/'.join(op_types)} layer of {type(model).__name__}; "
-            f"layer names look like: {examples}"
-        )
-
-    excluded = _compiled(_as_list(info["excluded_op_names"]), "excluded_op_names")
-    heads = tuple(head_names)
-
-    def is_head(name: str) -> bool:
-        return any(name == head or name.startswith(head + ".") for head in heads)
-
-    kept = {
-        name: module
-        for name, module in selected.items()
-        if not is_head(name) and not any(pattern.search(name) for pattern in excluded)
-    }
-    if not kept:
-        raise PruningConfigError(
-            f"every layer matched by op_names {op_names} ({', '.join(map(repr, list(selected)[:_EXAMPLE_NAMES]))}) "
-            f"is excluded by excluded_op_names {_as_list(info['excluded_op_names'])} or is a task head {list(heads)}"
-        )
+def select_wanda_layers(info: Mapping[str, Any], model: nn.Module, head_names: Sequence[str]) -> dict[str, nn.Module]:
+    """``layer_selection.select_layers``, refusing layers with no ``[out, in]`` view (only Linear, Conv1D and
+    Conv2d with groups=1 have one)."""
+    kept = select_layers(info, model, head_names)
     unsupported = []
     for name, module in kept.items():
         try:
@@ -409,7 +351,7 @@ class WandaPruning(BasePruning):
         heads = self._adapter.head_names(self._model)
         for index, info in enumerate(self.pruners_info):
             wanda_settings(info)  # before get_pruner: INC would send an "mha" pattern to its own MHA pruner
-            selected = select_layers(info, self._model, heads)
+            selected = select_wanda_layers(info, self._model, heads)
             outside = [name for name, module in selected.items() if id(module) not in self._block_of]
             inside = {name: module for name, module in selected.items() if id(module) in self._block_of}
             if outside:
