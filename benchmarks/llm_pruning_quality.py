@@ -131,8 +131,11 @@ def run_inc_prune_wanda(setting: str, args) -> dict:
     model, calibration, _ = _load(args)
     pattern, sparsity = SETTINGS[setting]
     n, m = (int(v) for v in pattern.split(":")) if ":" in pattern else (0, 0)
+    # INC's calibration helper reads `dataloader.batch_size`: the same windows, one per batch, as a DataLoader
+    windows = torch.utils.data.TensorDataset(torch.cat([batch[0] for batch in calibration]))
+    loader = torch.utils.data.DataLoader(windows, batch_size=1)
     start = time.perf_counter()
-    prune_wanda(model, calibration, sparsity_ratio=sparsity, prune_n=n, prune_m=m, nsamples=len(calibration))
+    prune_wanda(model, loader, sparsity_ratio=sparsity, prune_n=n, prune_m=m, nsamples=len(calibration))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "masks": _mask_fingerprints(model)}
 

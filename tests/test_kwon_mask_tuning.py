@@ -64,3 +64,15 @@ def test_non_converged_solve_is_rejected():
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_ill_conditioned_but_well_posed_layers_converge():
+    """Real layers' Gram matrices are ill-conditioned; LSMR needs more than n_kept iterations on them."""
+    generator = torch.Generator().manual_seed(1)
+    basis, _ = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))
+    spread = torch.logspace(0, -2, 12, dtype=torch.float64)  # singular values over 2 decades
+    a = basis @ torch.diag(spread) @ torch.randn(12, 400, generator=generator, dtype=torch.float64)
+    true_scales = 1 + 0.5 * torch.randn(12, generator=generator, dtype=torch.float64)
+    gram, rhs = normal_equations(a, true_scales @ a)
+    assert not solve_mask_scales(gram, rhs, max_iter=12).accepted  # scipy's default limit: n_kept iterations
+    assert solve_mask_scales(gram, rhs).accepted

@@ -18,7 +18,7 @@ Safeguards, as in the reference (``prune/rescale.py`` and ``utils/linalg.py``):
    the solution towards s = 1, the untuned mask, instead of towards 0, which would silence the layer. As in the
    reference, LSMR runs on the normal equations, so it minimises ``|G d - (r - G 1)|^2 + damp^2 |d|^2``.
 2. Reject the solve when LSMR reports no convergence: istop 3 or 6 (condition number too large) or 7 (iteration
-   limit). The reference also rejects istop 4 and 5, which mean "converged to machine precision"; those are
+   limit, 100,000 by default). The reference also rejects istop 4 and 5, which mean "converged to machine precision"; those are
    accepted here because they are the same outcomes as 1 and 2 with tighter tolerances.
 3. Reject the solve when any scale is outside ``[-max_abs_scale, max_abs_scale]`` (default 10) or not finite:
    huge scales mean the least-squares problem is ill-posed and the fit would not transfer beyond the sample.
@@ -74,13 +74,14 @@ def solve_mask_scales(
     rhs: torch.Tensor,
     damp: float = 1.0,
     max_abs_scale: float = 10.0,
-    max_iter: int | None = None,
+    max_iter: int = 100_000,
 ) -> ScaleSolution:
     """Damped least-squares scales of one layer's kept units, with the reference's safeguards.
 
     ``gram``: [n_kept, n_kept] and ``rhs``: [n_kept], sums of ``normal_equations`` over batches. ``damp``: LSMR
     damping (>= 0) on the change from scale 1; ``max_abs_scale``: largest accepted |scale|; ``max_iter``: LSMR
-    iteration limit (scipy's default when None).
+    iteration limit. scipy's default (n_kept iterations) stops short on the ill-conditioned Gram matrices of real
+    layers; the reference's later versions also raise it (to 1e5-1e6), and each iteration is one small mat-vec.
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or rhs.shape != gram.shape[:1] or gram.shape[0] == 0:
         raise ValueError(
