@@ -27,13 +27,7 @@ from inc_plugins.testing.tiny_models import tiny_cnn
 IMAGES = image_batches(n_batches=2, batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes thread hand-offs very slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**entry):
