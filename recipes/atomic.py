@@ -8,10 +8,18 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp.write(text)
+    # temporary files are created owner-only; the result should have the permissions of any new file
+    os.chmod(tmp.name, 0o666 & ~_umask())
     os.replace(tmp.name, path)
 
 
@@ -31,6 +39,7 @@ def staged_directory(final: Path):
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         os.rename(staging, final)
     finally:
         if staging.exists():
