@@ -7,23 +7,10 @@ import torch
 
 import inc_plugins
 import inc_plugins.post_training.pipeline as kwon_pipeline
-from inc_plugins import assets
 from inc_plugins.inc.mask_search import MASK_SEARCH_CONFIG_KEYS
 from inc_plugins.models.slimming import load_slimmed
-from inc_plugins.testing.tiny_tokenizer import save_tiny_classifier
 from recipes import apply, finetune_cache
 from recipes.schema import MASK_SEARCH_KEYS, TYPE_SPECIFIC_KEYS, WANDA_KEYS, RecipeError, load_recipe, parse_recipe
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A private cache (so fine-tune caching starts empty) that still sees the real movie-snippets asset."""
-    real_snippets = assets.asset_path("movie-snippets")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "movie-snippets").symlink_to(real_snippets)
-    monkeypatch.setenv(assets.CACHE_ENV, str(cache))
-    return tmp_path, save_tiny_classifier(tmp_path / "tiny-bert")
 
 
 def mask_search_recipe(model_dir, out_dir, slim=True, **stage):

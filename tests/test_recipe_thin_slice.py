@@ -7,22 +7,8 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
-from inc_plugins import assets
-from inc_plugins.testing.tiny_tokenizer import save_tiny_classifier
 from recipes import apply
 from recipes.schema import RecipeError, load_recipe, parse_recipe, resolve_recipe_path
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A private cache (so fine-tune caching starts empty) that still sees the real movie-snippets asset."""
-    real_snippets = assets.asset_path("movie-snippets")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "movie-snippets").symlink_to(real_snippets)
-    monkeypatch.setenv(assets.CACHE_ENV, str(cache))
-    model_dir = save_tiny_classifier(tmp_path / "tiny-bert")
-    return tmp_path, model_dir
 
 
 def tiny_recipe(model_dir, out_dir, **pruning):
