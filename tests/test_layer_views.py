@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, weight_matrix
+from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 
 
 def _rows_times_matrix(module, x):
@@ -120,6 +120,21 @@ def test_apply_matrix_mask_rejects_wrong_masks():
         apply_matrix_mask(linear, torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         apply_matrix_mask(linear, torch.ones(3, 4))
+
+
+@pytest.mark.parametrize(
+    ("module", "shape", "samples"),
+    [
+        (torch.nn.Linear(3, 2), (5, 7, 3), 5),
+        (torch.nn.Linear(3, 2), (2, 5, 7, 3), 2),
+        (torch.nn.Linear(3, 2), (7, 3), 1),  # a 2-D input is one sample of 7 tokens, as the Wanda reference counts
+        (Conv1D(2, 3), (4, 7, 3), 4),
+        (torch.nn.Conv2d(3, 2, 3), (6, 3, 8, 8), 6),
+        (torch.nn.Conv2d(3, 2, 3), (3, 8, 8), 1),
+    ],
+)
+def test_input_samples_counts_the_batch(module, shape, samples):
+    assert input_samples(module, torch.ones(shape)) == samples
 
 
 @pytest.mark.parametrize("module", [torch.nn.Conv1d(2, 3, 1), torch.nn.Embedding(4, 3), torch.nn.LayerNorm(3)])

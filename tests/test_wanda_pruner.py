@@ -19,7 +19,7 @@ import inc_plugins
 from inc_plugins.algorithms.wanda import InputFeatureNorms, global_masks, per_output_mask, wanda_scores
 from inc_plugins.inc.wanda import NonFiniteActivationError, WandaPruner, WandaPruning, WandaScoreCriterion
 from inc_plugins.models.architectures import UnsupportedModelError
-from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, weight_matrix
+from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 from inc_plugins.testing.calibration_data import image_batches, token_batches
 from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
 
@@ -131,7 +131,9 @@ def layer_input_norms(model, batches, names):
     norms = {name: InputFeatureNorms() for name in names}
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, name=name: norms[name].update(input_rows(module, args[0]))
+            lambda module, args, name=name: norms[name].update(
+                input_rows(module, args[0]), input_samples(module, args[0])
+            )
         )
         for name in names
     ]
@@ -430,11 +432,12 @@ def test_wanda_score_equals_abs_weight_times_input_norm_reduced_by_the_pattern()
     criterion.on_step_begin()
 
     tokens = torch.cat([x.reshape(-1, 8) for x in token_inputs])
-    root_mean_square = tokens.square().mean(dim=0).sqrt()
-    linear = modules["linear"].weight.abs() * root_mean_square            # [out, in]
-    conv1d = modules["conv1d"].weight.abs() * root_mean_square[:, None]   # stored [in, out]
+    samples = 3 + 1  # a [3, 5, 8] batch holds 3 sequences; a 2-D [2, 8] input counts as one, as in the reference
+    root_norm = (tokens.square().sum(dim=0) / samples).sqrt()
+    linear = modules["linear"].weight.abs() * root_norm            # [out, in]
+    conv1d = modules["conv1d"].weight.abs() * root_norm[:, None]   # stored [in, out]
     patches = torch.nn.functional.unfold(images, 3).transpose(1, 2).reshape(-1, 18)
-    conv = (modules["conv"].weight.abs().reshape(4, 18) * patches.square().mean(dim=0).sqrt()).reshape(4, 2, 3, 3)
+    conv = (modules["conv"].weight.abs().reshape(4, 18) * (patches.square().sum(dim=0) / 2).sqrt()).reshape(4, 2, 3, 3)
     expected = {
         # INC's 4x1 blocks: 4 consecutive rows of the stored 2-D weight (convs as [out, kh, kw, in]), mean-reduced
         "linear": linear.reshape(2, 4, 8).mean(dim=1),

@@ -3,9 +3,9 @@
 So "2:4" prunes 2 and keeps 2 of every 4 consecutive input weights of a row, and "1:4" prunes 1 and keeps 3.
 Masks are bool tensors ``[out_features, in_features]``: ``True`` = keep, ``False`` = prune.
 
-Ties: within a group the lowest scores are pruned with a stable sort, so among equal scores the one with the
-lower input index is pruned first. (INC 3.7.1's ``prune_wanda`` uses ``torch.topk``, whose tie order is
-unspecified; on tie-free scores both give the same mask.)
+Ties: within a group the ``n`` lowest scores are chosen by ``torch.topk``, exactly as the Wanda reference and
+INC 3.7.1's ``prune_wanda`` choose them, so the masks are theirs even where scores tie. torch leaves topk's tie
+order unspecified; on CPU a tie currently goes to the higher input index.
 """
 
 import torch
@@ -35,6 +35,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"[{out_features}, {in_features}] (in_features={in_features})"
         )
     groups = scores.reshape(out_features, in_features // m, m)
-    lowest = torch.sort(groups, dim=2, stable=True).indices[..., :n]
+    # One batched topk over [out, groups, m] picks what the reference's loop of topk calls over [out, m] slices picks.
+    lowest = torch.topk(groups, n, dim=2, largest=False).indices
     keep = torch.ones_like(groups, dtype=torch.bool).scatter_(2, lowest, False)
     return keep.reshape(out_features, in_features)

@@ -24,39 +24,47 @@ _VARIANT_MIN_BRACKET = 0.001
 
 
 class InputFeatureNorms:
-    """Running per-input-feature mean of x_j^2 over all rows (tokens) seen, kept in float32.
+    """Per input feature j, ||X_j||_2^2 over all calibration tokens divided by the number of samples, in float32.
 
-    The reference and INC keep ``||X_j||^2 / n_sequences``; here the divisor is the number of rows, which is
-    what a caller flattening activations to ``[tokens, in_features]`` knows. For one layer the two differ by
-    the constant factor tokens-per-sequence, which scales every score of the layer alike: per-output,
-    per-layer, N:M and variant masks are unchanged. Across layers (``global_masks``) the per-token mean keeps
-    layers with different numbers of positions per sample (e.g. convolutions) comparable.
+    This is the reference's statistic (and INC 3.7.1's ``prune_wanda``), computed with the same float32
+    arithmetic: a running average over samples, rescaled before each batch is added. Scores built from it are
+    therefore bit-identical to the reference's for the same batches, so masks agree even on near-ties. The
+    division by the number of samples scales every score of a layer alike, so per-output, per-layer, N:M and
+    variant masks are those of the plain norm.
     """
 
     def __init__(self) -> None:
-        self._sum_of_squares: torch.Tensor | None = None
-        self.num_rows = 0
+        self._mean_over_samples: torch.Tensor | None = None
+        self.num_samples = 0
 
-    def update(self, rows: torch.Tensor) -> None:
-        """Add activations ``rows`` of shape ``[tokens, in_features]`` (any floating dtype)."""
+    def update(self, rows: torch.Tensor, num_samples: int) -> None:
+        """Add activations ``rows`` ``[tokens, in_features]`` (any floating dtype) from ``num_samples`` samples.
+
+        A sample is one sequence (or image) of the batch: ``input_samples`` in ``inc_plugins.models.layer_views``
+        counts them for a layer's input.
+        """
         if rows.dim() != 2:
             raise ValueError(f"rows must have shape [tokens, in_features], got shape {list(rows.shape)}")
-        if self._sum_of_squares is None:
-            self._sum_of_squares = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
-        elif rows.shape[1] != self._sum_of_squares.numel():
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int (the batch's number of samples), got {num_samples!r}")
+        if self._mean_over_samples is None:
+            self._mean_over_samples = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+        elif rows.shape[1] != self._mean_over_samples.numel():
             raise ValueError(
-                f"rows have {rows.shape[1]} features but earlier batches had {self._sum_of_squares.numel()}"
+                f"rows have {rows.shape[1]} features but earlier batches had {self._mean_over_samples.numel()}"
             )
-        # Square in float32: bf16/fp16 activations would lose most of their mantissa when squared and summed.
-        self._sum_of_squares += rows.detach().float().square().sum(dim=0)
-        self.num_rows += rows.shape[0]
+        # The reference's order of operations, kept exactly (see the class docstring). Squaring in float32 also
+        # keeps bf16/fp16 activations from losing most of their mantissa.
+        self._mean_over_samples *= self.num_samples / (self.num_samples + num_samples)
+        self.num_samples += num_samples
+        self._mean_over_samples += torch.norm(rows.detach().float().T, p=2, dim=1) ** 2 / self.num_samples
 
     @property
     def squared_norms(self) -> torch.Tensor:
-        """``[in_features]`` float32: mean over rows of x_j^2."""
-        if self._sum_of_squares is None or self.num_rows == 0:
+        """``[in_features]`` float32: ||X_j||_2^2 over all tokens seen, divided by the number of samples."""
+        if self._mean_over_samples is None:
             raise RuntimeError("no activations were added: call update() with at least one row first")
-        return self._sum_of_squares / self.num_rows
+        return self._mean_over_samples
 
 
 def wanda_scores(weight: torch.Tensor, feature_sq_norms: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ from inc_plugins.algorithms.wanda import (
 )
 from inc_plugins.calibration import run_block, sequential_blocks
 from inc_plugins.models.architectures import ArchitectureAdapter, adapter_for
-from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, weight_matrix
+from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 
 from .config_checks import PruningConfigError
 from .layer_selection import select_layers
@@ -241,20 +241,21 @@ class WandaPruner(PytorchBasePruner):
     @staticmethod
     def _accumulate(name: str, norms: InputFeatureNorms, block_index: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            rows = input_rows(module, _hook_input(args, kwargs))
+            x = _hook_input(args, kwargs)
+            rows = input_rows(module, x)
             if not torch.isfinite(rows).all():
                 where = f" (block {block_index})" if block_index is not None else ""
                 raise NonFiniteActivationError(
                     f"layer {name!r}{where} received NaN or Inf activations during Wanda calibration; "
                     f"check the calibration data and the model's weights. Blocks before it are already pruned"
                 )
-            norms.update(rows)
+            norms.update(rows, input_samples(module, x))
 
         return hook
 
     def scores(self, name: str) -> torch.Tensor:
         """Wanda scores of one layer, ``[out_features, in_features]`` float32 (``weight_matrix``'s layout)."""
-        if self.feature_norms[name].num_rows == 0:
+        if self.feature_norms[name].num_samples == 0:
             raise ValueError(
                 f"layer {name!r} received no input while its block ran on the calibration data (the block never "
                 f"calls it): exclude it with excluded_op_names"
@@ -489,13 +490,14 @@ class WandaScoreCriterion(PruningCriterion):
             criterion = criterion_ref()
             if criterion is None:  # the pruning run is gone: stop paying for statistics
                 return
-            rows = input_rows(module, _hook_input(args, kwargs))
+            x = _hook_input(args, kwargs)
+            rows = input_rows(module, x)
             if not torch.isfinite(rows).all():
                 if not warned:
                     logger.warning("wanda_score: skipping a batch with NaN or Inf inputs to %r", name)
                     warned.append(True)
                 return
-            criterion.feature_norms[name].update(rows)
+            criterion.feature_norms[name].update(rows, input_samples(module, x))
 
         return hook
 
@@ -509,7 +511,7 @@ class WandaScoreCriterion(PruningCriterion):
             self.remove_hooks()
 
     def on_step_begin(self) -> None:
-        missing = [name for name, norms in self.feature_norms.items() if norms.num_rows == 0]
+        missing = [name for name, norms in self.feature_norms.items() if norms.num_samples == 0]
         if missing:
             # Normal at a pruning step 0; a layer that never runs while the others do deserves a warning.
             log = logger.info if len(missing) == len(self.feature_norms) else logger.warning

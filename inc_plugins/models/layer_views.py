@@ -71,6 +71,17 @@ def input_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return columns.transpose(1, 2).reshape(-1, in_features)
 
 
+def input_samples(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """How many samples (sequences or images) the layer's forward input ``x`` holds: its batch size.
+
+    Linear / Conv1D inputs ``[batch, ..., in_features]`` hold ``batch``, a 2-D ``[tokens, in_features]`` input
+    one (as the Wanda reference counts it); Conv2d ``[batch, C, H, W]`` holds ``batch``, ``[C, H, W]`` one.
+    """
+    _check_supported(module)
+    unbatched_dims = 3 if isinstance(module, torch.nn.Conv2d) else 2
+    return x.shape[0] if x.dim() > unbatched_dims else 1
+
+
 def apply_matrix_mask(module: torch.nn.Module, mask: torch.Tensor) -> None:
     """Zero, in place and in the layer's own layout, the weights where ``mask`` (bool ``[out, in]``) is False."""
     expected = weight_matrix(module).shape
