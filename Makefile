@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-IPEX_VENV ?= .venv-ipex
-RECIPE ?= minilm_sentiment.yaml
+# The IPEX environment lives in the asset cache, outside any clone, so CI runs and clean clones reuse it.
+IPEX_VENV ?= $(HOME)/.cache/inc-plugins/venv-ipex
+RECIPE ?= minilm_mask_search_wanda.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install assets demo test ipex-env clean
+.PHONY: install assets demo test validate openvino bench-smoke bench ipex-env clean clean-ipex
 
 # torch==2.13.0 goes in first: it is the CPU wheel these machines carry, and installing the project
 # with no torch present could let pip pick a multi-GB CUDA build.
@@ -32,6 +33,21 @@ demo: assets
 test: assets
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+validate: install
+	$(BIN)/python -m recipes.validate recipes/*.yaml
+
+# The OpenVINO backend of the benchmarks (optimum-intel 2.1.0 + openvino; it downgrades safetensors to 0.7).
+openvino: install
+	$(BIN)/python -m pip install --quiet -e '.[openvino]'
+
+# Every benchmark suite once on the tiny models, default backend: what CI runs (timings meaningless).
+bench-smoke: install
+	$(BIN)/python -m pytest benchmarks/ -q -rs --bench-scale tiny --bench-backends eager-fp32 --benchmark-disable
+
+# The README's benchmark figures: MiniLM, every suite, main and IPEX environments. Run on a quiet machine.
+bench: assets
+	$(BIN)/python -m benchmarks.readme_figures
+
 # IPEX 2.8 only works with torch 2.8, so it gets an environment of its own (about 4 GB: the only
 # torch 2.8 on the registry is a CUDA build). The project's other dependencies are installed without its torch pin.
 $(IPEX_VENV)/.installed: pyproject.toml
@@ -47,5 +63,9 @@ $(IPEX_VENV)/.installed: pyproject.toml
 
 ipex-env: $(IPEX_VENV)/.installed
 
+# The IPEX environment is kept: rebuilding it is a 4 GB download. `make clean-ipex` removes it.
 clean:
-	rm -rf $(VENV) $(IPEX_VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-ipex:
+	rm -rf $(IPEX_VENV)

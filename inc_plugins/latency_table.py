@@ -16,8 +16,12 @@ estimates the stack (embeddings and task head excluded), which is what ``search_
 
 Every value is the median of `repeats` timed calls (after `warmup` calls) of a copy of the model's first layer,
 slimmed with ``slimming.slim_block`` to the measured size and fed the inputs captured from a real forward pass
-(random token ids, full attention mask). Only some sizes are measured (every `head_step`-th head count, every
-`neuron_step`-th neuron count, and the full sizes); the rest are linearly interpolated. Under grouped-query
+(random token ids, full attention mask). The sizes are timed in interleaved rounds (each round times every size
+once, in a rotated order), so a slow phase of a shared machine hits all sizes alike instead of a few; this holds
+one slimmed copy of the layer per measured size in memory. Latency cannot fall when units are added, so the
+medians are then replaced by their closest nondecreasing sequence (least squares, pool-adjacent-violators): noise
+that would make a bigger layer look cheaper is averaged out. Only some sizes are measured (every `head_step`-th
+head count, every `neuron_step`-th neuron count, and the full sizes); the rest are linearly interpolated. Under grouped-query
 attention, heads can only be removed by whole key/value groups: sizes are measured in groups and the entries
 between multiples of the group size are interpolated.
 
@@ -208,15 +212,33 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, batch_size: int, s
     return captured["args"], kwargs
 
 
-def _median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_median_seconds(calls: Sequence[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each call: `warmup` untimed calls each, then `repeats` rounds that time every call once,
+    starting one further along the list each round."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for round_index in range(repeats):
+        for offset in range(len(calls)):
+            index = (round_index + offset) % len(calls)
+            start = time.perf_counter()
+            calls[index]()
+            times[index].append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def nondecreasing_fit(values: Sequence[float]) -> list[float]:
+    """The nondecreasing sequence closest to `values` in least squares (pool adjacent violators): each run of
+    values that decreases is replaced by its mean."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for value in values:
+        blocks.append([float(value), 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
 def _sample_points(n_units: int, step: int) -> list[int]:
@@ -271,19 +293,21 @@ def measure_latency_table(
         model.train(was_training)
     prepare = BACKENDS[backend]
 
-    def layer_seconds(heads: int, neurons: int) -> float:
+    def layer_call(heads: int, neurons: int) -> Callable[[], object]:
         block = copy.deepcopy(blocks[0]).eval()
         slim_block(block, adapter, range(heads), range(neurons), num_heads=n_heads, num_kv_heads=n_kv,
                    head_dim=head_dim)
         prepared = prepare(block)
-        with torch.inference_mode():
-            return _median_seconds(lambda: prepared(*args, **kwargs), warmup, repeats)
+        return lambda: prepared(*args, **kwargs)
 
     head_points = [groups * group_size for groups in _sample_points(n_kv, head_step)]
     neuron_points = _sample_points(n_neurons, neuron_step)
-    head_measured = [layer_seconds(heads, 0) for heads in head_points]
-    empty_layer = head_measured[0]
-    neuron_measured = [0.0] + [max(layer_seconds(0, n) - empty_layer, 0.0) for n in neuron_points[1:]]
+    calls = [layer_call(heads, 0) for heads in head_points] + [layer_call(0, n) for n in neuron_points[1:]]
+    with torch.inference_mode():
+        seconds = _interleaved_median_seconds(calls, warmup, repeats)
+    head_measured = nondecreasing_fit(seconds[: len(head_points)])
+    empty_layer = seconds[0]
+    neuron_measured = nondecreasing_fit([0.0] + [max(t - empty_layer, 0.0) for t in seconds[len(head_points):]])
     return LatencyTable(
         head_latency=_interpolate(head_points, head_measured, n_heads),
         neuron_latency=_interpolate(neuron_points, neuron_measured, n_neurons),
@@ -322,6 +346,9 @@ def save_latency_table(table: LatencyTable, path: str | os.PathLike | None = Non
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes the file owner-only; a table is for every user
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

@@ -1,199 +1,176 @@
-"""Runs a recipe end to end: load, fine-tune (cached), evaluate, prune, slim (optional), evaluate, save, report.
+"""Runs a recipe end to end: load, fine-tune (cached), evaluate, prune (one or more stages), slim (optional),
+evaluate, benchmark (optional), save, report.
 
-    python -m recipes.apply minilm_sentiment.yaml      # a bare name is looked up in recipes/
-    python -m recipes.apply path/to/my_recipe.yaml
+    python -m recipes.apply minilm_mask_search_wanda.yaml   # a bare name is looked up in recipes/
+    python -m recipes.apply path/to/my_recipe.yaml --run-dir runs/my-run --overwrite
 """
 
 import argparse
 import contextlib
+import copy
 import logging
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 import yaml
 
-from inc_plugins.models.slimming import save_slimmed
-from inc_plugins.post_training.data import average_sequence_length
-
-from . import finetune_cache
-from .atomic import staged_directory, write_json, write_text
-from .model_sources import load_classifier
-from .movie_snippets import load_examples, train_dev_split
-from .pruning_stage import dense_prunable_macs, prunable_macs, run_pruning_stage, slim_pruned_model, structure_or_none
+from .atomic import write_text
+from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backends
+from .classic_recipe import DigitsRecipe, run_digits_recipe
+from .hub_access import require_hub_if_needed
+from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
 from .report import environment, layer_sparsity, parameter_counts
+from .run_dir import check_run_dir, fresh_path, staged_run
 from .schema import Recipe, RecipeError, load_recipe
-from .text_classification import epochs_to_steps, evaluate, tokenized_batches, train
-
-LOAD_SLIMMED = "from inc_plugins.models.slimming import load_slimmed; model = load_slimmed({path!r})"
+from .shape_checks import check_pattern_fits
+from .summary import terminal_table, write_summary
+from .tasks import TextClassificationTask, task_for
 
 
 class StageTimer:
-    def __init__(self):
+    """Times named stages, and tells the staged run which stage is current (for the failure report)."""
+
+    def __init__(self, on_start=None):
         self.seconds: dict[str, float] = {}
+        self.on_start = on_start
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         print(f"[{name}]", flush=True)
+        if self.on_start is not None:
+            self.on_start(name)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def _finetuned(recipe: Recipe, model, tokenizer, train_examples, timer: StageTimer):
-    """The fine-tuned (model, tokenizer, info), from the cache when an identical fine-tune was done before."""
-    key = finetune_cache.finetune_key(recipe.model, recipe.data, recipe.finetune)
-    cached = finetune_cache.load_cached(key)
-    if cached is not None:
-        print(f"  reusing cached fine-tuned model {finetune_cache.cached_dir(key)}")
-        model, tokenizer, info = cached
-        return model, tokenizer, {**info, "cached": True}
-    with timer("finetune"):
-        torch.manual_seed(recipe.finetune.seed)
-        batches = tokenized_batches(tokenizer, train_examples, recipe.finetune.batch_size, recipe.data.max_length,
-                                    shuffle_seed=recipe.finetune.seed)
-        steps = epochs_to_steps(recipe.finetune.epochs, len(batches))
-        losses = train(model, batches, steps, recipe.finetune.learning_rate, desc="fine-tune")
-    info = {"key": key, "steps": steps, "final_loss": losses[-1], "seconds": timer.seconds["finetune"]}
-    finetune_cache.store(key, model, tokenizer, info)
-    return model, tokenizer, {**info, "cached": False}
-
-
-def _fresh_run_dir(base: Path) -> Path:
-    """`base`, or `base-2`, `base-3`, ... when runs started within the same second."""
-    candidate, suffix = base, 2
-    while candidate.exists():
-        candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
-    return candidate
-
-
 def prepare_task(recipe: Recipe, timer: StageTimer | None = None):
-    """(model, tokenizer, train_examples, dev_examples, finetune_info): the recipe's model, fine-tuned when the
-    recipe says so (from the cache when an identical fine-tune was done before), and its data split."""
-    timer = timer or StageTimer()
-    with timer("load"):
-        model, tokenizer = load_classifier(recipe.model)
-        train_examples, dev_examples = train_dev_split(load_examples(), recipe.data.dev_size, recipe.data.seed)
-        if recipe.data.max_train_samples is not None:
-            train_examples = train_examples[: recipe.data.max_train_samples]
-    finetune_info = None
-    if recipe.finetune is not None:
-        model, tokenizer, finetune_info = _finetuned(recipe, model, tokenizer, train_examples, timer)
-    return model, tokenizer, train_examples, dev_examples, finetune_info
+    """(model, tokenizer, train_examples, dev_examples, finetune_info) of a text-classification recipe: its model,
+    fine-tuned when the recipe says so (from the cache when an identical fine-tune was done before), and its data."""
+    task = TextClassificationTask(recipe)
+    model = task.load(timer or StageTimer())
+    return model, task.tokenizer, task.train_examples, task.dev_examples, task.finetune_info
 
 
-def _macs_seq_len(stages: list[dict], dev_batches: list[dict]) -> int:
+def _macs_seq_len(stages: list[dict], task) -> int:
     """The sequence length MACs are reported at: the one a FLOPs-constrained mask_search budgeted for (so the
-    report can be checked against its budget), else the dev set's average non-padding length."""
+    report can be checked against its budget), else the task's evaluation length."""
     for stage in reversed(stages):
         searched = stage.get("mask_search") or {}
         if searched.get("seq_len"):
             return searched["seq_len"]
-    return average_sequence_length(dev_batches)
+    return task.macs_seq_len()
 
 
-def run(recipe: Recipe, run_dir: Path | None = None) -> Path:
-    """Runs the recipe and returns its run directory, which appears only once everything succeeded."""
-    timer = StageTimer()
+def _last_mask_search(recipe: Recipe) -> int | None:
+    indices = [i for i, stage in enumerate(recipe.pruning) if stage.pruning_type == "mask_search"]
+    return indices[-1] if indices else None
+
+
+def default_run_dir(recipe: Recipe, started: datetime) -> Path:
+    return fresh_path(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
+
+
+def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
+        allow_outside_cwd: bool = False) -> Path:
+    """Runs the recipe and returns its run directory, which appears only once everything succeeded.
+
+    Stages run in the recipe's order on the same model. With `slim: true` the model is slimmed right after the
+    last mask_search stage, so later stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a
+    fraction of the weights that remain. A failing stage leaves `<run>.failed` with the report so far."""
+    if isinstance(recipe, DigitsRecipe):
+        return run_digits_recipe(recipe, run_dir, overwrite=overwrite, allow_outside_cwd=allow_outside_cwd)
     started = datetime.now(timezone.utc)
-    run_dir = run_dir or _fresh_run_dir(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
-    if run_dir.exists():
-        raise RecipeError(f"run directory {run_dir} already exists; refusing to overwrite it")
+    run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd)
+    require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
+    if recipe.benchmark is not None:
+        select_benchmark_backends(recipe.benchmark.backends)  # a misspelt backend fails now, not after pruning
 
-    model, tokenizer, train_examples, dev_examples, finetune_info = prepare_task(recipe, timer)
+    task = task_for(recipe)
+    with staged_run(run_dir, overwrite) as staged:
+        timer = StageTimer(on_start=lambda name: setattr(staged, "current_stage", name))
+        report = staged.report
+        report.update(recipe=recipe.name, description=recipe.description, task=recipe.task,
+                      started=started.isoformat(), environment=environment(), stage_seconds=timer.seconds)
+        write_text(staged.path / "recipe.yaml",
+                   yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
-    dev_batches = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, recipe.data.max_length)
-    with timer("evaluate_before"):
-        before = evaluate(model, dev_batches, desc="evaluate dense")
-    params_before = parameter_counts(model)
-    structure = structure_or_none(model)  # of the dense model: a slimmed one has layers of different sizes
+        model = task.load(timer)
+        report.update(data=task.describe_data(), finetune=task.finetune_info)
+        staged.stage_done("load")
+        with timer("check_patterns"):
+            for index, stage in enumerate(recipe.pruning):
+                check_pattern_fits(model, stage, f"pruning stage {index} ({stage.pruning_type})")
 
-    stages = []
-    for index, stage in enumerate(recipe.pruning):
-        with timer(f"prune_{index}_{stage.pruning_type}"):
-            stages.append({"settings": stage.model_dump(mode="json", exclude_none=True),
-                           **run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)})
+        with timer("evaluate_before"):
+            report["metrics"] = {"before": task.evaluate(model, desc="evaluate dense")}
+        report["parameters"] = {"before": parameter_counts(model)}
+        structure = structure_or_none(model)  # of the dense model: a slimmed one has layers of different sizes
+        dense = copy.deepcopy(model) if recipe.benchmark is not None else None  # the benchmark's baseline
+        staged.stage_done("evaluate_before")
 
-    slimming = None
-    if recipe.slim:
-        with timer("slim"):
-            model, slimming = slim_pruned_model(model, dev_batches[0])
+        stages, slimming, slim_after = [], None, _last_mask_search(recipe) if recipe.slim else None
+        report["pruning_stages"] = stages
+        for index, stage in enumerate(recipe.pruning):
+            name = f"prune_{index}_{stage.pruning_type}"
+            with timer(name):
+                check_pattern_fits(model, stage, f"pruning stage {index} ({stage.pruning_type})")
+                stages.append({"settings": stage.model_dump(mode="json", exclude_none=True),
+                               **task.prune(model, stage)})
+            staged.stage_done(name)
+            if index == slim_after:
+                with timer("slim"):
+                    model, slimming = slim_pruned_model(model, task.probe_batch())
+                staged.stage_done("slim")
 
-    with timer("evaluate_after"):
-        after = evaluate(model, dev_batches, desc="evaluate pruned")
-
-    macs = None
-    if structure is not None:
-        seq_len = _macs_seq_len(stages, dev_batches)
-        dense_macs, kept_macs = dense_prunable_macs(structure, seq_len), prunable_macs(model, structure, seq_len)
-        macs = {"accounting": "MACs per sequence of the attention heads and FFN neurons (Kwon et al. 2022); "
+        with timer("evaluate_after"):
+            report["metrics"]["after"] = task.evaluate(model, desc="evaluate pruned")
+        report["parameters"]["after"] = parameter_counts(model)
+        report["macs"] = None
+        if structure is not None:
+            seq_len = _macs_seq_len(stages, task)
+            dense_macs, kept_macs = dense_prunable_macs(structure, seq_len), prunable_macs(model, structure, seq_len)
+            report["macs"] = {
+                "accounting": "MACs per sequence of the attention heads and FFN neurons (Kwon et al. 2022); "
                               "embeddings, norms, biases and the task head are not counted; zeroed weights in "
                               "dense kernels still count",
                 "seq_len": seq_len, "before": dense_macs, "after": kept_macs,
                 "removed_fraction": 1 - kept_macs / dense_macs}
+        report["layer_sparsity"] = layer_sparsity(model)
+        staged.stage_done("evaluate_after")
 
-    sparsity = layer_sparsity(model)
-    report = {
-        "recipe": recipe.name,
-        "started": started.isoformat(),
-        "data": {"train_examples": len(train_examples), "dev_examples": len(dev_examples),
-                 "note": "movie-snippet sentiment (SST-2-like), not the official SST-2 labels or split"},
-        "finetune": finetune_info,
-        "metrics": {"before": before, "after": after},
-        "parameters": {"before": params_before, "after": parameter_counts(model)},
-        "macs": macs,
-        "pruning_stages": stages,
-        "model": {"slimmed": recipe.slim,
-                  "load": LOAD_SLIMMED.format(path=str(run_dir / "model")) if recipe.slim else
-                          f"AutoModelForSequenceClassification.from_pretrained({str(run_dir / 'model')!r})",
-                  **({"slimming_check": slimming} if slimming else {})},
-        "layer_sparsity": sparsity,
-        "stage_seconds": timer.seconds,
-        "environment": environment(),
-    }
-    with timer("save"), staged_directory(run_dir) as staging:
-        if recipe.slim:
-            save_slimmed(model, staging / "model")
-        else:
-            model.save_pretrained(staging / "model", safe_serialization=True)
-        tokenizer.save_pretrained(staging / "model")
-        write_text(staging / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
-        write_json(staging / "report.json", report)
-    _print_summary(report, run_dir)
-    return run_dir
+        if recipe.benchmark is not None:
+            with timer("benchmark"):
+                report["benchmark"] = benchmark_dense_and_pruned(dense, model, recipe.benchmark)
+            staged.stage_done("benchmark")
 
-
-def _print_summary(report: dict, run_dir: Path) -> None:
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
-    params = report["parameters"]
-    rows = [
-        ("dev accuracy", f"{before['accuracy']:.4f}", f"{after['accuracy']:.4f}"),
-        ("dev F1", f"{before.get('f1', float('nan')):.4f}", f"{after.get('f1', float('nan')):.4f}"),
-        ("parameters", f"{params['before']['total']:,}", f"{params['after']['total']:,}"),
-        ("non-zero parameters", f"{params['before']['nonzero']:,}", f"{params['after']['nonzero']:,}"),
-    ]
-    if report.get("macs"):
-        macs = report["macs"]
-        rows.append((f"head+FFN MACs @{macs['seq_len']} tok", f"{macs['before']:,}", f"{macs['after']:,}"))
-    print(f"\n{'':22}{'before':>14}{'after':>14}")
-    for label, b, a in rows:
-        print(f"{label:22}{b:>14}{a:>14}")
+        with timer("save"):
+            load = task.save(model, staged.path / "model", slimming is not None, run_dir / "model")
+            report["model"] = {"slimmed": slimming is not None, "load": load,
+                               **({"slimming_check": slimming} if slimming else {})}
+            write_summary(report, staged.path)
+        staged.stage_done("save")
+    print("\n" + terminal_table(report))
     print(f"\nrun directory: {run_dir}")
     print(f"load it with: {report['model']['load']}")
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.apply", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="a recipe file, or the bare name of a shipped recipe in recipes/")
-    parser.add_argument("--run-dir", type=Path, help="where to write this run (default: <output.dir>/<name>-<time>)")
+    parser.add_argument("--run-dir", type=Path, help="where to write this run (default: <output.dir>/<name>-<UTC time>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory (on success only)")
+    parser.add_argument("--allow-outside-cwd", action="store_true",
+                        help="allow a run directory outside the current working directory")
     parser.add_argument("--verbose", action="store_true", help="show INC's own INFO logs (every pruning step)")
     args = parser.parse_args(argv)
     if not args.verbose:
         logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     try:
-        run(load_recipe(args.recipe), args.run_dir)
+        run(load_recipe(args.recipe), args.run_dir, overwrite=args.overwrite, allow_outside_cwd=args.allow_outside_cwd)
     except (RecipeError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,12 +19,25 @@ from .model_sources import source_fingerprint
 CACHE_FORMAT = 1
 
 
+# The data keys of cache format 1; keys added since count only when set, so earlier cache entries stay valid.
+FORMAT_1_DATA_KEYS = ("asset", "max_length", "dev_size", "max_train_samples", "seed")
+
+
+def _data_identity(data: DataSource) -> dict:
+    dumped = data.model_dump(mode="json")
+    identity = {key: value for key, value in dumped.items() if key in FORMAT_1_DATA_KEYS or value is not None}
+    if data.files is not None:  # the content, not just the name, shapes the weights
+        files = [data.files.train] + ([data.files.dev] if data.files.dev is not None else [])
+        identity["files_sha256"] = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]
+    return identity
+
+
 def finetune_key(source: ModelSource, data: DataSource, finetune: FineTune) -> str:
     """Hash of everything the fine-tuned weights depend on: model content, data split, hyper-parameters."""
     identity = {
         "format": CACHE_FORMAT,
         "model": source_fingerprint(source),
-        "data": data.model_dump(mode="json"),
+        "data": _data_identity(data),
         "finetune": finetune.model_dump(mode="json"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

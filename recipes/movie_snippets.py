@@ -17,6 +17,7 @@ NEUTRAL_MARGIN = 0.5
 class Example:
     text: str
     label: int
+    text_pair: str | None = None  # the second sentence of a sentence-pair task
 
 
 def load_examples() -> list[Example]:

@@ -5,6 +5,7 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import inc_plugins
 from inc_plugins.inc.mask_search import STRUCTURE_MASKS_ATTRIBUTE
@@ -18,22 +19,41 @@ from .schema import PruningStage, RecipeError
 from .text_classification import tokenized_batches, train
 
 
+class CalibrationBatches(list):
+    """Calibration batches that show a progress bar whenever a pruner reads through them."""
+
+    def __iter__(self):
+        return iter(tqdm(list.__iter__(self), total=len(self), desc="calibrate", unit="batch", leave=False))
+
+
 def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, train_examples: list[Example],
                       max_length: int) -> dict:
-    """Prunes `model` in place; returns what the report should say about how it was driven.
+    """`prune_with_batches` for text classification: calibration samples are drawn from `train_examples` with the
+    stage's seed."""
+    if inc_plugins.is_one_shot(stage.pruning_type):
+        sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
+        calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
+        return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample))
+    batches = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
+    return prune_with_batches(model, stage, training=batches)
+
+
+def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
+                       n_calibration: int | None = None, training: list | None = None) -> dict:
+    """Prunes `model` in place through `inc_plugins.prepare_pruning`: one-shot types from the `calibration`
+    batches (`n_calibration` samples in all), training-aware ones while training on (cycled) `training` batches
+    for the stage's `training_steps`. Returns what the report should say about how the stage was driven.
 
     `prune_seconds` is the wall time of the pruning call alone (no tokenization, no evaluation)."""
     settings = stage.inc_settings()
     if inc_plugins.is_one_shot(stage.pruning_type):
-        sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
-        calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
         if stage.pruning_type == "mask_search" and "num_samples" not in settings:
             # say the count explicitly, so the Fisher estimate uses exactly the calibration samples drawn
-            settings["num_samples"] = len(sample)
+            settings["num_samples"] = n_calibration
         config = inc_plugins.pruning_config(pruning_configs=[settings])
         start = time.perf_counter()
-        pruning = inc_plugins.prepare_pruning(model, config, dataloader=calibration)
-        report = {"mode": "one-shot", "calibration_samples": len(sample),
+        pruning = inc_plugins.prepare_pruning(model, config, dataloader=CalibrationBatches(calibration))
+        report = {"mode": "one-shot", "calibration_samples": n_calibration,
                   "prune_seconds": round(time.perf_counter() - start, 3)}
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
@@ -45,12 +65,11 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
         )
     config = inc_plugins.pruning_config(pruning_configs=[settings])
     torch.manual_seed(stage.seed)
-    batches = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate)
     start = time.perf_counter()
     pruning = inc_plugins.prepare_pruning(model, config, optimizer=optimizer)
     pruning.on_train_begin()
-    losses = train(model, batches, stage.training_steps, stage.learning_rate, desc=f"prune ({stage.pruning_type})",
+    losses = train(model, training, stage.training_steps, stage.learning_rate, desc=f"prune ({stage.pruning_type})",
                    optimizer=optimizer, after_step=lambda _: pruning.on_step_end())
     pruning.on_train_end()
     inc_plugins.complete_pruning(model, optimizer)

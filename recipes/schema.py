@@ -37,14 +37,77 @@ class ModelSource(_Strict):
         return self
 
 
-class DataSource(_Strict):
-    """The movie-snippet sentiment task: label = mean rating > 0, keeping |rating| >= 0.5."""
+class DataFiles(_Strict):
+    """Local files with one example per row: .csv, .tsv/.txt (tab-separated), .json (a list of objects) or .jsonl,
+    each with a header or keys naming the columns."""
 
-    asset: Literal["movie-snippets"] = "movie-snippets"
+    train: Path
+    # Without a dev file, the dev set is the last dev_size training rows after a seeded shuffle.
+    dev: Path | None = None
+
+
+class HubDataset(_Strict):
+    """A `datasets` hub dataset (needs the optional `hub` extra and network), e.g. name: glue, config: mrpc."""
+
+    name: Annotated[str, Field(min_length=1)]
+    config: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    dev_split: str = "validation"
+
+
+class DataSource(_Strict):
+    """Classification examples: exactly one of `asset` (default: the movie-snippet sentiment task, label = mean
+    rating > 0, keeping |rating| >= 0.5), local `files` or a `hub` dataset. Files and hub datasets name their
+    columns; with `text_pair_column` the task is sentence-pair classification (e.g. MRPC)."""
+
+    asset: Literal["movie-snippets"] | None = None
+    files: DataFiles | None = None
+    hub: HubDataset | None = None
+    text_column: str | None = None  # default "text"
+    text_pair_column: str | None = None
+    label_column: str | None = None  # default "label"; integer labels in [0, model.num_labels)
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
-    dev_size: Annotated[int, Field(ge=1)] = 2000
+    dev_size: Annotated[int, Field(ge=1)] = 2000  # with a dev split: at most this many of its examples
     max_train_samples: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("asset", "files", "hub") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"data takes one of 'asset', 'files' or 'hub'; got {given}")
+        columns = [k for k in ("text_column", "text_pair_column", "label_column") if getattr(self, k) is not None]
+        if self.asset is not None and columns:
+            raise ValueError(f"the {self.asset!r} asset has fixed columns: remove {columns}")
+        if not given:
+            self.asset = "movie-snippets"
+        return self
+
+
+class TextSource(_Strict):
+    """A plain-text corpus: exactly one of an offline `asset` or a UTF-8 `file`."""
+
+    asset: Literal["sotu", "moby-dick"] | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("asset", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a corpus needs exactly one of 'asset' or 'file'; got {given or 'none'}")
+        return self
+
+
+class Corpus(_Strict):
+    """Text for the causal_lm task: random windows of `calibration` calibrate (seeded by each stage's seed), and the
+    first `evaluation_windows` consecutive windows of `evaluation` measure perplexity. Keep the two texts apart."""
+
+    calibration: TextSource = Field(default_factory=lambda: TextSource(asset="sotu"))
+    evaluation: TextSource = Field(default_factory=lambda: TextSource(asset="moby-dick"))
+    calibration_seq_len: Annotated[int, Field(ge=2, le=8192)] = 128
+    evaluation_seq_len: Annotated[int, Field(ge=2, le=8192)] = 512
+    evaluation_windows: Annotated[int, Field(ge=1)] = 8
 
 
 class FineTune(_Strict):
@@ -152,6 +215,24 @@ class PruningStage(_Strict):
             raise ValueError("constraint 'latency' needs latency_table: a table file (python -m inc_plugins.latency_table)")
         return self
 
+    @model_validator(mode="after")
+    def _runnable_by_a_pruner(self):
+        """The pruner name, pattern and sparsity checks of inc_plugins, before any model is loaded."""
+        import inc_plugins  # registers the plugins' types; imported here so that `import recipes.schema` stays light
+        from inc_plugins.inc.layer_selection import compiled
+
+        try:
+            inc_plugins.inc.config_checks.check_pruner_settings(self.inc_settings())
+            compiled(self.op_names, "op_names")  # INC reads them as regular expressions
+            compiled(self.excluded_op_names, "excluded_op_names")
+        except inc_plugins.PruningConfigError as err:
+            raise ValueError(str(err)) from None
+        if not inc_plugins.is_one_shot(self.pruning_type) and self.training_steps < 1:
+            raise ValueError(
+                f"pruning_type {self.pruning_type!r} prunes during training: set training_steps >= 1 in its stage"
+            )
+        return self
+
     def inc_settings(self) -> dict:
         """The keys INC's WeightPruningConfig understands, with INC's defaults for what the recipe left out, plus
         the pruner-specific keys the recipe set."""
@@ -172,6 +253,19 @@ class Evaluation(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 128
 
 
+class Benchmark(_Strict):
+    """Optional last stage: latency of the dense and the pruned model on `benchmarks.backends` backends, timed in
+    alternating rounds in one process so a busy machine slows both alike. Inputs are `batch_size` x `seq_len`
+    random token ids (seeded)."""
+
+    backends: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["eager-fp32"])
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    seq_len: Annotated[int, Field(ge=1, le=8192)] = 128
+    warmup: Annotated[int, Field(ge=0)] = 3
+    rounds: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+
 class Output(_Strict):
     """Runs go to `<dir>/<recipe name>-<UTC time>/`; an existing run directory is never overwritten."""
 
@@ -181,15 +275,32 @@ class Output(_Strict):
 class Recipe(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
+    # text_classification: single sentences or sentence pairs (`data`); causal_lm: perplexity on a `corpus`
+    task: Literal["text_classification", "causal_lm"] = "text_classification"
     model: ModelSource
     data: DataSource = Field(default_factory=DataSource)
+    corpus: Corpus | None = None
     finetune: FineTune | None = None
     pruning: Annotated[list[PruningStage], Field(min_length=1)]
     # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
     # has layers of different sizes and loads with inc_plugins.models.slimming.load_slimmed, not from_pretrained.
     slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    benchmark: Benchmark | None = None
     output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _sections_fit_the_task(self):
+        if self.task == "causal_lm":
+            wrong = [key for key in ("finetune",) if getattr(self, key) is not None]
+            wrong += ["data"] if "data" in self.model_fields_set else []
+            if wrong:
+                raise ValueError(f"task 'causal_lm' reads its text from 'corpus'; remove {wrong}")
+            if self.corpus is None:
+                self.corpus = Corpus()
+        elif self.corpus is not None:
+            raise ValueError(f"'corpus' is for task 'causal_lm'; task {self.task!r} reads 'data'")
+        return self
 
     @model_validator(mode="after")
     def _slim_needs_structured_masks(self):
@@ -233,6 +344,10 @@ def _describe(error: dict) -> str:
 def parse_recipe(data: typing.Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+    from .classic_recipe import is_digits_recipe, parse_digits_recipe  # the digits recipes have their own sections
+
+    if is_digits_recipe(data):
+        return parse_digits_recipe(data, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -255,24 +370,45 @@ def resolve_recipe_path(name: str | Path) -> Path:
     raise RecipeError(f"recipe {str(name)!r} not found (shipped recipes: {available})")
 
 
+def resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Makes the recipe's relative paths relative to `base` (the recipe file's folder), so a recipe means the same
+    wherever it is run from. `output.dir` counts only when the recipe sets it; the default `runs` stays relative to
+    the working directory."""
+
+    def under_base(path):
+        return path if path is None or Path(path).is_absolute() else base / path
+
+    recipe.model.path = under_base(recipe.model.path)
+    if recipe.data.files is not None:
+        recipe.data.files.train = under_base(recipe.data.files.train)
+        recipe.data.files.dev = under_base(recipe.data.files.dev)
+    if recipe.corpus is not None:
+        for text in (recipe.corpus.calibration, recipe.corpus.evaluation):
+            text.file = under_base(text.file)
+    for stage in recipe.pruning:
+        if stage.latency_table is not None:
+            stage.latency_table = str(under_base(stage.latency_table))
+    if "output" in recipe.model_fields_set and "dir" in recipe.output.model_fields_set:
+        recipe.output.dir = under_base(recipe.output.dir)
+    return recipe
+
+
 def load_recipe(name: str | Path) -> Recipe:
+    """Reads (yaml.safe_load: no Python objects), validates, and resolves paths relative to the recipe file."""
     path = resolve_recipe_path(name)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
-    return parse_recipe(data, source=str(path))
+    recipe = parse_recipe(data, source=str(path))
+    # other recipe kinds (e.g. the digits recipes, if parse_recipe hands them on) resolve their own paths
+    return resolve_relative_paths(recipe, path.resolve().parent) if isinstance(recipe, Recipe) else recipe
 
 
 if __name__ == "__main__":
-    # python -m recipes.schema recipes/*.yaml: validate recipes without loading any model
+    # the older spelling of `python -m recipes.validate`
     import sys
 
-    failed = 0
-    for argument in sys.argv[1:]:
-        try:
-            print(f"ok: {load_recipe(argument).name} ({resolve_recipe_path(argument)})")
-        except RecipeError as err:
-            failed += 1
-            print(f"error: {err}", file=sys.stderr)
-    sys.exit(1 if failed else 0)
+    from .validate import main
+
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Batching, training and evaluation for single-sentence classification."""
+"""Batching, training and evaluation for single-sentence and sentence-pair classification."""
 
 import math
 import random
@@ -19,7 +19,9 @@ def tokenized_batches(tokenizer, examples: list[Example], batch_size: int, max_l
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
-        encoded = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=max_length,
+        pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
+        # sentence pairs are truncated longest-first, as GLUE pair tasks are
+        encoded = tokenizer([e.text for e in chunk], pairs, padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
         encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         encoded["labels"] = torch.tensor([e.label for e in chunk])

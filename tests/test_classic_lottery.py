@@ -228,3 +228,19 @@ def test_inc_magnitude_round_equals_the_project_round(scope):
         masks = got
     rounds = functools.partial(inc_magnitude_round, scope=scope)  # the prune_round hook of run_lottery_rounds
     assert remaining_fraction(rounds(layers, masks, 0.0)) == remaining_fraction(masks)
+
+
+def test_inc_magnitude_round_takes_per_layer_rates():
+    model = tiny_cnn()
+    layers = prunable_layers(model, ["features.0.0", "features.1.0", "classifier"])
+    masks = dense_masks(layers)
+    rates = {"classifier": 0.15}  # the paper's half rate for the output layer
+    expected = magnitude_prune_round(layers, masks, 0.3, scope="layer", layer_fractions=rates)
+    got = inc_magnitude_round(layers, masks, 0.3, scope="layer", layer_fractions=rates)
+    for name in layers:
+        assert torch.equal(got[name], expected[name]), name
+    assert int((~got["classifier"]).sum()) == round(0.15 * layers["classifier"].weight.numel())
+    with pytest.raises(ValueError, match="only apply with scope='layer'"):
+        inc_magnitude_round(layers, masks, 0.3, scope="global", layer_fractions=rates)
+    with pytest.raises(ValueError, match="not pruned"):
+        inc_magnitude_round(layers, masks, 0.3, scope="layer", layer_fractions={"nope": 0.1})

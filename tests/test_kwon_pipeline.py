@@ -9,6 +9,7 @@ import torch
 from neural_compressor.compression.pruner.utils import get_sparsity_ratio
 
 import inc_plugins
+from inc_plugins import latency_table
 from inc_plugins.algorithms.mac_cost import model_macs
 from inc_plugins.algorithms.mask_tuning import normal_equations
 from inc_plugins.models.architectures import UnsupportedModelError
@@ -201,6 +202,21 @@ def test_searched_masks_fit_the_flops_budget(target):
     assert kept > (1 - target) * dense - 2 * seq_len * HIDDEN or bool((result.neuron_mask != 0).all())
 
 
+
+
+def test_precomputed_gradients_give_the_same_masks_as_computing_them():
+    model, batches = tiny_llama_lm(), llama_batches()
+    shared = collect_mask_gradients(model, batches)
+    for target in (0.3, 0.6):
+        settings = KwonSettings(target)
+        fresh, reused = prune_post_training(model, batches, settings), prune_post_training(model, batches, settings, gradients=shared)
+        assert torch.equal(fresh.head_mask, reused.head_mask) and torch.equal(fresh.neuron_mask, reused.neuron_mask)
+
+
+def test_precomputed_gradients_of_another_model_are_refused():
+    bert_gradients = collect_mask_gradients(tiny_bert_classifier(), bert_batches())
+    with pytest.raises(ValueError, match=r"head gradients must be \[n_vectors, 2, 2\]"):
+        prune_post_training(tiny_llama_lm(), llama_batches(), KwonSettings(0.3), gradients=bert_gradients)
 # --- mask tuning ---------------------------------------------------------------------------------------------
 
 
@@ -239,6 +255,20 @@ def test_tuning_recovers_known_scales(build, labels):
         first_token_only_last_ffn=False,
     )
     assert result.stopped_at is None and all(entry.accepted for entry in result.log) and len(result.log) == 4
+    torch.testing.assert_close(result.unit_head_mask, head_scales.float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(result.neuron_mask, neuron_scales.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_tuning_recovers_known_scales_around_fully_pruned_llama_sublayers():
+    """A block without FFN neurons (its student output then needs a full pass) and one without attention units."""
+    model, batches = tiny_llama_lm().double(), token_batches(3, 4, 12, labels="lm")
+    structure = mask_structure(model)
+    keep_heads, keep_neurons, head_scales, neuron_scales = known_scale_masks(structure)
+    keep_neurons[0], neuron_scales[0] = 0, 0
+    keep_heads[1], head_scales[1] = 0, 0
+    result = tune_mask_scales(model, keep_heads, keep_neurons, batches, teacher_head_mask=head_scales,
+                              teacher_neuron_mask=neuron_scales, damp=0.0)
+    assert result.stopped_at is None and [(e.layer, e.part) for e in result.log] == [(0, "attention"), (1, "ffn")]
     torch.testing.assert_close(result.unit_head_mask, head_scales.float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(result.neuron_mask, neuron_scales.float(), rtol=1e-3, atol=1e-3)
 
@@ -351,7 +381,6 @@ def test_mask_search_under_a_latency_table():
 
 
 def test_mask_search_on_llama_reads_a_saved_per_query_head_latency_table_per_group(tmp_path):
-    latency_table = pytest.importorskip("inc_plugins.latency_table")
     model, batches = tiny_llama_lm(), llama_batches(2)
     saved = latency_table.save_latency_table(
         latency_table.LatencyTable(
@@ -376,8 +405,6 @@ def test_mask_search_on_llama_reads_a_saved_per_query_head_latency_table_per_gro
 
 
 def test_slim_returns_a_smaller_model_with_the_same_outputs(pruned_bert):
-    # TODO(slimming): runs once inc_plugins/models/slimming.py (another helper's work) exists
-    pytest.importorskip("inc_plugins.models.slimming")
     _, model, pruning, batches = pruned_bert
     pruned = copy.deepcopy(model)
     slimmed = inc_plugins.slim(pruned)
@@ -441,3 +468,13 @@ def test_a_latency_table_from_another_machine_is_refused_unless_allowed():
             tiny_bert_classifier(), bert_batches(1), KwonSettings(0.3, allow_foreign_latency_table=True, **settings)
         )
     assert any("measured elsewhere" in str(w.message) for w in caught)
+
+
+def test_a_latency_table_for_another_architecture_is_refused():
+    table = {"head_latency": torch.linspace(0, 4, N_HEADS + 1), "neuron_latency": torch.linspace(0, 6, N_NEURONS + 1),
+             "machine": current_machine("eager"), "model": {"hidden_size": 384}}
+    with pytest.raises(ValueError, match="measured for hidden_size=384, this model has 32"):
+        prune_post_training(tiny_bert_classifier(), bert_batches(1), KwonSettings(0.3, constraint="latency", latency_table=table))
+    wrong_size = {**table, "model": {}, "neuron_latency": torch.linspace(0, 6, 2 * N_NEURONS + 1)}
+    with pytest.raises(ValueError, match=rf"129 neuron entries; this model needs 5 \(0..4 heads\) and {N_NEURONS + 1}"):
+        prune_post_training(tiny_bert_classifier(), bert_batches(1), KwonSettings(0.3, constraint="latency", latency_table=wrong_size))

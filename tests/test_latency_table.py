@@ -1,6 +1,7 @@
 """Latency lookup tables: shapes, interpolation, files, and the machine check (timings themselves are not asserted)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -48,6 +49,34 @@ def test_bert_table_has_one_entry_per_kept_count(bert_table):
     assert bert_table.model["num_heads"] == 4 and bert_table.model["intermediate_size"] == 64
 
 
+def test_measured_tables_never_fall_as_units_are_added(bert_table):
+    assert bert_table.head_latency == sorted(bert_table.head_latency)
+    assert bert_table.neuron_latency == sorted(bert_table.neuron_latency)
+
+
+def test_nondecreasing_fit_is_the_least_squares_monotone_sequence():
+    assert lt.nondecreasing_fit([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
+    assert lt.nondecreasing_fit([5, 1, 3]) == [3, 3, 3]
+    assert lt.nondecreasing_fit([0, 1, 1, 2]) == [0, 1, 1, 2]
+    # brute force on a grid: no nondecreasing sequence of multiples of 1/4 fits [2, 0, 3, 1] better
+    import itertools
+
+    values = [2, 0, 3, 1]
+    fitted = lt.nondecreasing_fit(values)
+    error = sum((f - v) ** 2 for f, v in zip(fitted, values))
+    grid = [i / 4 for i in range(0, 13)]
+    best = min(sum((c - v) ** 2 for c, v in zip(candidate, values))
+               for candidate in itertools.product(grid, repeat=4) if list(candidate) == sorted(candidate))
+    assert fitted == sorted(fitted) and error == pytest.approx(best)
+
+
+def test_sizes_are_timed_in_rotated_interleaved_rounds():
+    order = []
+    calls = [lambda i=i: order.append(i) for i in range(3)]
+    lt._interleaved_median_seconds(calls, warmup=1, repeats=3)
+    assert order == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1]
+
+
 def test_measuring_leaves_the_model_untouched():
     model = tiny_bert_classifier()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -89,6 +118,15 @@ def test_save_load_round_trip(bert_table, tmp_path):
 
     explicit = lt.save_latency_table(bert_table, tmp_path / "elsewhere" / "table.json")
     assert json.loads(explicit.read_text())["format"] == lt.FORMAT_VERSION
+
+
+def test_saved_tables_get_the_permissions_of_any_new_file(bert_table, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = lt.save_latency_table(bert_table, tmp_path / "table.json")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_load_rejects_files_that_are_not_tables(tmp_path):

@@ -13,6 +13,12 @@ from recipes import apply, finetune_cache
 from recipes.schema import MASK_SEARCH_KEYS, TYPE_SPECIFIC_KEYS, WANDA_KEYS, RecipeError, load_recipe, parse_recipe
 
 
+@pytest.fixture(autouse=True)
+def inside_tmp_path(tmp_path, monkeypatch):
+    """Runs write under the working directory unless told otherwise: work in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def mask_search_recipe(model_dir, out_dir, slim=True, **stage):
     return {
         "name": "tiny-kwon",

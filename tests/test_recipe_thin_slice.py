@@ -11,6 +11,12 @@ from recipes import apply
 from recipes.schema import RecipeError, load_recipe, parse_recipe, resolve_recipe_path
 
 
+@pytest.fixture(autouse=True)
+def inside_tmp_path(tmp_path, monkeypatch):
+    """Runs write under the working directory unless told otherwise: work in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tiny_recipe(model_dir, out_dir, **pruning):
     stage = {"pruning_type": "magnitude", "pattern": "1x1", "target_sparsity": 0.5, "op_names": ["bert.encoder"],
              "training_steps": 2, "batch_size": 16, "pruning_scope": "local", **pruning}
@@ -59,12 +65,9 @@ def test_existing_run_directory_is_never_overwritten(workspace):
     assert (taken / "keep.txt").read_text() == "earlier results"
 
 
-def test_training_aware_stage_without_steps_is_refused(workspace):
-    tmp_path, model_dir = workspace
-    recipe = parse_recipe(tiny_recipe(model_dir, tmp_path / "runs", training_steps=0))
-    with pytest.raises(RecipeError, match="training_steps >= 1"):
-        apply.run(recipe)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+def test_training_aware_stage_without_steps_is_refused_before_loading(tmp_path):
+    with pytest.raises(RecipeError, match=r"'magnitude' prunes during training: set training_steps >= 1"):
+        parse_recipe(tiny_recipe(tmp_path / "no-model-here", tmp_path / "runs", training_steps=0))
 
 
 def test_unknown_key_suggests_the_nearest_one(tmp_path):

@@ -18,6 +18,12 @@ after another. In block l:
 3. Both streams advance through the block (teacher: teacher masks; student: the tuned masks), so block l+1 is fitted
    on the inputs the tuned earlier blocks produce.
 
+Cost: the teacher and the FFN fit run the whole block; the attention fit stops the block once the attention output
+projection's input is recorded (the FFN would be wasted work). In pre-norm blocks the block output is the FFN
+residual plus the FFN output, so the student's next input is computed from the FFN fit's recorded activations with
+the tuned scales (one output-projection matmul) instead of a fourth pass; post-norm blocks end in a LayerNorm and
+run the block again.
+
 Residuals: the attention residual is the block input in every supported family. The FFN residual is the FFN's
 input in post-norm (bert-like) blocks and block input + attention output in pre-norm (llama-like) blocks.
 
@@ -107,6 +113,22 @@ def ffn_normal_equations(activations: Tensor, weight: Tensor, kept: Tensor, targ
     gram = (w.T @ w) * (h.T @ h)
     rhs = ((target.double() @ w) * h).sum(dim=0)
     return gram, rhs
+
+
+class _StopBlock(Exception):
+    """Raised by a hook once a pass has recorded what it needs: the rest of the block need not run."""
+
+
+@contextmanager
+def _stopping_after(module: nn.Module):
+    def stop(_module: nn.Module, _args: tuple, _output: Any) -> None:
+        raise _StopBlock
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -219,8 +241,11 @@ def tune_mask_scales(
                     bias = attention_out.bias.detach() if attention_out.bias is not None else 0.0
                     gram = rhs = 0
                     for block_input, target, mask in zip(student_inputs, attention_targets, tokens):
-                        with _recording(attention_out, "input") as context:
-                            _run(block, block_input)
+                        with _recording(attention_out, "input") as context, _stopping_after(attention_out):
+                            try:
+                                _run(block, block_input)
+                            except _StopBlock:
+                                pass
                         residual = block_input.hidden_states
                         batch_gram, batch_rhs = head_normal_equations(
                             _rows(context[0], mask), weight, kept_units, _rows(target - bias - residual, mask), unit_width
@@ -234,6 +259,8 @@ def tune_mask_scales(
                     head[layer, kept_units] *= solution.scales.to(device, torch.float32)
 
                 kept_neurons = neuron[layer].nonzero().flatten()
+                # pre-norm: (FFN output-projection input, FFN residual) per batch, to advance the student without a pass
+                ffn_pass: list[tuple[Tensor, Tensor]] | None = [] if structure.pre_norm and not last else None
                 if kept_neurons.numel():
                     weight = ffn_out.weight.detach()
                     bias = ffn_out.bias.detach() if ffn_out.bias is not None else 0.0
@@ -243,6 +270,8 @@ def tune_mask_scales(
                                 _recording(ffn_in, "input") as ffn_input:
                             _run(block, block_input)
                         residual = block_input.hidden_states + attn[0] if structure.pre_norm else ffn_input[0]
+                        if ffn_pass is not None:
+                            ffn_pass.append((activations[0], residual))
                         fitted = _first_tokens(mask) if last and first_token_only else mask
                         batch_gram, batch_rhs = ffn_normal_equations(
                             _rows(activations[0], fitted), weight, kept_neurons, _rows(target - bias - residual, fitted)
@@ -255,7 +284,15 @@ def tune_mask_scales(
                         break
                     neuron[layer, kept_neurons] *= solution.scales.to(device, torch.float32)
 
-                if not last:
+                if not last and ffn_pass:
+                    # the recorded activations carry the old scales; the fit multiplied them by solution.scales
+                    change = torch.ones(structure.n_neurons, device=device)
+                    change[kept_neurons] = solution.scales.to(device, torch.float32)
+                    for block_input, (activations, residual) in zip(student_inputs, ffn_pass):
+                        block_input.hidden_states = residual + nn.functional.linear(
+                            activations * change, ffn_out.weight, ffn_out.bias
+                        )
+                elif not last:
                     for block_input in student_inputs:
                         block_input.hidden_states = _run(block, block_input)
     finally:

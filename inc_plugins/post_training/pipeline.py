@@ -145,16 +145,31 @@ def _latency_table(settings: KwonSettings):
     return table
 
 
+def _check_gradients(gradients: MaskGradients, structure: MaskStructure, settings: KwonSettings) -> None:
+    expected = {"head": (structure.n_layers, structure.n_head_units), "neuron": (structure.n_layers, structure.n_neurons)}
+    for name, shape in expected.items():
+        tensor = getattr(gradients, name)
+        if tensor.dim() != 3 or tuple(tensor.shape[1:]) != shape:
+            raise ValueError(f"precomputed {name} gradients must be [n_vectors, {shape[0]}, {shape[1]}] for this model, "
+                             f"got {list(tensor.shape)}")
+    if gradients.per_sample != settings.per_sample_fisher:
+        raise ValueError(f"precomputed gradients have per_sample={gradients.per_sample}, the settings ask for "
+                         f"per_sample_fisher={settings.per_sample_fisher}")
+
+
 def prune_post_training(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     settings: KwonSettings,
     loss_func=None,
+    gradients: MaskGradients | None = None,
 ) -> KwonResult:
     """Run Fisher -> search -> rearrange -> tune on ``model`` (weights untouched) and return the masks.
 
     ``batches``: labelled dict batches (``labels`` for ``outputs.loss``), or any dict batches with
-    ``loss_func(outputs, batch) -> scalar``. Raises UnsupportedModelError for families without head/neuron masks,
+    ``loss_func(outputs, batch) -> scalar``. ``gradients``: mask gradients that ``collect_mask_gradients`` already
+    computed on these same samples (they depend on neither the target nor the other switches, so one pass can serve
+    several searches); None computes them here. Raises UnsupportedModelError for families without head/neuron masks,
     ValueError for batches without labels, a target that cannot be met, or a bad latency table
     (``LatencyTableMismatchError`` when it comes from another machine).
     """
@@ -171,7 +186,10 @@ def prune_post_training(
         seq_len = settings.seq_len
         budget, dense = latency_budget(structure, table, settings.target_sparsity)
 
-    gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure)
+    if gradients is None:
+        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure)
+    else:
+        _check_gradients(gradients, structure, settings)
     head_importance, neuron_importance = diagonal_fisher(gradients.head), diagonal_fisher(gradients.neuron)
     if settings.constraint == "flops":
         unit_keep, neuron_keep = search_masks_under_flops(structure, head_importance, neuron_importance, budget, costs)

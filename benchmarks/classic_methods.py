@@ -1,0 +1,621 @@
+"""The classic pruning methods on real data: scikit-learn's digits (8x8 images) and the MiniLM sentiment task.
+
+    python -m benchmarks.classic_methods slimming          # network slimming (Liu et al. 2017) + latency
+    python -m benchmarks.classic_methods trimming          # network trimming (Hu et al. 2016), MLP and CNN
+    python -m benchmarks.classic_methods lottery           # lottery tickets (Frankle and Carbin 2019)
+    python -m benchmarks.classic_methods particle_filter   # particle-filter structured pruning (Anwar et al. 2017)
+    python -m benchmarks.classic_methods minilm_trimming   # trimming of MiniLM's GELU FFN (an extension)
+    python -m benchmarks.classic_methods all --quick       # a smoke run of every step, tiny settings
+
+Every pruning decision goes through INC (``inc_plugins.prepare_pruning`` with a ``WeightPruningConfig``, INC's
+training callbacks for the L1 sparsity training, INC's ``magnitude`` pruner for the lottery rounds); the procedures
+are in ``recipes/classic_stages.py``. Digits: one stratified split (seed 0: 1,079 train / 359 validation / 359
+test images); the validation images feed APoZ and the particle filter's misclassification rate, test accuracy is
+reported. Each digits method runs over ``--seeds`` (model initialisation and training order) and reports the mean
+and the range, because one test image is 0.28 points.
+
+Writes benchmarks/results/classic_<method>.{json,md,png} (``--quick``: classic_<method>_quick.*, so a smoke run
+never overwrites a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path("benchmarks/results")
+METHODS = ("slimming", "trimming", "lottery", "particle_filter", "minilm_trimming")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def machine() -> dict:
+    from recipes.report import environment
+
+    info = environment()
+    try:
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                                 if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu_model"] = platform.processor() or platform.machine()
+    info["cores"] = os.cpu_count()
+    info["load_average_at_start"] = os.getloadavg()
+    info["note"] = "shared 2-core machine: other jobs ran at the same time (load average above)"
+    return info
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def fmt(entry: dict, digits: int = 4) -> str:
+    """mean [min, max] of a spread, or a single value."""
+    if entry["min"] == entry["max"]:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_results(name: str, results: dict, markdown: str, plot_fn, quick: bool) -> None:
+    from recipes.atomic import write_json, write_text
+
+    stem = f"classic_{name}{'_quick' if quick else ''}"
+    write_json(RESULTS_DIR / f"{stem}.json", results)
+    write_text(RESULTS_DIR / f"{stem}.md", markdown)
+    png = RESULTS_DIR / f"{stem}.png"
+    staging = png.with_name(f".{png.name}.tmp.png")
+    plot_fn(results, staging)
+    os.replace(staging, png)
+    print(f"wrote {RESULTS_DIR / stem}.{{json,md,png}}")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def header(title: str, results: dict, command: str) -> list[str]:
+    m = results["machine"]
+    metric = ("" if results["method"] == "minilm_trimming" else
+              " Test accuracy on 359 digits images: mean [min, max] over seeds.")
+    return [f"# {title}", "", f"`{command}` ({results['seconds']:.0f} s). Seeds {results['seeds']}. Machine: "
+            f"{m['cores']} cores ({m['cpu_model']}), torch {m['torch']}, INC {m['neural_compressor']}, load average "
+            f"{m['load_average_at_start'][0]:.2f} at start (shared machine).{metric}", ""]
+
+
+# ------------------------------------------------------------------------------------------------ network slimming
+
+
+def run_slimming(seeds: list[int], quick: bool) -> dict:
+    from recipes import classic_stages as cs
+    from recipes.digits import load_digits_split
+    from recipes.vision_models import build_digits_model, macs_per_image
+
+    split = load_digits_split(0, 0.2, 0.2)
+    l1 = 1e-2
+    train = cs.TrainSettings(epochs=2 if quick else 20, batch_size=32, learning_rate=0.1, weight_decay=1e-4,
+                             optimizer="sgd")
+    finetune = replace(train, epochs=1 if quick else 10, learning_rate=0.05)
+    fractions = [0.5] if quick else [0.3, 0.5, 0.6, 0.7, 0.8]
+    scopes = ("global", "local")
+    runs, latency_models = [], {}
+    latency_scope = "local"  # speed depends only on the widths; local gives every seed the same ones
+    for seed in seeds:
+        plain = build_digits_model("digits_cnn", seed=seed)
+        cs.sparsity_train(plain, split, replace(train, seed=seed), 0.0)
+        model = build_digits_model("digits_cnn", seed=seed)
+        cs.sparsity_train(model, split, replace(train, seed=seed), l1)
+        run = {"seed": seed, "dense_plain_accuracy": cs.accuracy_on_test(plain, split),
+               "dense_sparsity_trained_accuracy": cs.accuracy_on_test(model, split),
+               "bn_scales": cs.bn_scale_summary(model), "pruned": []}
+        print(f"seed {seed}: dense {run['dense_plain_accuracy']:.4f}, L1-trained "
+              f"{run['dense_sparsity_trained_accuracy']:.4f}, scales {run['bn_scales']}", flush=True)
+        for scope in scopes:
+            for fraction in fractions:
+                result = cs.slim_by_bn_scales(model, fraction, split, scope)
+                slimmed = result.slimmed
+                pruned_accuracy = cs.accuracy_on_test(slimmed, split)
+                cs.train_digits(slimmed, split, replace(finetune, seed=seed + 100))
+                row = {"scope": scope, "fraction": fraction, "widths": slimmed.widths(),
+                       "channels_remaining": sum(slimmed.widths()) / sum(model.widths()),
+                       "parameters": sum(p.numel() for p in slimmed.parameters()),
+                       "macs_per_image": macs_per_image(slimmed), "accuracy_pruned": pruned_accuracy,
+                       "accuracy_finetuned": cs.accuracy_on_test(slimmed, split),
+                       "max_abs_logit_difference_slimmed_vs_masked": result.max_abs_difference}
+                run["pruned"].append(row)
+                print(f"  {scope} {fraction}: widths {row['widths']} pruned {pruned_accuracy:.4f} fine-tuned "
+                      f"{row['accuracy_finetuned']:.4f} (slim vs mask {result.max_abs_difference:.1e})", flush=True)
+                if seed == seeds[0] and scope == latency_scope:
+                    latency_models[str(fraction)] = slimmed
+        run["dense_parameters"] = sum(p.numel() for p in model.parameters())
+        run["dense_macs_per_image"] = macs_per_image(model)
+        run["dense_widths"] = model.widths()
+        if seed == seeds[0]:
+            latency_models = {"dense": model, **latency_models}
+        runs.append(run)
+
+    # one thread: on this shared 2-core machine a second thread mostly measures the other jobs
+    batch = split.test_images.repeat(1 + 256 // len(split.test_labels), 1, 1, 1)[:256]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    timed = cs.interleaved_latency(latency_models, batch, repeats=5 if quick else 40)
+    torch.set_num_threads(threads)
+    dense = timed["dense"]["median_s"]
+    latency = {name: {**t, "speedup_vs_dense": dense / t["median_s"]} for name, t in timed.items()}
+    return {"settings": {"l1": l1, "train": asdict(train), "finetune": asdict(finetune), "fractions": fractions,
+                         "scopes": list(scopes), "latency_batch": 256, "latency_threads": 1,
+                         "latency_models": f"seed {seeds[0]}, {latency_scope} scope, fine-tuned"},
+            "runs": runs, "latency": latency}
+
+
+def _aggregate_slimming(results: dict) -> list[dict]:
+    rows = []
+    for scope in results["settings"]["scopes"]:
+        for fraction in results["settings"]["fractions"]:
+            cells = [row for run in results["runs"] for row in run["pruned"]
+                     if row["scope"] == scope and row["fraction"] == fraction]
+            rows.append({"scope": scope, "fraction": fraction,
+                         "channels_remaining": spread([c["channels_remaining"] for c in cells]),
+                         "widths": [c["widths"] for c in cells],
+                         "parameters": spread([c["parameters"] for c in cells]),
+                         "macs": spread([c["macs_per_image"] for c in cells]),
+                         "accuracy_pruned": spread([c["accuracy_pruned"] for c in cells]),
+                         "accuracy_finetuned": spread([c["accuracy_finetuned"] for c in cells]),
+                         "max_diff": max(c["max_abs_logit_difference_slimmed_vs_masked"] for c in cells)})
+    return rows
+
+
+def slimming_markdown(results: dict, command: str) -> str:
+    runs = results["runs"]
+    dense_params, dense_macs = runs[0]["dense_parameters"], runs[0]["dense_macs_per_image"]
+    lines = header("Network slimming (Liu et al. 2017) on digits", results, command)
+    lines += [f"CNN widths {runs[0]['dense_widths']} (conv3x3-BN-ReLU x3, {dense_params:,} parameters, "
+              f"{dense_macs:,} MACs per image). Sparsity training: SGD with L1 = {results['settings']['l1']} on the BN "
+              f"scales through INC's `bn_l1` regularizer; INC `network_slimming` prunes, `slim()` removes the channels, "
+              f"then {results['settings']['finetune']['epochs']} epochs of fine-tuning.", "",
+              f"Dense accuracy, plain training: {fmt(spread([r['dense_plain_accuracy'] for r in runs]))}; with the L1 "
+              f"sparsity training: {fmt(spread([r['dense_sparsity_trained_accuracy'] for r in runs]))}.", "",
+              "| scope | channels pruned | channels remaining | widths (per seed) | parameters | MACs/image "
+              "| accuracy pruned | accuracy fine-tuned |", "|---|---|---|---|---|---|---|---|"]
+    for row in _aggregate_slimming(results):
+        lines.append(f"| {row['scope']} | {pct(row['fraction'])} | {pct(row['channels_remaining']['mean'])} "
+                     f"| {' '.join(str(w) for w in row['widths'])} | {row['parameters']['mean'] / dense_params:.0%} "
+                     f"| {row['macs']['mean'] / dense_macs:.0%} | {fmt(row['accuracy_pruned'])} "
+                     f"| {fmt(row['accuracy_finetuned'])} |")
+    max_diff = max(row["max_diff"] for row in _aggregate_slimming(results))
+    lines += ["", f"Slimmed vs masked logits on the test images: max abs difference {max_diff:.1e} (the slimmed "
+              f"network computes what the masked one does).", "",
+              f"Latency, batch {results['settings']['latency_batch']} images, eager fp32, 1 thread, median [quartiles] "
+              f"of {next(iter(results['latency'].values()))['repeats']} repeats, every model once in turn per repeat "
+              f"({results['settings']['latency_models']}):", "",
+              "| model | widths | MACs/image | latency | speedup | ideal (MACs ratio) |", "|---|---|---|---|---|---|"]
+    scope = results["settings"]["latency_models"].split(", ")[1].split()[0]
+    sizes = {str(row["fraction"]): row for row in runs[0]["pruned"] if row["scope"] == scope}
+    sizes["dense"] = {"macs_per_image": dense_macs, "widths": runs[0]["dense_widths"]}
+    for name, timing in results["latency"].items():
+        label = "dense (unslimmed)" if name == "dense" else f"slimmed, {pct(float(name))} pruned"
+        macs = sizes[name]["macs_per_image"]
+        lines.append(f"| {label} | {sizes[name]['widths']} | {macs:,} | {1e3 * timing['median_s']:.2f} ms "
+                     f"[{1e3 * timing['q1_s']:.2f}, {1e3 * timing['q3_s']:.2f}] | {timing['speedup_vs_dense']:.2f}x "
+                     f"| {dense_macs / macs:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def slimming_plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scope, marker in (("global", "o"), ("local", "s")):
+        rows = [r for r in _aggregate_slimming(results) if r["scope"] == scope]
+        x = [r["channels_remaining"]["mean"] for r in rows]
+        ax.plot(x, [r["accuracy_finetuned"]["mean"] for r in rows], marker=marker, label=f"{scope}, fine-tuned")
+        ax.plot(x, [r["accuracy_pruned"]["mean"] for r in rows], marker=marker, linestyle=":",
+                label=f"{scope}, before fine-tuning")
+    dense = statistics.fmean(r["dense_plain_accuracy"] for r in results["runs"])
+    ax.axhline(dense, color="grey", linestyle="--", label="dense")
+    ax.set(xlabel="channels remaining", ylabel="test accuracy", title="Network slimming, digits CNN", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ network trimming
+
+
+def run_trimming(seeds: list[int], quick: bool) -> dict:
+    from recipes import classic_stages as cs
+    from recipes.digits import load_digits_split
+    from recipes.vision_models import build_digits_model, macs_per_image
+
+    split = load_digits_split(0, 0.2, 0.2)
+    settings = {
+        "digits_mlp": (cs.TrainSettings(epochs=2 if quick else 30, learning_rate=1e-3),
+                       cs.TrainSettings(epochs=1 if quick else 10, learning_rate=5e-4)),
+        "digits_cnn": (cs.TrainSettings(epochs=2 if quick else 15, learning_rate=2e-3),
+                       cs.TrainSettings(epochs=1 if quick else 4, learning_rate=1e-3)),
+    }
+    fraction, iterations = 0.3, 2 if quick else 6
+    runs, latency = [], {}
+    batch = split.test_images.repeat(1 + 256 // len(split.test_labels), 1, 1, 1)[:256]
+    for architecture, (train, finetune) in settings.items():
+        for seed in seeds:
+            dense = build_digits_model(architecture, seed=seed)
+            cs.train_digits(dense, split, replace(train, seed=seed))
+            run = {"architecture": architecture, "seed": seed, "dense_widths": dense.widths(),
+                   "dense_accuracy": cs.accuracy_on_test(dense, split),
+                   "dense_parameters": sum(p.numel() for p in dense.parameters())}
+            for control in ("apoz", "random"):
+                steps, final = cs.iterative_trimming(dense, split, fraction, iterations,
+                                                     replace(finetune, seed=seed + 10), control=control)
+                run[control] = [asdict(step) for step in steps]
+                if seed == seeds[0] and control == "apoz":  # the trimmed network is physically smaller: time it
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    timed = cs.interleaved_latency({"dense": dense, "trimmed": final}, batch,
+                                                   repeats=5 if quick else 40)
+                    torch.set_num_threads(threads)
+                    latency[architecture] = {"dense": timed["dense"], "trimmed": timed["trimmed"],
+                                             "widths": final.widths(), "macs_ratio": macs_per_image(dense) /
+                                             macs_per_image(final),
+                                             "speedup": timed["dense"]["median_s"] / timed["trimmed"]["median_s"]}
+                print(f"{architecture} seed {seed} {control}: " + ", ".join(
+                    f"{s.widths} {s.accuracy_pruned:.3f}->{s.accuracy_finetuned:.3f}" for s in steps), flush=True)
+            runs.append(run)
+    return {"settings": {"fraction_per_iteration": fraction, "iterations": iterations,
+                         "train": {k: asdict(v[0]) for k, v in settings.items()},
+                         "finetune": {k: asdict(v[1]) for k, v in settings.items()}},
+            "runs": runs, "latency": latency}
+
+
+def _trimming_rows(results: dict, architecture: str) -> list[dict]:
+    runs = [r for r in results["runs"] if r["architecture"] == architecture]
+    rows = []
+    for i in range(results["settings"]["iterations"]):
+        row = {"iteration": i + 1, "widths": runs[0]["apoz"][i]["widths"],
+               "remaining": runs[0]["apoz"][i]["remaining_fraction"],
+               "parameters": runs[0]["apoz"][i]["parameters"] / runs[0]["dense_parameters"]}
+        for control in ("apoz", "random"):
+            row[f"{control}_pruned"] = spread([r[control][i]["accuracy_pruned"] for r in runs])
+            row[f"{control}_finetuned"] = spread([r[control][i]["accuracy_finetuned"] for r in runs])
+        apoz = [r["apoz"][i]["mean_apoz_pruned"] for r in runs if r["apoz"][i]["mean_apoz_pruned"] is not None]
+        row["mean_apoz_pruned"] = statistics.fmean(apoz) if apoz else None
+        rows.append(row)
+    return rows
+
+
+def trimming_markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    lines = header("Network trimming (Hu et al. 2016) on digits", results, command)
+    lines += [f"Each iteration: INC `network_trimming` measures APoZ (fraction of zero ReLU outputs) on the 359 "
+              f"validation images and prunes {pct(s['fraction_per_iteration'])} of the remaining channels/neurons of "
+              f"every hidden layer (the highest APoZ), they are removed physically, and the smaller network is "
+              f"fine-tuned from its surviving weights. Control: the same counts chosen at random, same fine-tuning.", ""]
+    for architecture in ("digits_mlp", "digits_cnn"):
+        runs = [r for r in results["runs"] if r["architecture"] == architecture]
+        lines += [f"## {architecture} (widths {runs[0]['dense_widths']}), dense accuracy "
+                  f"{fmt(spread([r['dense_accuracy'] for r in runs]))}", "",
+                  "| iteration | widths | channels remaining | parameters | mean APoZ of pruned | APoZ: pruned "
+                  "| APoZ: fine-tuned | random: pruned | random: fine-tuned |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in _trimming_rows(results, architecture):
+            apoz = "" if row["mean_apoz_pruned"] is None else f"{row['mean_apoz_pruned']:.3f}"
+            lines.append(f"| {row['iteration']} | {row['widths']} | {pct(row['remaining'])} | {row['parameters']:.0%} "
+                         f"| {apoz} | {fmt(row['apoz_pruned'])} | {fmt(row['apoz_finetuned'])} "
+                         f"| {fmt(row['random_pruned'])} | {fmt(row['random_finetuned'])} |")
+        lines.append("")
+    lines += [f"Latency of the final trimmed networks (seed {results['seeds'][0]}) against the dense ones, batch 256, "
+              f"eager fp32, 1 thread, median of {next(iter(results['latency'].values()))['dense']['repeats']} "
+              f"interleaved repeats:", "", "| network | trimmed widths | dense | trimmed | speedup | ideal (MACs ratio) |",
+              "|---|---|---|---|---|---|"]
+    for architecture, t in results["latency"].items():
+        lines.append(f"| {architecture} | {t['widths']} | {1e3 * t['dense']['median_s']:.2f} ms "
+                     f"| {1e3 * t['trimmed']['median_s']:.2f} ms | {t['speedup']:.2f}x | {t['macs_ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def trimming_plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, architecture in zip(axes, ("digits_mlp", "digits_cnn")):
+        rows = _trimming_rows(results, architecture)
+        x = [r["remaining"] for r in rows]
+        for control, color in (("apoz", "C0"), ("random", "C1")):
+            ax.plot(x, [r[f"{control}_finetuned"]["mean"] for r in rows], marker="o", color=color,
+                    label=f"{control}, fine-tuned")
+            ax.plot(x, [r[f"{control}_pruned"]["mean"] for r in rows], marker="o", color=color, linestyle=":",
+                    label=f"{control}, before fine-tuning")
+        ax.set(xlabel="hidden channels/neurons remaining", ylabel="test accuracy", title=f"trimming, {architecture}",
+               ylim=(0, 1.02))
+        ax.invert_xaxis()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ lottery tickets
+
+
+def run_lottery(seeds: list[int], quick: bool) -> dict:
+    from recipes import classic_stages as cs
+    from recipes.digits import load_digits_split
+
+    split = load_digits_split(0, 0.2, 0.2)
+    train = cs.TrainSettings(epochs=2 if quick else 30, batch_size=64, learning_rate=1.2e-3)
+    rounds, fraction = (2 if quick else 15), 0.2
+    rewinds = ("init", "step:34")  # step 34 = two epochs of 17 batches
+    runs = []
+    for rewind in rewinds:
+        for seed in seeds:
+            start = time.perf_counter()
+            result = cs.lottery_tickets("digits_mlp", split, replace(train, seed=0), rounds, fraction,
+                                        rewind_to=rewind, seed=seed, scope="layer", output_layer_rate=fraction / 2)
+            runs.append({"rewind_to": rewind, "seed": seed, "seconds": time.perf_counter() - start,
+                         "rounds": [{"round": r.round, "remaining_fraction": r.remaining_fraction,
+                                     "ticket_accuracy": r.ticket_accuracy, "random_accuracy": r.random_accuracy}
+                                    for r in result]})
+            print(f"rewind {rewind} seed {seed}: " + ", ".join(
+                f"{r.remaining_fraction:.3f}:{r.ticket_accuracy:.3f}/{r.random_accuracy}" for r in result), flush=True)
+    return {"settings": {"architecture": "digits_mlp (64-300-100-10, LeNet-300-100 with 64 inputs)",
+                         "train": asdict(train), "rounds": rounds, "prune_fraction": fraction,
+                         "output_layer_rate": fraction / 2, "scope": "layer", "rewinds": list(rewinds)},
+            "runs": runs}
+
+
+def _lottery_rows(results: dict, rewind: str) -> list[dict]:
+    runs = [r for r in results["runs"] if r["rewind_to"] == rewind]
+    rows = []
+    for i in range(results["settings"]["rounds"] + 1):
+        rows.append({"round": i, "remaining": runs[0]["rounds"][i]["remaining_fraction"],
+                     "ticket": spread([r["rounds"][i]["ticket_accuracy"] for r in runs]),
+                     "random": None if i == 0 else spread([r["rounds"][i]["random_accuracy"] for r in runs])})
+    return rows
+
+
+def lottery_markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    lines = header("Lottery tickets (Frankle and Carbin 2019) on digits", results, command)
+    lines += [f"{s['architecture']}, Adam lr {s['train']['learning_rate']}, {s['train']['epochs']} epochs per "
+              f"training. Each round INC's `magnitude` pruner removes {pct(s['prune_fraction'])} of the remaining "
+              f"weights of each layer ({pct(s['output_layer_rate'])} of the output layer, as the paper does), the "
+              f"survivors are rewound and retrained (the winning ticket); the control re-initialises the same mask "
+              f"randomly and trains it the same way, in the same run.", ""]
+    for rewind in s["rewinds"]:
+        label = "the initial weights" if rewind == "init" else f"the weights after {rewind.split(':')[1]} steps"
+        lines += [f"## Rewinding to {label} (`rewind_to: {rewind}`)", "",
+                  "| round | weights remaining | winning ticket | random re-init | ticket - random |",
+                  "|---|---|---|---|---|"]
+        for row in _lottery_rows(results, rewind):
+            random = "" if row["random"] is None else fmt(row["random"])
+            gap = "" if row["random"] is None else f"{100 * (row['ticket']['mean'] - row['random']['mean']):+.1f} pts"
+            lines.append(f"| {row['round']} | {pct(row['remaining'])} | {fmt(row['ticket'])} | {random} | {gap} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def lottery_plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rewind, color in zip(results["settings"]["rewinds"], ("C0", "C2")):
+        rows = _lottery_rows(results, rewind)
+        x = [r["remaining"] for r in rows]
+        ax.plot(x, [r["ticket"]["mean"] for r in rows], marker="o", color=color, label=f"ticket, rewind {rewind}")
+        ax.plot(x[1:], [r["random"]["mean"] for r in rows[1:]], marker="x", color=color, linestyle=":",
+                label=f"random re-init ({rewind} masks)")
+    ax.set(xscale="log", xlabel="weights remaining", ylabel="test accuracy", title="Lottery tickets, digits MLP")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ particle filter
+
+
+def run_particle_filter(seeds: list[int], quick: bool) -> dict:
+    from recipes import classic_stages as cs
+    from recipes.digits import load_digits_split
+    from recipes.vision_models import build_digits_model
+
+    split = load_digits_split(0, 0.2, 0.2)
+    train = cs.TrainSettings(epochs=2 if quick else 15, learning_rate=2e-3)
+    retrain = cs.TrainSettings(epochs=1 if quick else 4, learning_rate=1e-3)
+    search = {"num_particles": 4 if quick else 16, "iterations": 1 if quick else 6}
+    grid = [("channel", 0.5)] if quick else [("channel", 0.5), ("channel", 0.75), ("kernel", 0.5), ("kernel", 0.75),
+                                             ("intra_kernel", 0.25), ("intra_kernel", 0.5)]
+    runs = []
+    for seed in seeds:
+        dense = build_digits_model("digits_cnn", seed=seed)
+        cs.train_digits(dense, split, replace(train, seed=seed))
+        run = {"seed": seed, "dense_accuracy": cs.accuracy_on_test(dense, split), "settings": []}
+        for granularity, sparsity in grid:
+            row = {"granularity": granularity, "target_sparsity": sparsity}
+            pf = cs.particle_filter_pruning(dense, split, granularity, sparsity, replace(retrain, seed=seed + 10),
+                                            seed=seed, **search)
+            rnd = cs.random_pattern_pruning(dense, split, granularity, sparsity, replace(retrain, seed=seed + 10),
+                                            seed=seed)
+            for name, outcome in (("particle_filter", pf), ("random", rnd)):
+                row[name] = {"sparsity": outcome.sparsity, "accuracy_pruned": outcome.accuracy_pruned,
+                             "accuracy_retrained": outcome.accuracy_retrained, "search_seconds": outcome.search_seconds,
+                             "evaluations": outcome.evaluations}
+            run["settings"].append(row)
+            print(f"seed {seed} {granularity} {sparsity}: PF {pf.accuracy_pruned:.3f}->{pf.accuracy_retrained:.3f} "
+                  f"random {rnd.accuracy_pruned:.3f}->{rnd.accuracy_retrained:.3f} ({pf.search_seconds:.1f} s, "
+                  f"{pf.evaluations} evaluations)", flush=True)
+        runs.append(run)
+    return {"settings": {"train": asdict(train), "retrain": asdict(retrain), "search": search,
+                         "grid": grid, "layers": "features.1.0 and features.3.0 (the first conv stays dense)",
+                         "stride": 2, "weighting": "linear (1 - MCR)", "mcr_on": "359 validation images"},
+            "runs": runs}
+
+
+def _pf_rows(results: dict) -> list[dict]:
+    rows = []
+    for i, (granularity, sparsity) in enumerate(results["settings"]["grid"]):
+        cells = [run["settings"][i] for run in results["runs"]]
+        row = {"granularity": granularity, "target": sparsity,
+               "sparsity": statistics.fmean(c["particle_filter"]["sparsity"] for c in cells),
+               "search_seconds": statistics.fmean(c["particle_filter"]["search_seconds"] for c in cells),
+               "evaluations": statistics.fmean(c["particle_filter"]["evaluations"] for c in cells)}
+        for name in ("particle_filter", "random"):
+            row[f"{name}_pruned"] = spread([c[name]["accuracy_pruned"] for c in cells])
+            row[f"{name}_retrained"] = spread([c[name]["accuracy_retrained"] for c in cells])
+        rows.append(row)
+    return rows
+
+
+def pf_markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    lines = header("Particle-filter structured pruning (Anwar et al. 2017) on digits", results, command)
+    lines += [f"Digits CNN (widths 32, 64, 128), trained {s['train']['epochs']} epochs; dense accuracy "
+              f"{fmt(spread([r['dense_accuracy'] for r in results['runs']]))}. INC `particle_filter` prunes "
+              f"{s['layers']} one layer at a time: {s['search']['num_particles']} particles, "
+              f"{s['search']['iterations']} iterations, weights {s['weighting']} on the {s['mcr_on']}, stride "
+              f"{s['stride']} for intra-kernel patterns; then {s['retrain']['epochs']} epochs of retraining with the "
+              f"pattern held (channel patterns removed physically). Control: a random pattern of the same kind and "
+              f"size, same retraining.", "",
+              "| granularity | target | weight sparsity | PF: pruned | PF: retrained | random: pruned "
+              "| random: retrained | search time |", "|---|---|---|---|---|---|---|---|"]
+    for row in _pf_rows(results):
+        lines.append(f"| {row['granularity']} | {pct(row['target'])} | {pct(row['sparsity'])} "
+                     f"| {fmt(row['particle_filter_pruned'])} | {fmt(row['particle_filter_retrained'])} "
+                     f"| {fmt(row['random_pruned'])} | {fmt(row['random_retrained'])} "
+                     f"| {row['search_seconds']:.1f} s ({row['evaluations']:.0f} evaluations) |")
+    return "\n".join(lines) + "\n"
+
+
+def pf_plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    rows = _pf_rows(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['granularity']}\n{pct(r['sparsity'])}" for r in rows]
+    x = range(len(rows))
+    width = 0.2
+    for offset, (key, label) in enumerate((("particle_filter_pruned", "PF, pruned"),
+                                           ("random_pruned", "random, pruned"),
+                                           ("particle_filter_retrained", "PF, retrained"),
+                                           ("random_retrained", "random, retrained"))):
+        ax.bar([i + (offset - 1.5) * width for i in x], [r[key]["mean"] for r in rows], width, label=label)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set(ylabel="test accuracy", title="Particle-filter structured pruning, digits CNN", ylim=(0, 1.05))
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ MiniLM trimming (GELU)
+
+
+def run_minilm_trimming(quick: bool) -> dict:
+    from recipes.minilm_trimming import trimming_on_minilm
+
+    # no fine-tuning: on the shared 2-core machine a MiniLM training step took 12 s at load average 13
+    return trimming_on_minilm(fractions=[0.3] if quick else [0.3, 0.5], finetune_steps=5 if quick else 0,
+                              calibration_samples=32 if quick else 256, dev_size=64 if quick else 1000,
+                              threshold=0.05, quick=quick)
+
+
+def minilm_lines(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [f"## Transformer variant: MiniLM-L6 FFN neurons (GELU, APoZ threshold {s['threshold']}: an extension "
+             f"of the paper)", "",
+             f"The fine-tuned MiniLM sentiment classifier (the `make demo` model); APoZ counts |GELU output| <= "
+             f"{s['threshold']} as zero, over the real tokens of {s['calibration_samples']} training sentences. INC "
+             f"`network_trimming` prunes the FFN neurons (`intermediate.dense` rows) with the highest APoZ in every "
+             f"layer; then {s['finetune_steps']} fine-tuning steps (batch {s['batch_size']}, lr {s['learning_rate']}) "
+             f"with the pruned neurons held at zero (0: none). Control: the same count of random neurons. Dev accuracy on "
+             f"{result['dev_examples']} examples; dense {result['dense_accuracy']:.4f}.", "",
+             "| FFN neurons pruned | APoZ: pruned | APoZ: fine-tuned | random: pruned | random: fine-tuned |",
+             "|---|---|---|---|---|"]
+    def tuned(value):
+        return "not run" if value is None else f"{value:.4f}"
+
+    for row in result["rows"]:
+        lines.append(f"| {pct(row['fraction'])} | {row['apoz']['accuracy_pruned']:.4f} "
+                     f"| {tuned(row['apoz']['accuracy_finetuned'])} | {row['random']['accuracy_pruned']:.4f} "
+                     f"| {tuned(row['random']['accuracy_finetuned'])} |")
+    lines += ["", f"APoZ distribution of the dense model's FFN neurons at threshold {s['threshold']}: "
+              f"{result['apoz_quantiles']} (quantiles 10/50/90%).", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+RUNNERS = {
+    "slimming": (run_slimming, slimming_markdown, slimming_plot, "Network slimming"),
+    "trimming": (run_trimming, trimming_markdown, trimming_plot, "Network trimming"),
+    "lottery": (run_lottery, lottery_markdown, lottery_plot, "Lottery tickets"),
+    "particle_filter": (run_particle_filter, pf_markdown, pf_plot, "Particle filter"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.classic_methods", description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", choices=(*METHODS, "all"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model/training seeds (digits)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks every step, measures nothing")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = METHODS if args.method == "all" else (args.method,)
+    for method in methods:
+        command = f"python -m benchmarks.classic_methods {method}" + (" --quick" if args.quick else "") + (
+            f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
+        info = machine()
+        start = time.perf_counter()
+        started = datetime.now(timezone.utc).isoformat()
+        if method == "minilm_trimming":
+            results = {"minilm": run_minilm_trimming(args.quick)}
+            seeds = [results["minilm"]["settings"]["seed"]]
+            markdown_fn = lambda r, c: "\n".join(header("Network trimming of MiniLM's FFN", r, c) + minilm_lines(r["minilm"]))
+            plot_fn = minilm_plot
+        else:
+            run, markdown_fn, plot_fn, _ = RUNNERS[method]
+            results = run(args.seeds, args.quick)
+            seeds = args.seeds
+        results.update({"method": method, "started": started, "seconds": time.perf_counter() - start,
+                        "seeds": seeds, "machine": info, "command": command, "quick": args.quick})
+        write_results(method, results, markdown_fn(results, command), plot_fn, args.quick)
+    return 0
+
+
+def minilm_plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    result = results["minilm"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [1 - r["fraction"] for r in result["rows"]]
+    for control, color in (("apoz", "C0"), ("random", "C1")):
+        if result["settings"]["finetune_steps"] > 0:
+            ax.plot(x, [r[control]["accuracy_finetuned"] for r in result["rows"]], marker="o", color=color,
+                    label=f"{control}, fine-tuned")
+        ax.plot(x, [r[control]["accuracy_pruned"] for r in result["rows"]], marker="o", color=color, linestyle=":",
+                label=f"{control}, before fine-tuning")
+    ax.axhline(result["dense_accuracy"], color="grey", linestyle="--", label="dense")
+    ax.set(xlabel="FFN neurons remaining", ylabel="dev accuracy", title="Trimming MiniLM FFN (GELU threshold)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The models the suites time: one dense classifier and its pruned variants, pruned once and cached on disk.
+
+Scales:
+
+* `tiny`: the synthetic tiny BERT of `inc_plugins.testing` (hidden 32, 2 layers, 64 positions) and synthetic
+  labelled token batches: seconds to build, for CI smoke runs; its timings mean nothing.
+* `minilm`: MiniLM-L6 on the movie-snippet sentiment task. The fine-tuned model from the recipe machinery's cache
+  when `make demo` filled it; otherwise the pretrained encoder with a seeded, untrained head (latency does not
+  depend on the head's training; the provenance is recorded with every measurement).
+
+Variants (the same dense model pruned four ways):
+
+* `dense`;
+* `slim40`: `mask_search` (Kwon et al.) at 40% of head+FFN FLOPs removed, then physically slimmed. Search only:
+  rearrangement keeps each layer's unit counts and tuning only rescales kept units, so neither changes the slimmed
+  shapes that latency depends on, and together they cost minutes;
+* `wanda50`: Wanda, unstructured 50% of the encoder's Linear weights zeroed (dense shapes), from 128 samples;
+* `wanda2:4`: Wanda, 2 of every 4 consecutive input weights zeroed (dense shapes), from 128 samples.
+
+The pruned `minilm` variants are cached under `<asset cache>/benchmark-models/<variant>-<hash>/`, keyed by the
+dense weights, the calibration data and the pruning settings, so a changed model or setting never reuses a stale
+entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SCALES = ("tiny", "minilm")
+VARIANTS = ("dense", "slim40", "wanda50", "wanda2:4")
+CACHE_FORMAT = 1
+
+# INC pruning configs of each pruned variant (the encoder's blocks are the pruned part)
+PRUNING_SETTINGS = {
+    "slim40": {"pruning_type": "mask_search", "target_sparsity": 0.4, "constraint": "flops",
+               "rearrange": False, "tune": False},
+    "wanda50": {"pruning_type": "wanda", "target_sparsity": 0.5, "pattern": "1x1",
+                "op_names": ["bert.encoder.layer"]},
+    "wanda2:4": {"pruning_type": "wanda", "target_sparsity": 0.5, "pattern": "2:4",
+                 "op_names": ["bert.encoder.layer"]},
+}
+MINILM_RECIPE = "minilm_mask_search.yaml"
+MINILM_DIR_ENV = "INC_BENCH_MINILM_DIR"  # a fine-tuned MiniLM directory to use instead of this environment's cache
+MINILM_CALIBRATION_SAMPLES = 2048  # mask search's count (the recipe's, and Kwon et al.'s)
+# Wanda's count (Sun et al. use 128), also the pruning-cost suite's shared calibration set
+PRUNING_COST_SAMPLES = {"tiny": 32, "minilm": 128}
+CALIBRATION_OF_VARIANT = {"slim40": "calibration", "wanda50": "cost_calibration", "wanda2:4": "cost_calibration"}
+
+
+@dataclass
+class DenseTask:
+    """A dense classifier, labelled calibration batches for pruning it, and where both came from."""
+
+    scale: str
+    model: nn.Module
+    calibration: list[dict]  # batches of input_ids/attention_mask [batch, seq] and labels [batch], for mask search
+    cost_calibration: list[dict]  # the first of them: Wanda's calibration, and every pruner's in the cost suite
+    vocab_size: int
+    max_positions: int
+    provenance: dict = field(default_factory=dict)
+    cache_pruned: bool = True  # keep pruned variants on disk (not worth it for the tiny model: pruned in < 1 s)
+
+
+def dense_task(scale: str) -> DenseTask:
+    if scale == "tiny":
+        from inc_plugins.testing.calibration_data import token_batches
+        from inc_plugins.testing.tiny_models import MAX_POSITIONS, VOCAB_SIZE, tiny_bert_classifier
+
+        batches = token_batches(4, 8, 32, labels="classification", seed=0)
+        return DenseTask("tiny", tiny_bert_classifier(seed=0), batches, batches, VOCAB_SIZE, MAX_POSITIONS,
+                         {"model": "synthetic tiny BERT (inc_plugins.testing), random weights",
+                          "calibration": "4 synthetic batches of 8 x 32 tokens"}, cache_pruned=False)
+    if scale == "minilm":
+        return _minilm_task()
+    raise ValueError(f"unknown model scale {scale!r}: choose from {', '.join(SCALES)}")
+
+
+def finetuned_minilm_dir() -> Path | None:
+    """This environment's cached fine-tuned MiniLM (the recipe machinery's fine-tune cache), or None."""
+    from recipes import finetune_cache
+    from recipes.schema import load_recipe
+
+    recipe = load_recipe(MINILM_RECIPE)
+    directory = finetune_cache.cached_dir(finetune_cache.finetune_key(recipe.model, recipe.data, recipe.finetune))
+    return directory if (directory / "finetune.json").is_file() else None
+
+
+def _minilm_task() -> DenseTask:
+    from recipes import apply
+    from recipes.schema import ModelSource, load_recipe
+    from recipes.text_classification import tokenized_batches
+
+    recipe = load_recipe(MINILM_RECIPE)
+    # The fine-tune cache is keyed by torch version, so another environment (IPEX's torch 2.8) is pointed at the
+    # main environment's fine-tuned model explicitly: every backend then times the very same weights.
+    shared = os.environ.get(MINILM_DIR_ENV)
+    directory = Path(shared) if shared else finetuned_minilm_dir()
+    if directory is not None:
+        source = ModelSource(path=directory, num_labels=recipe.model.num_labels)
+        model, tokenizer, train_examples, _, _ = apply.prepare_task(
+            recipe.model_copy(update={"model": source, "finetune": None}))
+        head = f"fine-tuned on the movie snippets ({directory})"
+    else:
+        torch.manual_seed(0)
+        model, tokenizer, train_examples, _, _ = apply.prepare_task(recipe.model_copy(update={"finetune": None}))
+        head = "UNTRAINED seeded head (no cached fine-tune: run `make demo`); latency is unaffected"
+    stage = recipe.pruning[0]
+    sample = random.Random(stage.seed).sample(train_examples, MINILM_CALIBRATION_SAMPLES)
+    calibration = tokenized_batches(tokenizer, sample, stage.batch_size, recipe.data.max_length)
+    cost = [padded_to(batch, recipe.data.max_length, tokenizer.pad_token_id) for batch in tokenized_batches(
+        tokenizer, sample[: PRUNING_COST_SAMPLES["minilm"]], stage.batch_size, recipe.data.max_length)]
+    return DenseTask("minilm", model.eval(), calibration, cost, model.config.vocab_size,
+                     model.config.max_position_embeddings,
+                     {"model": f"MiniLM-L6 (minilm-l6 asset), {head}",
+                      "calibration": f"{len(sample)} movie-snippet training sentences, max length "
+                                     f"{recipe.data.max_length}"})
+
+
+def padded_to(batch: dict, length: int, pad_token_id: int) -> dict:
+    """`batch` with its [batch, seq] tensors right-padded to `length` (masked out). INC 3.7.1's SparseGPT replays
+    every batch through a block with the attention mask captured from one of them, which fails when batches have
+    different lengths; padding them all alike lets every pruner of the cost suite see the same data."""
+    import torch.nn.functional as F
+
+    padding = length - batch["input_ids"].shape[1]
+    if padding < 0:
+        raise ValueError(f"batch has {batch['input_ids'].shape[1]} tokens, more than the length {length} to pad to")
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    return {name: F.pad(tensor, (0, padding), value=fill[name]) if name in fill else tensor
+            for name, tensor in batch.items()}
+
+
+def prune(model: nn.Module, settings: dict, calibration: list[dict]) -> nn.Module:
+    """`model` pruned in place by one INC config through `inc_plugins.prepare_pruning`; mask_search results are
+    slimmed, so the returned model is a different, smaller one."""
+    import inc_plugins
+
+    inc_plugins.prepare_pruning(model, inc_plugins.pruning_config(pruning_configs=[dict(settings)]),
+                                dataloader=calibration)
+    return inc_plugins.slim(model) if settings["pruning_type"] == "mask_search" else model
+
+
+def _content_key(model: nn.Module, settings: dict, calibration: list[dict]) -> str:
+    # no torch version in the key: the IPEX environment (torch 2.8) must time the models the main one pruned
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    for batch in calibration:
+        for name in sorted(batch):
+            digest.update(batch[name].numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _save(model: nn.Module, variant: str, directory: Path) -> None:
+    from safetensors.torch import save_model
+
+    from inc_plugins.models.slimming import save_slimmed
+
+    if variant == "slim40":
+        save_slimmed(model, directory)
+    else:
+        directory.mkdir(parents=True)
+        save_model(model, str(directory / "model.safetensors"))
+
+
+def _load(dense: nn.Module, variant: str, directory: Path) -> nn.Module:
+    from safetensors.torch import load_model
+
+    from inc_plugins.models.slimming import load_slimmed
+
+    if variant == "slim40":
+        return load_slimmed(directory).eval()
+    model = copy.deepcopy(dense)
+    load_model(model, str(directory / "model.safetensors"))
+    return model.eval()
+
+
+def cache_dir() -> Path:
+    from inc_plugins.assets import cache_root
+
+    return cache_root() / "benchmark-models"
+
+
+def pruned_variant(task: DenseTask, variant: str) -> tuple[nn.Module, dict]:
+    """(model, description) of one variant; with `task.cache_pruned`, from (and to) the on-disk cache."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
+    if variant == "dense":
+        return task.model, {"variant": "dense", **_size(task.model)}
+    settings = PRUNING_SETTINGS[variant]
+    calibration = getattr(task, CALIBRATION_OF_VARIANT[variant])
+    samples = sum(batch["input_ids"].shape[0] for batch in calibration)
+    description = {"variant": variant, "pruning": settings, "calibration_samples": samples}
+    if not task.cache_pruned:
+        model = prune(copy.deepcopy(task.model), settings, calibration).eval()
+        return model, {**description, **_size(model)}
+    key = _content_key(task.model, settings, calibration)
+    final = cache_dir() / f"{variant.replace(':', 'of')}-{key}"
+    if not final.is_dir():
+        model = prune(copy.deepcopy(task.model), settings, calibration).eval()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            _save(model, variant, staging / "model")
+            os.replace(staging / "model", final)  # atomic: a reader never sees a half-written entry
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    model = _load(task.model, variant, final)
+    return model, {**description, "cache": str(final), **_size(model)}
+
+
+def _size(model: nn.Module) -> dict:
+    """Parameter count and the fraction of encoder Linear weights that are exactly zero."""
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in f".{name}."]
+    weights = sum(m.weight.numel() for m in linears)
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "encoder_linear_weights": weights, "encoder_linear_zero_fraction": round(zeros / max(weights, 1), 4)}

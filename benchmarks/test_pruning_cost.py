@@ -1,0 +1,105 @@
+"""The cost of pruning itself: wall time and peak memory of each pruner on the same model and calibration data.
+
+Every round prunes a fresh copy of the dense model (copied in the untimed setup). Peak memory is the largest
+resident-set size sampled every 2 ms while the pruner runs, minus the size just before it: the pruner's working
+memory (activations it stores, scores, Hessians), not the model's own weights.
+"""
+
+import copy
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.pruned_models import PRUNING_SETTINGS, prune
+
+_PAGE_BYTES = __import__("os").sysconf("SC_PAGE_SIZE")
+
+PRUNERS = {
+    "wanda": PRUNING_SETTINGS["wanda50"],
+    "sparse_gpt": {"pruning_type": "sparse_gpt", "target_sparsity": 0.5, "pattern": "1x1",
+                   "op_names": ["bert.encoder.layer"]},
+    "mask_search": PRUNING_SETTINGS["slim40"],
+    "magnitude": None,  # no calibration: |W| ranked within each output row, the baseline Wanda is compared with
+}
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE_BYTES
+
+
+class PeakRss:
+    """Context manager sampling this process's RSS in a thread; `increase_mb` = peak during the block - before."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s, self.peak, self.before = interval_s, 0, 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.before = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.before) / 2**20
+
+
+def magnitude_per_output(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
+    from inc_plugins.algorithms.wanda import per_output_mask
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and ".encoder.layer." in f".{name}":
+                module.weight.mul_(per_output_mask(module.weight.abs(), sparsity))
+    return model
+
+
+@pytest.mark.parametrize("pruner", list(PRUNERS))
+def test_pruning_cost(benchmark, pruner, settings, model_variants):
+    task = model_variants.task
+    config = PRUNERS[pruner]
+    peaks = []
+
+    def fresh_copy():
+        return (copy.deepcopy(task.model),), {}
+
+    def prune_once(model):
+        with PeakRss() as peak:
+            pruned = magnitude_per_output(model) if config is None else prune(model, config, task.cost_calibration)
+        peaks.append(peak.increase_mb)
+        return pruned
+
+    benchmark.group = f"pruning cost {settings.scale}"
+    # pruning takes seconds to minutes: a fixed small round count, the first round included
+    rounds = settings.rounds if settings.rounds is not None else 2
+    pruned = benchmark.pedantic(prune_once, setup=fresh_copy, rounds=rounds, warmup_rounds=0, iterations=1)
+    samples = sum(batch["input_ids"].shape[0] for batch in task.cost_calibration)
+    benchmark.extra_info.update({
+        "suite": "pruning_cost", "scale": settings.scale, "pruner": pruner,
+        "config": config or {"criterion": "|W| per output row", "target_sparsity": 0.5},
+        "calibration_samples": 0 if config is None else samples, "model": task.provenance["model"],
+        "peak_rss_increase_mb": max(peaks), "torch_threads": torch.get_num_threads(),
+        "parameters_after": sum(p.numel() for p in pruned.parameters()),
+    })
+    dense_parameters = sum(p.numel() for p in task.model.parameters())
+    if pruner == "mask_search":
+        assert sum(p.numel() for p in pruned.parameters()) < dense_parameters  # slimmed
+    else:
+        zeros = sum(int((m.weight == 0).sum()) for n, m in pruned.named_modules()
+                    if isinstance(m, nn.Linear) and ".encoder.layer." in f".{n}")
+        assert zeros > 0

@@ -1,0 +1,66 @@
+"""Where sparse kernels start to pay: torch.sparse CSR matmul against dense matmul at 50/70/90% sparsity, fp32.
+
+The weight has the shape of MiniLM's FFN up-projection ([1536, 384]; the tiny scale uses [64, 32]) and multiplies
+the activations of `tokens` tokens ([384, tokens]): 128 tokens (batch 1) and 4096 (batch 32 x 128). Each sparse
+benchmark calls the dense matmul once before every timed round, timed into `extra_info`, so the CSR/dense ratio
+compares interleaved calls.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+SHAPES = {"tiny": (64, 32), "minilm": (1536, 384)}
+TOKENS = {"tiny": (32, 128), "minilm": (128, 4096)}
+SPARSITIES = (None, 0.5, 0.7, 0.9)  # None: the dense matmul
+
+
+def sparse_weight(out_features: int, in_features: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """Random [out, in] weight with exactly round(sparsity * numel) zeros at random positions."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    zeros = torch.randperm(weight.numel(), generator=generator)[: round(sparsity * weight.numel())]
+    weight.view(-1)[zeros] = 0
+    return weight
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
+@pytest.mark.parametrize("token_index", [0, 1], ids=["few-tokens", "many-tokens"])
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=["dense", "csr-50", "csr-70", "csr-90"])
+def test_csr_matmul(benchmark, sparsity, token_index, settings):
+    out_features, in_features = SHAPES[settings.scale]
+    tokens = TOKENS[settings.scale][token_index]
+    weight = sparse_weight(out_features, in_features, sparsity or 0.0)
+    activations = torch.randn(in_features, tokens, generator=torch.Generator().manual_seed(1))
+    expected = weight @ activations
+    if sparsity is None:
+        matrix, multiply = weight, torch.mm
+    else:
+        matrix, multiply = weight.to_sparse_csr(), lambda a, b: a @ b
+    output = multiply(matrix, activations)
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-3)
+
+    start = time.perf_counter()
+    multiply(matrix, activations)
+    seconds_per_call = time.perf_counter() - start
+    interleaved_dense = []
+
+    def call_dense_between_rounds():
+        if sparsity is not None:
+            started = time.perf_counter()
+            torch.mm(weight, activations)
+            interleaved_dense.append(time.perf_counter() - started)
+
+    benchmark.group = f"csr matmul [{out_features}x{in_features}] @ [{in_features}x{tokens}]"
+    benchmark.pedantic(multiply, args=(matrix, activations), setup=call_dense_between_rounds, warmup_rounds=1,
+                       rounds=settings.rounds_for(seconds_per_call), iterations=1)
+    timed_dense = interleaved_dense[1:]
+    benchmark.extra_info.update({
+        "suite": "sparse_matmul", "scale": settings.scale, "variant": "dense" if sparsity is None else "csr",
+        "sparsity": sparsity or 0.0, "weight_shape": [out_features, in_features], "tokens": tokens,
+        "dtype": "fp32", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "interleaved_dense_seconds": timed_dense,
+        "interleaved_dense_median_seconds": statistics.median(timed_dense) if timed_dense else None,
+    })

@@ -1,0 +1,210 @@
+"""What a recipe's task means for each step of a run: loading the model and data, calibration and training
+batches, evaluation, and how the pruned model is saved and loaded again.
+
+Every task class takes the recipe and offers the same methods; `apply.run` only talks to this interface.
+`TASKS` maps the recipe's `task:` value to its class.
+"""
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import inc_plugins
+from inc_plugins.models.slimming import save_slimmed
+from inc_plugins.post_training.data import average_sequence_length
+
+from . import finetune_cache
+from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, model_directory
+from .movie_snippets import load_examples, train_dev_split
+from .perplexity import perplexity
+from .pruning_stage import run_pruning_stage, prune_with_batches
+from .schema import PruningStage, Recipe, RecipeError, TextSource
+from .tabular_data import file_examples, hub_examples
+from .text_classification import epochs_to_steps, evaluate, tokenized_batches, train
+from .text_corpora import moby_dick_text, sotu_text, token_windows
+
+LOAD_SLIMMED = "from inc_plugins.models.slimming import load_slimmed; model = load_slimmed({path!r})"
+MOVIE_SNIPPETS_NOTE = "movie-snippet sentiment (SST-2-like), not the official SST-2 labels or split"
+
+
+def classification_examples(recipe: Recipe):
+    """(train, dev) examples of the recipe's data, and a note on what they are."""
+    data, num_labels = recipe.data, recipe.model.num_labels
+    if data.asset == "movie-snippets":
+        train_examples, dev_examples = train_dev_split(load_examples(), data.dev_size, data.seed)
+        note = MOVIE_SNIPPETS_NOTE
+    else:
+        if data.files is not None:
+            train_examples, dev_examples = file_examples(data, num_labels)
+            note = f"local files {data.files.train}" + (f", {data.files.dev}" if data.files.dev else "")
+        else:
+            train_examples, dev_examples = hub_examples(data, num_labels)
+            note = f"hub dataset {data.hub.name}" + (f"/{data.hub.config}" if data.hub.config else "")
+        if dev_examples is None:
+            train_examples, dev_examples = train_dev_split(train_examples, data.dev_size, data.seed)
+        dev_examples = dev_examples[: data.dev_size]
+    if data.max_train_samples is not None:
+        train_examples = train_examples[: data.max_train_samples]
+    return train_examples, dev_examples, note
+
+
+class TextClassificationTask:
+    """Single-sentence or sentence-pair classification; accuracy and F1 on the dev set."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def load(self, timer) -> torch.nn.Module:
+        """Loads the model and data, and fine-tunes when the recipe says so (cached by content hash)."""
+        recipe = self.recipe
+        with timer("load"):
+            self.model, self.tokenizer = load_classifier(recipe.model)
+            self.train_examples, self.dev_examples, self.data_note = classification_examples(recipe)
+        self.finetune_info = None
+        if recipe.finetune is not None:
+            self.model, self.tokenizer, self.finetune_info = self._finetuned(timer)
+        self.dev_batches = tokenized_batches(self.tokenizer, self.dev_examples, recipe.evaluation.batch_size,
+                                             recipe.data.max_length)
+        return self.model
+
+    def _finetuned(self, timer):
+        recipe = self.recipe
+        key = finetune_cache.finetune_key(recipe.model, recipe.data, recipe.finetune)
+        cached = finetune_cache.load_cached(key)
+        if cached is not None:
+            print(f"  reusing cached fine-tuned model {finetune_cache.cached_dir(key)}")
+            model, tokenizer, info = cached
+            return model, tokenizer, {**info, "cached": True}
+        with timer("finetune"):
+            torch.manual_seed(recipe.finetune.seed)
+            batches = tokenized_batches(self.tokenizer, self.train_examples, recipe.finetune.batch_size,
+                                        recipe.data.max_length, shuffle_seed=recipe.finetune.seed)
+            steps = epochs_to_steps(recipe.finetune.epochs, len(batches))
+            losses = train(self.model, batches, steps, recipe.finetune.learning_rate, desc="fine-tune")
+        info = {"key": key, "steps": steps, "final_loss": losses[-1], "seconds": timer.seconds["finetune"]}
+        finetune_cache.store(key, self.model, self.tokenizer, info)
+        return self.model, self.tokenizer, {**info, "cached": False}
+
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> dict:
+        return run_pruning_stage(model, stage, self.tokenizer, self.train_examples, self.recipe.data.max_length)
+
+    def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
+        return evaluate(model, self.dev_batches, desc=desc)
+
+    def probe_batch(self) -> dict:
+        return self.dev_batches[0]
+
+    def macs_seq_len(self) -> int:
+        return average_sequence_length(self.dev_batches)
+
+    def describe_data(self) -> dict:
+        return {"train_examples": len(self.train_examples), "dev_examples": len(self.dev_examples),
+                "sentence_pairs": self.recipe.data.text_pair_column is not None, "note": self.data_note}
+
+    def save(self, model: torch.nn.Module, directory: Path, slimmed: bool, final: Path) -> str:
+        """Saves into `directory`; returns the Python line that loads it from `final`."""
+        if slimmed:
+            save_slimmed(model, directory)
+        else:
+            model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        if slimmed:
+            return LOAD_SLIMMED.format(path=str(final))
+        return f"AutoModelForSequenceClassification.from_pretrained({str(final)!r})"
+
+
+def corpus_text(source: TextSource) -> str:
+    if source.file is not None:
+        if not source.file.is_file():
+            raise RecipeError(f"corpus file {str(source.file)!r} does not exist (paths are relative to the recipe file)")
+        return source.file.read_text(encoding="utf-8")
+    return {"sotu": sotu_text, "moby-dick": moby_dick_text}[source.asset]()
+
+
+class CausalLMTask:
+    """Causal language modelling: calibration on random windows of one text, perplexity on another."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def load(self, timer) -> torch.nn.Module:
+        source, corpus = self.recipe.model, self.recipe.corpus
+        with timer("load"):
+            if source.asset is not None:
+                self.model, self.tokenizer = load_causal_lm(source.asset)
+            else:
+                from transformers import AutoTokenizer
+
+                kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code,
+                          "local_files_only": source.hub_id is None}
+                where = model_directory(source)
+                self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+                self.model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs).eval()
+            try:
+                self.calibration_text = corpus_text(corpus.calibration)
+                self.evaluation_windows = token_windows(self.tokenizer, corpus_text(corpus.evaluation),
+                                                        corpus.evaluation_windows, corpus.evaluation_seq_len)
+            except ValueError as err:
+                raise RecipeError(f"corpus: {err}") from None
+        self.finetune_info = None
+        return self.model
+
+    def _windows(self, stage: PruningStage) -> torch.Tensor:
+        try:
+            return token_windows(self.tokenizer, self.calibration_text, stage.calibration_samples,
+                                 self.recipe.corpus.calibration_seq_len, seed=stage.seed)
+        except ValueError as err:
+            raise RecipeError(f"corpus.calibration: {err}") from None
+
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> dict:
+        windows = self._windows(stage)
+        if inc_plugins.is_one_shot(stage.pruning_type):
+            calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
+            return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows))
+        order = list(range(len(windows)))
+        random.Random(stage.seed).shuffle(order)
+        training = [{"input_ids": windows[order[i : i + stage.batch_size]], "labels": windows[order[i : i + stage.batch_size]]}
+                    for i in range(0, len(order), stage.batch_size)]
+        return prune_with_batches(model, stage, training=training)
+
+    def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
+        windows = self.evaluation_windows
+        return {"perplexity": perplexity(model, windows, batch_size=self.recipe.evaluation.batch_size),
+                "windows": len(windows), "tokens_per_window": windows.shape[1]}
+
+    def probe_batch(self) -> dict:
+        return {"input_ids": self.evaluation_windows[:1]}
+
+    def macs_seq_len(self) -> int:
+        return self.recipe.corpus.evaluation_seq_len
+
+    def describe_data(self) -> dict:
+        corpus = self.recipe.corpus
+        name = lambda source: source.asset or str(source.file)  # noqa: E731
+        return {"calibration_text": name(corpus.calibration), "evaluation_text": name(corpus.evaluation),
+                "evaluation_windows": corpus.evaluation_windows, "evaluation_seq_len": corpus.evaluation_seq_len,
+                "calibration_seq_len": corpus.calibration_seq_len}
+
+    def save(self, model: torch.nn.Module, directory: Path, slimmed: bool, final: Path) -> str:
+        if slimmed:
+            save_slimmed(model, directory)
+            load = LOAD_SLIMMED.format(path=str(final))
+        else:
+            model.save_pretrained(directory, safe_serialization=True)
+            load = f"AutoModelForCausalLM.from_pretrained({str(final)!r})"
+        asset = self.recipe.model.asset
+        if asset in GGUF_FILES:
+            # a GGUF tokenizer saved with save_pretrained maps spaces to <|endoftext|> when reloaded: not saved
+            return (f"{load}; tokenizer = AutoTokenizer.from_pretrained(inc_plugins.assets.asset_path({asset!r}), "
+                    f"gguf_file={GGUF_FILES[asset]!r})")
+        self.tokenizer.save_pretrained(directory)
+        return load
+
+
+TASKS = {"text_classification": TextClassificationTask, "causal_lm": CausalLMTask}
+
+
+def task_for(recipe: Recipe):
+    return TASKS[recipe.task](recipe)
