@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,14 +39,9 @@ METHODS = ("slimming", "trimming", "lottery", "particle_filter", "minilm_trimmin
 
 
 def machine() -> dict:
-    from recipes.report import environment
+    from benchmarks.kwon_minilm import machine_info
 
-    info = environment()
-    try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu_model"] = platform.processor() or platform.machine()
+    info = machine_info()
     info["cores"] = os.cpu_count()
     info["load_average_at_start"] = os.getloadavg()
     info["note"] = "shared 2-core machine: other jobs ran at the same time (load average above)"
