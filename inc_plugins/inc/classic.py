@@ -89,7 +89,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from neural_compressor.compression.pruner.criteria import PruningCriterion, register_criterion
+from neural_compressor.compression.pruner.criteria import register_criterion
 from neural_compressor.compression.pruner.patterns import get_pattern
 from neural_compressor.compression.pruner.pruners import get_pruner
 from neural_compressor.compression.pruner.pruners.base import PytorchBasePruner, register_pruner
@@ -118,6 +118,7 @@ from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 
 from .config import pruning_config
 from .config_checks import PruningConfigError
+from .hook_fed_criterion import HookFedCriterion
 from .layer_selection import EXAMPLE_NAMES, select_layers
 from .one_shot import register_one_shot_pruning
 
@@ -418,7 +419,7 @@ class NetworkTrimmingPruning(_OneShotClassic):
 
 
 @register_criterion("apoz")
-class APoZCriterion(PruningCriterion):
+class APoZCriterion(HookFedCriterion):
     """INC criterion for training-aware pruning: score = 1 - APoZ per output channel (``pattern "1xchannel"``).
 
     Activations are counted at each layer's following activation (``algorithms.apoz.APoZMonitor``) in every
@@ -426,14 +427,11 @@ class APoZCriterion(PruningCriterion):
     hooks are removed (``remove_hooks()`` removes them earlier).
     """
 
+    pruning_type = "apoz"
+
     def __init__(self, modules, config, pattern):
-        super().__init__(modules, config, pattern)
+        super().__init__(modules, config, pattern, seen="activations")
         _require_pattern(config, "apoz", "1xchannel", "scores output channels/neurons")
-        if config["end_step"] < 1:
-            raise PruningConfigError(
-                "pruning_type 'apoz' scores channels by the activations of earlier steps, and none has been seen at "
-                f"step 0: set end_step >= 1 (got end_step {config['end_step']})"
-            )
         unsupported = [f"{n!r} ({type(m).__name__})" for n, m in modules.items() if not isinstance(m, _CHANNEL_LAYERS)]
         if unsupported:
             raise PruningConfigError(
@@ -441,8 +439,6 @@ class APoZCriterion(PruningCriterion):
             )
         self.threshold = _apoz_threshold(config)
         self.monitor: APoZMonitor | None = None
-        self._optimizer_steps = 0
-        self._end_step = config["end_step"]
         self._finder = _RootFinder(modules.values(), self._attach)
 
     def _attach(self, model: nn.Module) -> None:
@@ -464,24 +460,12 @@ class APoZCriterion(PruningCriterion):
         with torch.no_grad():
             for name, module in self.modules.items():
                 keep_score = (1.0 - apoz[name]).to(module.weight.device, module.weight.dtype)
-                score = keep_score.reshape(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight)
-                if hasattr(self.pattern, "reduce_score"):
-                    score = self.pattern.reduce_score(score, name)
-                self.scores[name] = score
-
-    def on_before_optimizer_step(self) -> None:
-        self._optimizer_steps += 1
-        if self._optimizer_steps > self._end_step:
-            self.remove_hooks()
+                self.set_score(name, keep_score.reshape(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight))
 
     def remove_hooks(self) -> None:
         self._finder.remove()
         if self.monitor is not None:
             self.monitor.detach()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.remove_hooks()
 
 
 # --- network slimming ----------------------------------------------------------------------------------------

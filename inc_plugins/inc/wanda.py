@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from neural_compressor.compression.pruner.criteria import PruningCriterion, register_criterion
+from neural_compressor.compression.pruner.criteria import register_criterion
 from neural_compressor.compression.pruner.patterns import get_pattern
 from neural_compressor.compression.pruner.pruners import get_pruner
 from neural_compressor.compression.pruner.pruners.base import PytorchBasePruner, register_pruner
@@ -78,6 +78,7 @@ from inc_plugins.models.architectures import ArchitectureAdapter, adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 
 from .config_checks import PruningConfigError
+from .hook_fed_criterion import HookFedCriterion
 from .layer_selection import select_layers
 from .one_shot import register_one_shot_pruning
 
@@ -458,7 +459,7 @@ class WandaPruning(BasePruning):
 
 
 @register_criterion("wanda_score")
-class WandaScoreCriterion(PruningCriterion):
+class WandaScoreCriterion(HookFedCriterion):
     """INC criterion: ``|W| * sqrt(mean of x_j^2)``, reduced by the pattern, for INC's training-aware pruners.
 
     Forward pre-hooks on the modules accumulate every input they see (training and evaluation passes alike)
@@ -467,16 +468,11 @@ class WandaScoreCriterion(PruningCriterion):
     (so INC skips that pruning step) until every module has seen at least one input.
     """
 
+    pruning_type = "wanda_score"
+
     def __init__(self, modules, config, pattern):
-        super().__init__(modules, config, pattern)
-        if config["end_step"] < 1:
-            raise PruningConfigError(
-                "pruning_type 'wanda_score' scores weights by the inputs seen in earlier steps, and nothing has been "
-                f"seen at step 0: set end_step >= 1 (got end_step {config['end_step']})"
-            )
+        super().__init__(modules, config, pattern, seen="layer inputs")
         self.feature_norms = {name: InputFeatureNorms() for name in modules}
-        self._optimizer_steps = 0
-        self._end_step = config["end_step"]
         self._handles = [
             module.register_forward_pre_hook(self._hook(weakref.ref(self), name), with_kwargs=True)
             for name, module in modules.items()
@@ -506,10 +502,6 @@ class WandaScoreCriterion(PruningCriterion):
             handle.remove()
         self._handles = []
 
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn torch down already
-            self.remove_hooks()
-
     def on_step_begin(self) -> None:
         missing = [name for name, norms in self.feature_norms.items() if norms.num_samples == 0]
         if missing:
@@ -521,13 +513,4 @@ class WandaScoreCriterion(PruningCriterion):
         with torch.no_grad():
             for name, module in self.modules.items():
                 matrix = wanda_scores(weight_matrix(module), self.feature_norms[name].squared_norms)
-                score = _matrix_to_weight_layout(module, matrix)
-                if hasattr(self.pattern, "reduce_score"):
-                    score = self.pattern.reduce_score(score, name)
-                self.scores[name] = score
-
-    def on_before_optimizer_step(self) -> None:
-        # INC calls this once per optimizer step; the last pruning step happens at step end_step.
-        self._optimizer_steps += 1
-        if self._optimizer_steps > self._end_step:
-            self.remove_hooks()
+                self.set_score(name, _matrix_to_weight_layout(module, matrix))
