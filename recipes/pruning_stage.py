@@ -29,22 +29,25 @@ class CalibrationBatches(list):
 def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, train_examples: list[Example],
                       max_length: int) -> dict:
     """`prune_with_batches` for text classification: calibration samples are drawn from `train_examples` with the
-    stage's seed."""
+    stage's seed; training (or fine-tuning) batches are all of them, shuffled with it."""
+    training = None
+    if not inc_plugins.is_one_shot(stage.pruning_type) or stage.finetune_steps:
+        training = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
     if inc_plugins.is_one_shot(stage.pruning_type):
         sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
         calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
-        return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample))
-    batches = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
-    return prune_with_batches(model, stage, training=batches)
+        return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample), training=training)
+    return prune_with_batches(model, stage, training=training)
 
 
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
                        n_calibration: int | None = None, training: list | None = None) -> dict:
     """Prunes `model` in place through `inc_plugins.prepare_pruning`: one-shot types from the `calibration`
-    batches (`n_calibration` samples in all), training-aware ones while training on (cycled) `training` batches
-    for the stage's `training_steps`. Returns what the report should say about how the stage was driven.
+    batches (`n_calibration` samples in all), then fine-tuned on `training` for the stage's `finetune_steps`;
+    training-aware ones while training on (cycled) `training` batches for the stage's `training_steps`. Returns
+    what the report should say about how the stage was driven.
 
-    `prune_seconds` is the wall time of the pruning call alone (no tokenization, no evaluation)."""
+    `prune_seconds` is the wall time of the pruning call alone (no tokenization, no evaluation, no fine-tuning)."""
     settings = stage.inc_settings()
     if inc_plugins.is_one_shot(stage.pruning_type):
         if stage.pruning_type == "mask_search" and "num_samples" not in settings:
@@ -57,6 +60,9 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
                   "prune_seconds": round(time.perf_counter() - start, 3)}
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
+        if stage.finetune_steps:
+            report["finetune"] = finetune_holding_zeros(model, training, stage.finetune_steps, stage.learning_rate,
+                                                        stage.seed, desc=f"fine-tune after {stage.pruning_type}")
         return report
 
     if stage.training_steps < 1:
@@ -75,6 +81,28 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
     inc_plugins.complete_pruning(model, optimizer)
     return {"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1],
             "prune_seconds": round(time.perf_counter() - start, 3)}
+
+
+def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, learning_rate: float, seed: int,
+                           desc: str = "fine-tune") -> dict:
+    """Fine-tunes a pruned model for `steps` steps over the (cycled) `batches`; every weight that is exactly zero
+    when it starts (what pruning removed) is set back to zero after each optimizer step, so the sparsity and the
+    pruned structures survive."""
+    with torch.no_grad():
+        zeros = {name: p == 0 for name, p in model.named_parameters() if p.dtype.is_floating_point and not p.all()}
+    parameters = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def hold_zeros(_step: int) -> None:
+        for name, mask in zeros.items():
+            parameters[name].masked_fill_(mask, 0.0)
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    losses = train(model, batches, steps, learning_rate, desc=desc, after_step=hold_zeros)
+    return {"steps": steps, "learning_rate": learning_rate, "final_loss": losses[-1],
+            "zeros_held": int(sum(int(mask.sum()) for mask in zeros.values())),
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 def mask_search_summary(pruning) -> dict:

@@ -141,8 +141,10 @@ class PruningStage(_Strict):
     """One INC `WeightPruningConfig` entry, plus how the recipe drives it.
 
     One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples (default 2048
-    for mask_search, as in Kwon et al. 2022, else 128). Training-aware types (magnitude, snip_momentum, ...) prune
-    through INC's callbacks while training for `training_steps` steps.
+    for mask_search, as in Kwon et al. 2022, else 128); with `finetune_steps` the pruned model is then fine-tuned
+    with every weight that pruning zeroed held at zero (a prune / fine-tune iteration, as network trimming does).
+    Training-aware types (magnitude, snip_momentum, ...) prune through INC's callbacks while training for
+    `training_steps` steps.
 
     mask_search's own keys (see `inc_plugins.post_training.KwonSettings`) and wanda's (`comparison_group`,
     `use_variant`) are optional; only the ones a recipe sets reach the INC config entry, so the pruner's own
@@ -160,6 +162,7 @@ class PruningStage(_Strict):
     pruning_frequency: Annotated[int, Field(ge=1)] = 1
     sparsity_decay_type: Literal["exp", "cos", "linear", "cube"] = "exp"
     training_steps: Annotated[int, Field(ge=0)] = 0
+    finetune_steps: Annotated[int, Field(ge=0)] = 0  # one-shot types: fine-tune after pruning, zeros held
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5e-5
     batch_size: Annotated[int, Field(ge=1)] = 32
     calibration_samples: Annotated[int, Field(ge=1)] | None = None
@@ -227,10 +230,14 @@ class PruningStage(_Strict):
             compiled(self.excluded_op_names, "excluded_op_names")
         except inc_plugins.PruningConfigError as err:
             raise ValueError(str(err)) from None
-        if not inc_plugins.is_one_shot(self.pruning_type) and self.training_steps < 1:
+        one_shot = inc_plugins.is_one_shot(self.pruning_type)
+        if not one_shot and self.training_steps < 1:
             raise ValueError(
                 f"pruning_type {self.pruning_type!r} prunes during training: set training_steps >= 1 in its stage"
             )
+        if self.finetune_steps and not one_shot:
+            raise ValueError(f"finetune_steps is for one-shot pruning types; {self.pruning_type!r} already trains "
+                             f"while it prunes: raise training_steps instead")
         return self
 
     def inc_settings(self) -> dict:

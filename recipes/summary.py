@@ -39,7 +39,11 @@ def _stage_line(stage: dict) -> str:
         what += f" ({settings.get('pattern')})"
     how = (f"{stage['calibration_samples']} calibration samples" if stage["mode"] == "one-shot"
            else f"{stage['training_steps']} training steps")
-    return f"- {what}, {stage['mode']}, {how}, {stage['prune_seconds']:.1f} s"
+    line = f"- {what}, {stage['mode']}, {how}, {stage['prune_seconds']:.1f} s"
+    if "finetune" in stage:
+        tuned = stage["finetune"]
+        line += f"; then fine-tuned {tuned['steps']} steps with the pruned weights held at zero, {tuned['seconds']:.1f} s"
+    return line
 
 
 def markdown_summary(report: dict, plot_name: str | None) -> str:

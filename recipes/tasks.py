@@ -159,14 +159,17 @@ class CausalLMTask:
             raise RecipeError(f"corpus.calibration: {err}") from None
 
     def prune(self, model: torch.nn.Module, stage: PruningStage) -> dict:
+        """One-shot types calibrate on the stage's windows; training (or fine-tuning after a one-shot type) is
+        next-token prediction on the same windows, shuffled with the stage's seed."""
         windows = self._windows(stage)
-        if inc_plugins.is_one_shot(stage.pruning_type):
-            calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
-            return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows))
         order = list(range(len(windows)))
         random.Random(stage.seed).shuffle(order)
         training = [{"input_ids": windows[order[i : i + stage.batch_size]], "labels": windows[order[i : i + stage.batch_size]]}
                     for i in range(0, len(order), stage.batch_size)]
+        if inc_plugins.is_one_shot(stage.pruning_type):
+            calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
+            return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
+                                      training=training)
         return prune_with_batches(model, stage, training=training)
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
