@@ -40,9 +40,12 @@ validate: install
 openvino: install
 	$(BIN)/python -m pip install --quiet -e '.[openvino]'
 
-# Every benchmark suite once on the tiny models, default backend: what CI runs (timings meaningless).
+# Every benchmark suite once on the tiny encoder and decoder, default backend: what CI runs (timings meaningless).
 bench-smoke: install
-	$(BIN)/python -m pytest benchmarks/ -q -rs --bench-scale tiny --bench-backends eager-fp32 --benchmark-disable
+	for scale in tiny tiny-llama; do \
+		$(BIN)/python -m pytest benchmarks/ -q -rs --bench-scale $$scale --bench-backends eager-fp32 --benchmark-disable \
+			|| exit 1; \
+	done
 
 # The README's benchmark figures: MiniLM, every suite, main and IPEX environments. Run on a quiet machine.
 bench: assets

@@ -13,7 +13,7 @@ Options (each also read from an environment variable, so wrappers can set them):
 --bench-time      seconds of timed calls per benchmark   INC_BENCH_TIME      (default 2)
 --bench-rounds    fixed rounds per benchmark (overrides --bench-time)  INC_BENCH_ROUNDS
 
-The tiny scale's model has 64 positions, so its grid uses sequence lengths 16 and 32 in place of 64 and 128.
+The tiny scales' models have 64 positions, so their grid uses sequence lengths 16 and 32 in place of 64 and 128.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 
 from benchmarks.backends import BACKENDS, Backend, availability_table, select_backends
 from benchmarks.hardware import machine_features
-from benchmarks.pruned_models import SCALES, VARIANTS
+from benchmarks.pruned_models import SCALES, TINY_SCALES, VARIANTS
 
 FULL_GRID = [(batch, seq) for batch in (1, 8, 32) for seq in (64, 128)]
 SMALL_GRID = [(1, 64), (32, 128)]
@@ -65,7 +65,7 @@ def _parse_grid(spec: str, scale: str) -> list[tuple[int, int]]:
             shapes = []
         if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
             raise pytest.UsageError(f"--bench-grid {spec!r}: use full, small, or shapes like 32x128,1x64 (batch x seq)")
-    return [(batch, TINY_SEQ.get(seq, seq)) for batch, seq in shapes] if scale == "tiny" else shapes
+    return [(batch, TINY_SEQ.get(seq, seq)) for batch, seq in shapes] if scale in TINY_SCALES else shapes
 
 
 @dataclass(frozen=True)

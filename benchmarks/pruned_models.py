@@ -1,25 +1,30 @@
-"""The models the suites time: one dense classifier and its pruned variants, pruned once and cached on disk.
+"""The models the suites time: one dense model and its pruned variants, pruned once and cached on disk.
 
 Scales:
 
 * `tiny`: the synthetic tiny BERT of `inc_plugins.testing` (hidden 32, 2 layers, 64 positions) and synthetic
   labelled token batches: seconds to build, for CI smoke runs; its timings mean nothing.
+* `tiny-llama`: the synthetic tiny Llama (grouped-query attention) of `inc_plugins.testing` with synthetic
+  next-token batches: the decoder path of every suite, for CI smoke runs; its timings mean nothing.
 * `minilm`: MiniLM-L6 on the movie-snippet sentiment task. The fine-tuned model from the recipe machinery's cache
   when `make demo` filled it; otherwise the pretrained encoder with a seeded, untrained head (latency does not
   depend on the head's training; the provenance is recorded with every measurement).
+* `smollm2`: SmolLM2-135M (the `smollm2-135m` asset, Llama architecture, de-quantized to fp32), calibrated on
+  random 128-token windows of the State of the Union speeches with the next-token loss; timed as a full forward
+  pass with no KV cache (prefill).
 
-Variants (the same dense model pruned four ways):
+Variants (the same dense model pruned four ways; the pruned part is the transformer blocks):
 
 * `dense`;
-* `slim40`: `mask_search` (Kwon et al.) at 40% of head+FFN FLOPs removed, then physically slimmed. Search only:
-  rearrangement keeps each layer's unit counts and tuning only rescales kept units, so neither changes the slimmed
-  shapes that latency depends on, and together they cost minutes;
-* `wanda50`: Wanda, unstructured 50% of the encoder's Linear weights zeroed (dense shapes), from 128 samples;
+* `slim40`: `mask_search` (Kwon et al.) at 40% of head+FFN FLOPs removed, then physically slimmed (decoders: by
+  key/value group). Search only: rearrangement keeps each layer's unit counts and tuning only rescales kept units,
+  so neither changes the slimmed shapes that latency depends on, and together they cost minutes;
+* `wanda50`: Wanda, unstructured 50% of the blocks' Linear weights zeroed (dense shapes), from 128 samples;
 * `wanda2:4`: Wanda, 2 of every 4 consecutive input weights zeroed (dense shapes), from 128 samples.
 
-The pruned `minilm` variants are cached under `<asset cache>/benchmark-models/<variant>-<hash>/`, keyed by the
-dense weights, the calibration data and the pruning settings, so a changed model or setting never reuses a stale
-entry.
+The pruned `minilm` and `smollm2` variants are cached under `<asset cache>/benchmark-models/<variant>-<hash>/`,
+keyed by the dense weights, the calibration data and the pruning settings, so a changed model or setting never
+reuses a stale entry.
 """
 
 from __future__ import annotations
@@ -37,35 +42,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SCALES = ("tiny", "minilm")
+SCALES = ("tiny", "tiny-llama", "minilm", "smollm2")
+TINY_SCALES = ("tiny", "tiny-llama")  # 64 positions: the grid's sequence lengths are scaled down
 VARIANTS = ("dense", "slim40", "wanda50", "wanda2:4")
 CACHE_FORMAT = 1
 
-# INC pruning configs of each pruned variant (the encoder's blocks are the pruned part)
-PRUNING_SETTINGS = {
-    "slim40": {"pruning_type": "mask_search", "target_sparsity": 0.4, "constraint": "flops",
-               "rearrange": False, "tune": False},
-    "wanda50": {"pruning_type": "wanda", "target_sparsity": 0.5, "pattern": "1x1",
-                "op_names": ["bert.encoder.layer"]},
-    "wanda2:4": {"pruning_type": "wanda", "target_sparsity": 0.5, "pattern": "2:4",
-                 "op_names": ["bert.encoder.layer"]},
-}
 MINILM_RECIPE = "minilm_mask_search.yaml"
 MINILM_DIR_ENV = "INC_BENCH_MINILM_DIR"  # a fine-tuned MiniLM directory to use instead of this environment's cache
 MINILM_CALIBRATION_SAMPLES = 2048  # mask search's count (the recipe's, and Kwon et al.'s)
+SMOLLM2_CALIBRATION = (256, 128)  # windows x tokens for mask search (benchmarks.kwon_smollm2's)
 # Wanda's count (Sun et al. use 128), also the pruning-cost suite's shared calibration set
-PRUNING_COST_SAMPLES = {"tiny": 32, "minilm": 128}
+PRUNING_COST_SAMPLES = {"tiny": 32, "tiny-llama": 32, "minilm": 128, "smollm2": 128}
 CALIBRATION_OF_VARIANT = {"slim40": "calibration", "wanda50": "cost_calibration", "wanda2:4": "cost_calibration"}
+
+
+def pruning_settings(variant: str, blocks: str) -> dict:
+    """The INC pruning config of a pruned variant; `blocks` is the module path of the model's transformer blocks."""
+    if variant == "slim40":
+        return {"pruning_type": "mask_search", "target_sparsity": 0.4, "constraint": "flops",
+                "rearrange": False, "tune": False}
+    pattern = {"wanda50": "1x1", "wanda2:4": "2:4"}[variant]
+    return {"pruning_type": "wanda", "target_sparsity": 0.5, "pattern": pattern, "op_names": [blocks]}
 
 
 @dataclass
 class DenseTask:
-    """A dense classifier, labelled calibration batches for pruning it, and where both came from."""
+    """A dense model, labelled calibration batches for pruning it, and where both came from."""
 
     scale: str
     model: nn.Module
-    calibration: list[dict]  # batches of input_ids/attention_mask [batch, seq] and labels [batch], for mask search
+    # batches of input_ids/attention_mask [batch, seq] and labels ([batch] classes, or [batch, seq] next tokens)
+    calibration: list[dict]  # for mask search
     cost_calibration: list[dict]  # the first of them: Wanda's calibration, and every pruner's in the cost suite
+    blocks: str  # module path of the transformer blocks, the part every variant prunes
     vocab_size: int
     max_positions: int
     provenance: dict = field(default_factory=dict)
@@ -78,12 +87,33 @@ def dense_task(scale: str) -> DenseTask:
         from inc_plugins.testing.tiny_models import MAX_POSITIONS, VOCAB_SIZE, tiny_bert_classifier
 
         batches = token_batches(4, 8, 32, labels="classification", seed=0)
-        return DenseTask("tiny", tiny_bert_classifier(seed=0), batches, batches, VOCAB_SIZE, MAX_POSITIONS,
-                         {"model": "synthetic tiny BERT (inc_plugins.testing), random weights",
-                          "calibration": "4 synthetic batches of 8 x 32 tokens"}, cache_pruned=False)
+        return DenseTask("tiny", tiny_bert_classifier(seed=0), batches, batches, BERT_BLOCKS, VOCAB_SIZE,
+                         MAX_POSITIONS, {"model": "synthetic tiny BERT (inc_plugins.testing), random weights",
+                                         "calibration": "4 synthetic batches of 8 x 32 tokens"}, cache_pruned=False)
+    if scale == "tiny-llama":
+        from inc_plugins.testing.calibration_data import token_batches
+        from inc_plugins.testing.tiny_models import MAX_POSITIONS, VOCAB_SIZE, tiny_llama_lm
+
+        batches = token_batches(4, 8, 32, labels="lm", seed=0)
+        return DenseTask("tiny-llama", _without_kv_cache(tiny_llama_lm(seed=0)), batches, batches, LLAMA_BLOCKS,
+                         VOCAB_SIZE, MAX_POSITIONS,
+                         {"model": "synthetic tiny Llama with grouped-query attention (inc_plugins.testing), "
+                                   "random weights", "calibration": "4 synthetic batches of 8 x 32 tokens"},
+                         cache_pruned=False)
     if scale == "minilm":
         return _minilm_task()
+    if scale == "smollm2":
+        return _smollm2_task()
     raise ValueError(f"unknown model scale {scale!r}: choose from {', '.join(SCALES)}")
+
+
+BERT_BLOCKS, LLAMA_BLOCKS = "bert.encoder.layer", "model.layers"
+
+
+def _without_kv_cache(model: nn.Module) -> nn.Module:
+    """One full forward pass per call (prefill), as the suites time it: no cache is built or returned."""
+    model.config.use_cache = False
+    return model.eval()
 
 
 def finetuned_minilm_dir() -> Path | None:
@@ -120,11 +150,28 @@ def _minilm_task() -> DenseTask:
     calibration = tokenized_batches(tokenizer, sample, stage.batch_size, recipe.data.max_length)
     cost = [padded_to(batch, recipe.data.max_length, tokenizer.pad_token_id) for batch in tokenized_batches(
         tokenizer, sample[: PRUNING_COST_SAMPLES["minilm"]], stage.batch_size, recipe.data.max_length)]
-    return DenseTask("minilm", model.eval(), calibration, cost, model.config.vocab_size,
+    return DenseTask("minilm", model.eval(), calibration, cost, BERT_BLOCKS, model.config.vocab_size,
                      model.config.max_position_embeddings,
                      {"model": f"MiniLM-L6 (minilm-l6 asset), {head}",
                       "calibration": f"{len(sample)} movie-snippet training sentences, max length "
                                      f"{recipe.data.max_length}"})
+
+
+def _smollm2_task() -> DenseTask:
+    from recipes.model_sources import load_causal_lm
+    from recipes.text_corpora import sotu_text, token_windows
+
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    windows, length = SMOLLM2_CALIBRATION
+    tokens = token_windows(tokenizer, sotu_text(), windows, length, seed=0)
+    calibration = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk.clone()}
+                   for chunk in tokens.split(8)]
+    cost = calibration[: PRUNING_COST_SAMPLES["smollm2"] // 8]
+    return DenseTask("smollm2", _without_kv_cache(model), calibration, cost, LLAMA_BLOCKS, model.config.vocab_size,
+                     model.config.max_position_embeddings,
+                     {"model": "SmolLM2-135M-Instruct (smollm2-135m asset, Q4_1 GGUF de-quantized to fp32)",
+                      "calibration": f"{windows} random windows of {length} tokens of the State of the Union "
+                                     f"speeches (seed 0), next-token labels"})
 
 
 def padded_to(batch: dict, length: int, pad_token_id: int) -> dict:
@@ -181,7 +228,9 @@ def _load(dense: nn.Module, variant: str, directory: Path) -> nn.Module:
     from inc_plugins.models.slimming import load_slimmed
 
     if variant == "slim40":
-        return load_slimmed(directory).eval()
+        loaded = load_slimmed(directory)
+        loaded.config.use_cache = dense.config.use_cache
+        return loaded.eval()
     model = copy.deepcopy(dense)
     load_model(model, str(directory / "model.safetensors"))
     return model.eval()
@@ -198,14 +247,14 @@ def pruned_variant(task: DenseTask, variant: str) -> tuple[nn.Module, dict]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     if variant == "dense":
-        return task.model, {"variant": "dense", **_size(task.model)}
-    settings = PRUNING_SETTINGS[variant]
+        return task.model, {"variant": "dense", **_size(task.model, task.blocks)}
+    settings = pruning_settings(variant, task.blocks)
     calibration = getattr(task, CALIBRATION_OF_VARIANT[variant])
     samples = sum(batch["input_ids"].shape[0] for batch in calibration)
     description = {"variant": variant, "pruning": settings, "calibration_samples": samples}
     if not task.cache_pruned:
         model = prune(copy.deepcopy(task.model), settings, calibration).eval()
-        return model, {**description, **_size(model)}
+        return model, {**description, **_size(model, task.blocks)}
     key = _content_key(task.model, settings, calibration)
     final = cache_dir() / f"{variant.replace(':', 'of')}-{key}"
     if not final.is_dir():
@@ -218,13 +267,18 @@ def pruned_variant(task: DenseTask, variant: str) -> tuple[nn.Module, dict]:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     model = _load(task.model, variant, final)
-    return model, {**description, "cache": str(final), **_size(model)}
+    return model, {**description, "cache": str(final), **_size(model, task.blocks)}
 
 
-def _size(model: nn.Module) -> dict:
-    """Parameter count and the fraction of encoder Linear weights that are exactly zero."""
-    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in f".{name}."]
+def _size(model: nn.Module, blocks: str) -> dict:
+    """Parameter count and the fraction of the blocks' Linear weights that are exactly zero."""
+    linears = block_linears(model, blocks)
     weights = sum(m.weight.numel() for m in linears)
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     return {"parameters": sum(p.numel() for p in model.parameters()),
-            "encoder_linear_weights": weights, "encoder_linear_zero_fraction": round(zeros / max(weights, 1), 4)}
+            "block_linear_weights": weights, "block_linear_zero_fraction": round(zeros / max(weights, 1), 4)}
+
+
+def block_linears(model: nn.Module, blocks: str) -> list[nn.Linear]:
+    """The Linear layers inside the transformer blocks (`blocks`: their module path, e.g. "model.layers")."""
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(blocks + ".")]

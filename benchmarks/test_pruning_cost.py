@@ -14,17 +14,21 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.pruned_models import PRUNING_SETTINGS, prune
+from benchmarks.pruned_models import block_linears, prune, pruning_settings
 
 _PAGE_BYTES = __import__("os").sysconf("SC_PAGE_SIZE")
 
-PRUNERS = {
-    "wanda": PRUNING_SETTINGS["wanda50"],
-    "sparse_gpt": {"pruning_type": "sparse_gpt", "target_sparsity": 0.5, "pattern": "1x1",
-                   "op_names": ["bert.encoder.layer"]},
-    "mask_search": PRUNING_SETTINGS["slim40"],
-    "magnitude": None,  # no calibration: |W| ranked within each output row, the baseline Wanda is compared with
-}
+# magnitude needs no calibration: |W| ranked within each output row, the baseline Wanda is compared with
+PRUNERS = ("wanda", "sparse_gpt", "mask_search", "magnitude")
+
+
+def pruner_config(pruner: str, blocks: str) -> dict | None:
+    """The INC config of a pruner of this suite (None: magnitude) for a model whose blocks are at `blocks`."""
+    if pruner == "magnitude":
+        return None
+    if pruner == "sparse_gpt":
+        return {"pruning_type": "sparse_gpt", "target_sparsity": 0.5, "pattern": "1x1", "op_names": [blocks]}
+    return pruning_settings({"wanda": "wanda50", "mask_search": "slim40"}[pruner], blocks)
 
 
 def _rss_bytes() -> int:
@@ -59,20 +63,19 @@ class PeakRss:
         return (self.peak - self.before) / 2**20
 
 
-def magnitude_per_output(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
+def magnitude_per_output(model: nn.Module, blocks: str, sparsity: float = 0.5) -> nn.Module:
     from inc_plugins.algorithms.wanda import per_output_mask
 
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and ".encoder.layer." in f".{name}":
-                module.weight.mul_(per_output_mask(module.weight.abs(), sparsity))
+        for module in block_linears(model, blocks):
+            module.weight.mul_(per_output_mask(module.weight.abs(), sparsity))
     return model
 
 
-@pytest.mark.parametrize("pruner", list(PRUNERS))
+@pytest.mark.parametrize("pruner", PRUNERS)
 def test_pruning_cost(benchmark, pruner, settings, model_variants):
     task = model_variants.task
-    config = PRUNERS[pruner]
+    config = pruner_config(pruner, task.blocks)
     peaks = []
 
     def fresh_copy():
@@ -80,7 +83,8 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
 
     def prune_once(model):
         with PeakRss() as peak:
-            pruned = magnitude_per_output(model) if config is None else prune(model, config, task.cost_calibration)
+            pruned = (magnitude_per_output(model, task.blocks) if config is None
+                      else prune(model, config, task.cost_calibration))
         peaks.append(peak.increase_mb)
         return pruned
 
@@ -100,6 +104,4 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
     if pruner == "mask_search":
         assert sum(p.numel() for p in pruned.parameters()) < dense_parameters  # slimmed
     else:
-        zeros = sum(int((m.weight == 0).sum()) for n, m in pruned.named_modules()
-                    if isinstance(m, nn.Linear) and ".encoder.layer." in f".{n}")
-        assert zeros > 0
+        assert sum(int((m.weight == 0).sum()) for m in block_linears(pruned, task.blocks)) > 0

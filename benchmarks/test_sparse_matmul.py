@@ -1,7 +1,8 @@
 """Where sparse kernels start to pay: torch.sparse CSR matmul against dense matmul at 50/70/90% sparsity, fp32.
 
-The weight has the shape of MiniLM's FFN up-projection ([1536, 384]; the tiny scale uses [64, 32]) and multiplies
-the activations of `tokens` tokens ([384, tokens]): 128 tokens (batch 1) and 4096 (batch 32 x 128). Each sparse
+The weight has the shape of the model's FFN up-projection (MiniLM [1536, 384]; SmolLM2 [1536, 576]; the tiny scales
+[64, 32]) and multiplies the activations of `tokens` tokens ([in, tokens]): 128 tokens (batch 1) and the largest
+batch the scale's inference grid times (MiniLM 4096 = 32 x 128, SmolLM2 1024 = 8 x 128). Each sparse
 benchmark calls the dense matmul once before every timed round, timed into `extra_info`, so the CSR/dense ratio
 compares interleaved calls.
 """
@@ -12,8 +13,8 @@ import time
 import pytest
 import torch
 
-SHAPES = {"tiny": (64, 32), "minilm": (1536, 384)}
-TOKENS = {"tiny": (32, 128), "minilm": (128, 4096)}
+SHAPES = {"tiny": (64, 32), "tiny-llama": (64, 32), "minilm": (1536, 384), "smollm2": (1536, 576)}
+TOKENS = {"tiny": (32, 128), "tiny-llama": (32, 128), "minilm": (128, 4096), "smollm2": (128, 1024)}
 SPARSITIES = (None, 0.5, 0.7, 0.9)  # None: the dense matmul
 
 
