@@ -4,10 +4,12 @@ digits recipe runs end to end through `python -m recipes.apply`."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from recipes import apply
 from recipes.classic_recipe import DigitsRecipe, parse_digits_recipe
+from recipes.minilm_trimming import random_keep
 from recipes.schema import RECIPES_DIR, RecipeError, load_recipe
 
 DIGITS_RECIPES = ["digits_network_slimming.yaml", "digits_network_trimming.yaml", "digits_lottery_ticket.yaml",
@@ -25,12 +27,22 @@ def test_shipped_digits_recipes_validate(name):
     assert text.startswith("# ") and "python -m recipes.apply" in text  # the comment header says how to run it
 
 
-def test_minilm_trimming_recipe_validates_with_a_gelu_threshold():
+def test_minilm_trimming_recipe_iterates_with_a_gelu_threshold():
     recipe = load_recipe("minilm_network_trimming.yaml")
-    (stage,) = recipe.pruning
-    settings = stage.inc_settings()
-    assert settings["pruning_type"] == "network_trimming" and settings["apoz_threshold"] == 0.05
-    assert settings["pattern"] == "1xchannel" and settings["op_names"] == ["intermediate\\.dense$"]
+    assert [stage.target_sparsity for stage in recipe.pruning] == [0.3, 0.5, 0.65]  # cumulative iterations
+    for stage in recipe.pruning:
+        settings = stage.inc_settings()
+        assert settings["pruning_type"] == "network_trimming" and settings["apoz_threshold"] == 0.05
+        assert settings["pattern"] == "1xchannel" and settings["op_names"] == ["intermediate\\.dense$"]
+        assert stage.finetune_steps == 100
+
+
+def test_random_control_keeps_earlier_prunes_and_reaches_the_count():
+    previous = {"a": torch.tensor([True, False, True, True, False, True, True, True])}
+    new = random_keep(previous, {"a": 5}, seed=3)["a"]
+    assert int((~new).sum()) == 5
+    assert not new[~previous["a"]].any()  # what the previous iteration pruned stays pruned
+    assert torch.equal(random_keep(previous, {"a": 5}, seed=3)["a"], new)  # seeded
 
 
 def _recipe_data(name: str) -> dict:
