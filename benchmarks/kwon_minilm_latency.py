@@ -46,9 +46,9 @@ def markdown(results: dict) -> str:
         f"{100 * s['target']:.0f}% of the layers' table latency (budget {100 * (1 - s['target']):.0f}% of dense). "
         f"{s['calibration_samples']} calibration samples, rearrangement and tuning on; dev accuracy on "
         f"{s['dev_examples']} examples (SST-2-like labels, not the official SST-2). Machine: {m['cpu_model']}, "
-        f"{m['threads']} threads, torch {m['torch']}; shared with other jobs (1-minute load average "
+        f"{m['threads']} threads, torch {m['torch']} (1-minute load average "
         f"{results['load_average_start'][0]:.1f} when pruning started, {results['load_average_after_pruning'][0]:.1f} "
-        f"when it ended (under nice 19), {results['load_average_before_timing'][0]:.1f} before the timing and "
+        f"when it ended, {results['load_average_before_timing'][0]:.1f} before the timing and "
         f"{results['load_average_end'][0]:.1f} after it).",
         "",
         f"Dense accuracy: {results['dense']['accuracy']:.4f}",
