@@ -46,13 +46,14 @@ SCALES = ("tiny", "tiny-llama", "minilm", "smollm2")
 TINY_SCALES = ("tiny", "tiny-llama")  # 64 positions: the grid's sequence lengths are scaled down
 VARIANTS = ("dense", "slim40", "wanda50", "wanda2:4")
 CACHE_FORMAT = 1
+BERT_BLOCKS, LLAMA_BLOCKS = "bert.encoder.layer", "model.layers"  # module paths of the blocks every variant prunes
 
 MINILM_RECIPE = "minilm_mask_search.yaml"
 MINILM_DIR_ENV = "INC_BENCH_MINILM_DIR"  # a fine-tuned MiniLM directory to use instead of this environment's cache
 MINILM_CALIBRATION_SAMPLES = 2048  # mask search's count (the recipe's, and Kwon et al.'s)
-SMOLLM2_CALIBRATION = (256, 128)  # windows x tokens for mask search (benchmarks.kwon_smollm2's)
+SMOLLM2_CALIBRATION = (256, 128, 8)  # windows, tokens each, windows per batch (benchmarks.kwon_smollm2's)
 # Wanda's count (Sun et al. use 128), also the pruning-cost suite's shared calibration set
-PRUNING_COST_SAMPLES = {"tiny": 32, "tiny-llama": 32, "minilm": 128, "smollm2": 128}
+PRUNING_COST_SAMPLES = {"minilm": 128, "smollm2": 128}
 CALIBRATION_OF_VARIANT = {"slim40": "calibration", "wanda50": "cost_calibration", "wanda2:4": "cost_calibration"}
 
 
@@ -107,9 +108,6 @@ def dense_task(scale: str) -> DenseTask:
     raise ValueError(f"unknown model scale {scale!r}: choose from {', '.join(SCALES)}")
 
 
-BERT_BLOCKS, LLAMA_BLOCKS = "bert.encoder.layer", "model.layers"
-
-
 def _without_kv_cache(model: nn.Module) -> nn.Module:
     """One full forward pass per call (prefill), as the suites time it: no cache is built or returned."""
     model.config.use_cache = False
@@ -162,11 +160,11 @@ def _smollm2_task() -> DenseTask:
     from recipes.text_corpora import sotu_text, token_windows
 
     model, tokenizer = load_causal_lm("smollm2-135m")
-    windows, length = SMOLLM2_CALIBRATION
+    windows, length, batch_size = SMOLLM2_CALIBRATION
     tokens = token_windows(tokenizer, sotu_text(), windows, length, seed=0)
     calibration = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk.clone()}
-                   for chunk in tokens.split(8)]
-    cost = calibration[: PRUNING_COST_SAMPLES["smollm2"] // 8]
+                   for chunk in tokens.split(batch_size)]
+    cost = calibration[: PRUNING_COST_SAMPLES["smollm2"] // batch_size]
     return DenseTask("smollm2", _without_kv_cache(model), calibration, cost, LLAMA_BLOCKS, model.config.vocab_size,
                      model.config.max_position_embeddings,
                      {"model": "SmolLM2-135M-Instruct (smollm2-135m asset, Q4_1 GGUF de-quantized to fp32)",
