@@ -30,14 +30,15 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
                       max_length: int) -> dict:
     """`prune_with_batches` for text classification: calibration samples are drawn from `train_examples` with the
     stage's seed; training (or fine-tuning) batches are all of them, shuffled with it."""
+    one_shot = inc_plugins.is_one_shot(stage.pruning_type)
     training = None
-    if not inc_plugins.is_one_shot(stage.pruning_type) or stage.finetune_steps:
+    if not one_shot or stage.finetune_steps:
         training = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
-    if inc_plugins.is_one_shot(stage.pruning_type):
-        sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
-        calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
-        return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample), training=training)
-    return prune_with_batches(model, stage, training=training)
+    if not one_shot:
+        return prune_with_batches(model, stage, training=training)
+    sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
+    calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
+    return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample), training=training)
 
 
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
