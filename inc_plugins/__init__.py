@@ -16,6 +16,7 @@ with warnings.catch_warnings():
 
 from .inc.config import pruning_config  # noqa: E402
 from .inc.config_checks import PruningConfigError, known_pruning_types  # noqa: E402
+from .finite_checks import NonFiniteError  # noqa: E402
 from .inc.entry import prepare_pruning  # noqa: E402
 from .inc.mask_search import slim  # noqa: E402  (registers mask_search; slim(model) slims a mask_search-pruned model)
 from .inc import wanda as _wanda  # noqa: E402,F401  (registers pt_wanda, wanda_pruning, wanda_score)
@@ -31,4 +32,5 @@ __all__ = [
     "pruning_config",
     "known_pruning_types",
     "PruningConfigError",
+    "NonFiniteError",
 ]

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from inc_plugins.finite_checks import check_batch, check_parameters, check_tensor
 from inc_plugins.models.architectures import adapter_for
+
+CALIBRATION = "block-by-block calibration"
 
 
 @dataclass
@@ -72,14 +75,22 @@ def _model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str
     raise TypeError(f"calibration batches must be dicts, tuples, lists or tensors, got {type(batch).__name__}")
 
 
+def _module_name(model: nn.Module, module: nn.Module, fallback: str) -> str:
+    return next((name for name, candidate in model.named_modules() if candidate is module), fallback)
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any]) -> list[BlockInput]:
+def capture_block_inputs(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any], during: str = CALIBRATION
+) -> list[BlockInput]:
     """Record the inputs of `blocks[0]` for every batch, running the model only up to that block.
 
     Returns one BlockInput per batch. Raises ValueError when `batches` is empty or when the model
-    finishes a forward pass without calling `blocks[0]`.
+    finishes a forward pass without calling `blocks[0]`; NonFiniteError when a batch, or the hidden states
+    it gives `blocks[0]`, hold NaN or Inf (`during` says who calibrates, for the message).
     """
     captured: list[BlockInput] = []
+    first_block = _module_name(model, blocks[0], "blocks[0]")
 
     def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
@@ -93,11 +104,14 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches:
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with _eval_mode(model):
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                check_batch(batch, index, during)
                 args, kwargs = _model_call(model, batch)
                 try:
                     model(*args, **kwargs)
                 except _StopForward:
+                    check_tensor(captured[-1].hidden_states, first_block, "input activation",
+                                 f"{during}, block 0, batch {index}")
                     continue
                 raise ValueError(
                     f"{type(model).__name__} finished a forward pass without calling blocks[0] "
@@ -136,7 +150,7 @@ def advance_inputs(block: nn.Module, inputs: list[BlockInput]) -> None:
 
 
 def sequential_blocks(
-    model: nn.Module, batches: Iterable[Any], blocks: Sequence[nn.Module] | None = None
+    model: nn.Module, batches: Iterable[Any], blocks: Sequence[nn.Module] | None = None, during: str = CALIBRATION
 ) -> Iterator[tuple[int, nn.Module, list[BlockInput]]]:
     """Walk the model's blocks in order, yielding (index, block, inputs) with the block's recorded inputs.
 
@@ -144,12 +158,23 @@ def sequential_blocks(
     the current one is re-run (with whatever weights the caller left it) and its outputs replace the hidden
     states in `inputs`, which is the same list every time: keep no references to earlier hidden states.
     The model stays in eval mode while the walk is in progress.
+
+    Non-finite values stop the walk with NonFiniteError (`during` names the caller in its message): the model's
+    parameters are checked before any block runs, each calibration batch and the first block's inputs as they
+    are captured, and each block's outputs as they are recomputed, so the error names where NaN or Inf first
+    appear (a weight, the data, or the block whose computation overflowed).
     """
     if blocks is None:
         _, blocks = adapter_for(model).blocks(model)
+    check_parameters(model, during)
+    names = {id(module): name for name, module in model.named_modules()}
     with _eval_mode(model):
-        inputs = capture_block_inputs(model, blocks, batches)
+        inputs = capture_block_inputs(model, blocks, batches, during)
         for index, block in enumerate(blocks):
             yield index, block, inputs
             if index < len(blocks) - 1:
                 advance_inputs(block, inputs)
+                name = names.get(id(block), f"block {index}")
+                for batch_index, block_input in enumerate(inputs):
+                    check_tensor(block_input.hidden_states, name, "output activation",
+                                 f"{during}, block {index}, batch {batch_index}")

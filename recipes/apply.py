@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -20,9 +21,10 @@ from .atomic import write_text
 from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backends
 from .classic_recipe import DigitsRecipe, run_digits_recipe
 from .hub_access import require_hub_if_needed
+from .preflight import check_inputs
 from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
 from .report import environment, layer_sparsity, parameter_counts
-from .run_dir import check_run_dir, fresh_path, staged_run
+from .run_dir import Terminated, check_run_dir, fresh_path, remove_stale_staging, staged_run
 from .schema import Recipe, RecipeError, load_recipe
 from .shape_checks import check_pattern_fits
 from .summary import terminal_table, write_summary
@@ -83,7 +85,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     if isinstance(recipe, DigitsRecipe):
         return run_digits_recipe(recipe, run_dir, overwrite=overwrite, allow_outside_cwd=allow_outside_cwd)
     started = datetime.now(timezone.utc)
-    run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd)
+    run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
+                            inputs=recipe.input_paths())
+    check_inputs(recipe)  # every file the recipe names is readable, before any stage runs
     require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
     if recipe.benchmark is not None:
         select_benchmark_backends(recipe.benchmark.backends)  # a misspelt backend fails now, not after pruning
@@ -158,22 +162,52 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     return run_dir
 
 
+def _terminate(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def clean(folder: Path) -> int:
+    """`--clean`: removes the staging directories that killed runs left in `folder`, and says which."""
+    removed = remove_stale_staging(folder)
+    for path in removed:
+        print(f"removed {path}: the staging directory of an earlier run that was killed")
+    print(f"{len(removed)} stale staging director{'y' if len(removed) == 1 else 'ies'} removed from {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.apply", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="a recipe file, or the bare name of a shipped recipe in recipes/")
+    parser.add_argument("recipe", nargs="?", help="a recipe file, or the bare name of a shipped recipe in recipes/")
     parser.add_argument("--run-dir", type=Path, help="where to write this run (default: <output.dir>/<name>-<UTC time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory (on success only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run directory that an earlier run wrote (on success only)")
     parser.add_argument("--allow-outside-cwd", action="store_true",
                         help="allow a run directory outside the current working directory")
+    parser.add_argument("--clean", nargs="?", const=Path("runs"), type=Path, metavar="FOLDER",
+                        help="remove the staging directories of killed runs from FOLDER (default: runs) and exit")
     parser.add_argument("--verbose", action="store_true", help="show INC's own INFO logs (every pruning step)")
     args = parser.parse_args(argv)
+    if args.clean is not None:
+        return clean(args.clean)
+    if args.recipe is None:
+        parser.error("name a recipe file (or pass --clean)")
     if not args.verbose:
         logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # end like Ctrl-C: a .failed directory, nothing staged
     try:
         run(load_recipe(args.recipe), args.run_dir, overwrite=args.overwrite, allow_outside_cwd=args.allow_outside_cwd)
     except (RecipeError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be made or written: name it, no traceback
+        print(f"error: cannot write the run: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Terminated:
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -20,7 +20,6 @@ only when the run succeeded.
 
 from __future__ import annotations
 
-import difflib
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -28,19 +27,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from .recipe_base import (BatchSize, Description, Fraction, LearningRate, LocalPath, RecipeName, Seed, Strict,
+                          validation_error)
 
 TASK = "digits_classification"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DigitsModel(_Strict):
+class DigitsModel(Strict):
     architecture: Literal["digits_cnn", "digits_mlp"]
-    widths: list[Annotated[int, Field(ge=1)]] | None = None  # default: (32, 64, 128) / (300, 100)
-    seed: int = 0
+    # default: (32, 64, 128) / (300, 100); 4096 channels or neurons is far beyond what 8x8 digits need
+    widths: Annotated[list[Annotated[int, Field(ge=1, le=4096)]], Field(max_length=8)] | None = None
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _widths_fit(self):
@@ -50,11 +49,11 @@ class DigitsModel(_Strict):
         return self
 
 
-class DigitsData(_Strict):
+class DigitsData(Strict):
     dataset: Literal["digits"] = "digits"
-    seed: int = 0
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: Seed = 0
+    test_fraction: Fraction = 0.2
+    val_fraction: Fraction = 0.2
 
     @model_validator(mode="after")
     def _leaves_training_images(self):
@@ -63,13 +62,14 @@ class DigitsData(_Strict):
         return self
 
 
-class Training(_Strict):
-    epochs: Annotated[int, Field(ge=1)] = 30
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+class Training(Strict):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 30  # 1000 epochs of digits is hours on 2 cores
+    batch_size: BatchSize = 64
+    learning_rate: LearningRate = 2e-3
+    # decay of 1 or more per step shrinks every weight to nothing (or, with Adam, to NaN)
+    weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     optimizer: Literal["adam", "sgd"] = "adam"
-    seed: int = 0
+    seed: Seed = 0
 
     def settings(self):
         from .classic_stages import TrainSettings
@@ -77,41 +77,42 @@ class Training(_Strict):
         return TrainSettings(**self.model_dump())
 
 
-class SlimmingStage(_Strict):
+class SlimmingStage(Strict):
     pruning_type: Literal["network_slimming"]
-    target_sparsity: Annotated[float, Field(gt=0, lt=1)]
+    target_sparsity: Fraction
     pattern: Literal["1xchannel"] = "1xchannel"
     pruning_scope: Literal["global", "local"] = "global"
-    l1: Annotated[float, Field(gt=0)] = 1e-2  # the BN-scale L1 coefficient of the sparsity training
+    l1: Annotated[float, Field(gt=0, le=10)] = 1e-2  # the BN-scale L1 coefficient of the sparsity training
     finetune: Training = Field(default_factory=Training)
 
 
-class TrimmingStage(_Strict):
+class TrimmingStage(Strict):
     pruning_type: Literal["network_trimming"]
-    target_sparsity: Annotated[float, Field(gt=0, lt=1)]  # per iteration, of the remaining channels
+    target_sparsity: Fraction  # per iteration, of the remaining channels
     pattern: Literal["1xchannel"] = "1xchannel"
-    iterations: Annotated[int, Field(ge=1)] = 1
-    apoz_threshold: Annotated[float, Field(ge=0)] | None = None
+    iterations: Annotated[int, Field(ge=1, le=100)] = 1  # each iteration fine-tunes the network again
+    apoz_threshold: Annotated[float, Field(ge=0, le=1e6)] | None = None
     finetune: Training = Field(default_factory=Training)
 
 
-class LotteryStage(_Strict):
+class LotteryStage(Strict):
     pruning_type: Literal["lottery_ticket"]
-    prune_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    rounds: Annotated[int, Field(ge=1)] = 10
-    rewind_to: Annotated[str, Field(pattern=r"^(init|step:[1-9][0-9]*)$")] = "init"
+    prune_fraction: Fraction = 0.2
+    rounds: Annotated[int, Field(ge=1, le=100)] = 10  # each round trains the network twice (ticket and control)
+    rewind_to: Annotated[str, Field(pattern=r"^(init|step:[1-9][0-9]{0,6})$")] = "init"
     scope: Literal["layer", "global"] = "layer"
-    output_layer_rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+    output_layer_rate: Fraction | None = None
 
 
-class ParticleFilterStage(_Strict):
+class ParticleFilterStage(Strict):
     pruning_type: Literal["particle_filter"]
-    target_sparsity: Annotated[float, Field(gt=0, lt=1)]
+    target_sparsity: Fraction
     granularity: Literal["channel", "kernel", "intra_kernel"] = "channel"
-    num_particles: Annotated[int, Field(ge=1)] = 16
-    iterations: Annotated[int, Field(ge=1)] = 6
-    stride: Annotated[int, Field(ge=2)] = 2
-    seed: int = 0
+    # each particle of each iteration is one evaluation of the network on the validation images
+    num_particles: Annotated[int, Field(ge=1, le=10_000)] = 16
+    iterations: Annotated[int, Field(ge=1, le=10_000)] = 6
+    stride: Annotated[int, Field(ge=2, le=64)] = 2
+    seed: Seed = 0
     retrain: Training = Field(default_factory=Training)
 
 
@@ -119,13 +120,13 @@ Stage = Annotated[SlimmingStage | TrimmingStage | LotteryStage | ParticleFilterS
                   Field(discriminator="pruning_type")]
 
 
-class Output(_Strict):
-    dir: Path = Path("runs")
+class Output(Strict):
+    dir: LocalPath = Path("runs")
 
 
-class DigitsRecipe(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    description: str = ""
+class DigitsRecipe(Strict):
+    name: RecipeName
+    description: Description = ""
     task: Literal["digits_classification"]
     model: DigitsModel
     data: DigitsData = Field(default_factory=DigitsData)
@@ -146,48 +147,12 @@ def is_digits_recipe(data: Any) -> bool:
     return isinstance(data, dict) and data.get("task") == TASK
 
 
-def _allowed_keys(data: Any, loc: tuple) -> list[str]:
-    """The keys allowed where an unknown key sits, for 'did you mean' hints."""
-    node: Any = DigitsRecipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if part in ("network_slimming", "network_trimming", "lottery_ticket", "particle_filter"):
-            node = {"network_slimming": SlimmingStage, "network_trimming": TrimmingStage,
-                    "lottery_ticket": LotteryStage, "particle_filter": ParticleFilterStage}[part]
-            continue
-        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-            if not args:
-                return []
-            annotation = args[0]
-        node = annotation
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
-
-
 def parse_digits_recipe(data: Any, source: str = "recipe") -> DigitsRecipe:
     """A validated digits recipe; RecipeError names every bad key, what was given and what is allowed."""
-    from .schema import RecipeError
-
     try:
         return DigitsRecipe.model_validate(data)
     except ValidationError as error:
-        lines = []
-        for problem in error.errors():
-            where = ".".join(str(part) for part in problem["loc"])
-            if problem["type"] == "extra_forbidden":
-                allowed = _allowed_keys(data, problem["loc"])
-                close = difflib.get_close_matches(str(problem["loc"][-1]), allowed, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                lines.append(f"unknown key '{where}'.{hint} Allowed here: {', '.join(allowed)}")
-            else:
-                given = "" if isinstance(problem.get("input"), dict) else f" (got {problem.get('input')!r})"
-                lines.append(f"'{where}': {problem['msg']}{given}")
-        raise RecipeError(f"{source} is not a valid digits recipe:\n  " + "\n  ".join(lines)) from None
+        raise validation_error(error, DigitsRecipe, source, "digits recipe") from None
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -296,7 +261,7 @@ def run_digits_recipe(recipe: DigitsRecipe, run_dir: Path | None = None, *, over
 
     started = datetime.now(timezone.utc)
     default = fresh_path(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
-    run_dir = check_run_dir(run_dir or default, overwrite, allow_outside_cwd)
+    run_dir = check_run_dir(run_dir or default, overwrite, allow_outside_cwd)  # digits read no local files
     start = time.perf_counter()
     with staged_run(run_dir, overwrite) as staged:
         report = staged.report

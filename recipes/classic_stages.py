@@ -34,6 +34,7 @@ import inc_plugins
 from inc_plugins.algorithms.bn_slimming import conv_bn_pairs, slim_cnn_channels
 from inc_plugins.algorithms.lottery_ticket import enforce_masks, run_lottery_rounds
 from inc_plugins.algorithms.particle_filter import StructuredPattern
+from inc_plugins.finite_checks import check_outputs, check_trained_weights, check_training_loss
 from inc_plugins.inc.classic import inc_magnitude_round
 
 from .digits import DigitsSplit, labelled_batches
@@ -88,7 +89,8 @@ def train_digits(
     """Trains ``model`` in place on the training images; returns the last epoch's mean loss.
 
     ``after_step(step)`` runs after every optimizer step (steps counted from 1). Shuffling draws from a generator
-    seeded by ``settings.seed``, so training is deterministic and leaves torch's global RNG alone.
+    seeded by ``settings.seed``, so training is deterministic and leaves torch's global RNG alone. A non-finite
+    loss (checked every step) or weight (checked after every epoch) raises NonFiniteError naming the step.
     """
     images, labels = split.train_images, split.train_labels
     optimizer = optimizer or settings.make_optimizer(model.parameters())
@@ -97,12 +99,15 @@ def train_digits(
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
     step, losses = 0, []
-    for _ in range(settings.epochs):
+    for epoch in range(1, settings.epochs + 1):
         losses = []
+        during = f"training (epoch {epoch} of {settings.epochs})"
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
             loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+            losses.append(loss.item())
+            check_training_loss(model, losses[-1], step + 1, during)  # before the update spreads NaN to every weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -110,17 +115,22 @@ def train_digits(
             step += 1
             if after_step is not None:
                 after_step(step)
-            losses.append(loss.item())
+        check_trained_weights(model, step, during)
     model.eval()
     return statistics.fmean(losses)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Fraction of ``images`` classified as ``labels``; NonFiniteError when the logits hold NaN or Inf (argmax would
+    rank them silently, and a NaN model scores chance accuracy)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(labels), batch_size))
+    correct = 0
+    for batch, start in enumerate(range(0, len(labels), batch_size)):
+        logits = model(images[start:start + batch_size])
+        check_outputs(model, logits, "logits", batch=batch)
+        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
     model.train(was_training)
     return correct / len(labels)
 

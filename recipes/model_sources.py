@@ -8,7 +8,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from inc_plugins.assets import ASSETS, AssetError, asset_path
 
+from .input_checks import check_model_dir, check_tokenizer, check_weights
 from .schema import ModelSource, RecipeError
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    from safetensors._safetensors_rust import SafetensorError
+
+# what a failing local load raises: unreadable or damaged files (OSError), bad JSON or values (ValueError, which
+# JSONDecodeError and UnicodeDecodeError are), damaged safetensors files
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def model_directory(source: ModelSource) -> Path | str:
@@ -18,28 +28,64 @@ def model_directory(source: ModelSource) -> Path | str:
         except AssetError as err:
             raise RecipeError(str(err)) from None
     if source.path is not None:
-        if not (source.path / "config.json").is_file():
-            raise RecipeError(f"model.path {str(source.path)!r} is not a model directory (no config.json in it)")
+        check_model_dir(source.path)  # config, weights headers and tokenizer files, before transformers reads them
         return source.path
     return source.hub_id
 
 
-def load_classifier(source: ModelSource):
-    """(model, tokenizer) for sequence classification with `num_labels` outputs, in eval mode."""
+def load_error(where, err: Exception) -> RecipeError:
+    """One line naming the model directory, or the weights file a safetensors error comes from, and what is wrong."""
+    detail = " ".join(str(err).split()) or type(err).__name__
+    weights = sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
+    if isinstance(err, SafetensorError) and len(weights) == 1:
+        return RecipeError(f"cannot load weights file {str(weights[0])!r}: {detail}")
+    return RecipeError(f"cannot load the model in {str(where)!r}: {type(err).__name__}: {detail}")
+
+
+def _from_pretrained(source: ModelSource, load):
+    """Runs `load(where, kwargs)` (transformers' from_pretrained calls) and turns its errors into one line."""
     where = model_directory(source)
     local = source.hub_id is None
     kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code, "local_files_only": local}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=source.num_labels, **kwargs)
-    except OSError as err:
+        model, tokenizer = load(where, kwargs)
+    except RecipeError:
+        raise
+    except LOAD_ERRORS as err:
         if local:
-            raise RecipeError(f"cannot load the model in {where}: {err}") from None
+            raise load_error(where, err) from None
+        if not isinstance(err, OSError):
+            raise RecipeError(f"cannot load hub model {source.hub_id!r}: {type(err).__name__}: "
+                              f"{' '.join(str(err).split())}") from None
         raise RecipeError(
             f"cannot reach hub model {source.hub_id!r} (is this machine offline?). "
             f"Offline recipes use model.asset, one of: {', '.join(ASSETS)}"
         ) from None
     return model.eval(), tokenizer
+
+
+def load_classifier(source: ModelSource):
+    """(model, tokenizer) for sequence classification with `num_labels` outputs, in eval mode."""
+    def load(where, kwargs):
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        check_tokenizer(tokenizer, where)  # before the model load: a tokenizer built from nothing fails at once
+        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=source.num_labels, **kwargs)
+        return model, tokenizer
+
+    return _from_pretrained(source, load)
+
+
+def load_local_causal_lm(source: ModelSource):
+    """(model, tokenizer) of a causal LM from model.path (or hub_id), in fp32 and eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def load(where, kwargs):
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        check_tokenizer(tokenizer, where)
+        return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs), tokenizer
+
+    return _from_pretrained(source, load)
 
 
 def source_fingerprint(source: ModelSource) -> str:
@@ -65,6 +111,7 @@ def load_causal_lm(asset: str):
     """
     import os
     import shutil
+    import sys
     import tempfile
 
     import torch
@@ -75,10 +122,23 @@ def load_causal_lm(asset: str):
     if asset not in GGUF_FILES:
         raise RecipeError(f"no causal-LM loader for asset {asset!r}; causal-LM assets: {', '.join(GGUF_FILES)}")
     directory, gguf = model_directory(ModelSource(asset=asset)), GGUF_FILES[asset]
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    except LOAD_ERRORS as err:
+        raise load_error(directory / gguf, err) from None
+    check_tokenizer(tokenizer, directory / gguf)
     converted = cache_root() / "converted" / asset
+    if (converted / "config.json").is_file():
+        try:
+            check_weights(converted, f"converted {asset!r} cache")
+        except RecipeError as err:  # a damaged cache entry is rebuilt from the verified GGUF
+            print(f"warning: {err}; converting {gguf} again", file=sys.stderr)
+            shutil.rmtree(converted)
     if not (converted / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+        except LOAD_ERRORS as err:
+            raise load_error(directory / gguf, err) from None
         converted.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=converted.parent, prefix=f".{asset}."))
         try:
@@ -86,5 +146,8 @@ def load_causal_lm(asset: str):
             os.rename(staging, converted)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=torch.float32)
+    except LOAD_ERRORS as err:
+        raise load_error(converted, err) from None
     return model.eval(), tokenizer

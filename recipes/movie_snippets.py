@@ -8,7 +8,9 @@ SST-2-like binary task, NOT the official SST-2 labels or split.
 import random
 from dataclasses import dataclass
 
-from inc_plugins.assets import asset_path
+from inc_plugins.assets import AssetError, asset_path
+
+from .schema import RecipeError
 
 NEUTRAL_MARGIN = 0.5
 
@@ -21,7 +23,10 @@ class Example:
 
 
 def load_examples() -> list[Example]:
-    path = asset_path("movie-snippets") / "movieReviewSnippets_GroundTruth.txt"
+    try:
+        path = asset_path("movie-snippets") / "movieReviewSnippets_GroundTruth.txt"
+    except AssetError as err:  # missing or corrupted: one line with the fetch command
+        raise RecipeError(str(err)) from None
     examples = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         fields = line.split("\t")

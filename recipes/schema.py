@@ -1,33 +1,28 @@
 """The recipe schema: a pydantic model of a pruning job, validated before any model is loaded."""
 
-import difflib
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from .recipe_base import (BatchSize, CalibrationSamples, Description, LayerNames, LearningRate, LocalPath,
+                          RecipeError, RecipeName, Seed, SequenceLength, Steps, Strict, validation_error)
+from .recipe_yaml import RecipeYAMLError, load_recipe_yaml
+
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run: the message names the key, the value given and what is allowed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSource(_Strict):
+class ModelSource(Strict):
     """Exactly one of `asset` (an offline asset name), `path` (a local directory) or `hub_id`."""
 
-    asset: str | None = None
-    path: Path | None = None
-    hub_id: str | None = None
-    revision: str | None = None
+    asset: Annotated[str, Field(max_length=100)] | None = None
+    path: LocalPath | None = None
+    hub_id: Annotated[str, Field(max_length=200)] | None = None
+    revision: Annotated[str, Field(max_length=200)] | None = None
     # Loading code shipped with a hub model runs arbitrary Python: off unless the recipe says so.
     trust_remote_code: bool = False
-    num_labels: Annotated[int, Field(ge=2)] = 2
+    num_labels: Annotated[int, Field(ge=2, le=10_000)] = 2
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -37,26 +32,26 @@ class ModelSource(_Strict):
         return self
 
 
-class DataFiles(_Strict):
+class DataFiles(Strict):
     """Local files with one example per row: .csv, .tsv/.txt (tab-separated), .json (a list of objects) or .jsonl,
     each with a header or keys naming the columns."""
 
-    train: Path
+    train: LocalPath
     # Without a dev file, the dev set is the last dev_size training rows after a seeded shuffle.
-    dev: Path | None = None
+    dev: LocalPath | None = None
 
 
-class HubDataset(_Strict):
+class HubDataset(Strict):
     """A `datasets` hub dataset (needs the optional `hub` extra and network), e.g. name: glue, config: mrpc."""
 
-    name: Annotated[str, Field(min_length=1)]
-    config: str | None = None
-    revision: str | None = None
-    train_split: str = "train"
-    dev_split: str = "validation"
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    config: Annotated[str, Field(max_length=200)] | None = None
+    revision: Annotated[str, Field(max_length=200)] | None = None
+    train_split: Annotated[str, Field(max_length=200)] = "train"
+    dev_split: Annotated[str, Field(max_length=200)] = "validation"
 
 
-class DataSource(_Strict):
+class DataSource(Strict):
     """Classification examples: exactly one of `asset` (default: the movie-snippet sentiment task, label = mean
     rating > 0, keeping |rating| >= 0.5), local `files` or a `hub` dataset. Files and hub datasets name their
     columns; with `text_pair_column` the task is sentence-pair classification (e.g. MRPC)."""
@@ -64,13 +59,14 @@ class DataSource(_Strict):
     asset: Literal["movie-snippets"] | None = None
     files: DataFiles | None = None
     hub: HubDataset | None = None
-    text_column: str | None = None  # default "text"
-    text_pair_column: str | None = None
-    label_column: str | None = None  # default "label"; integer labels in [0, model.num_labels)
+    text_column: ColumnName | None = None  # default "text"
+    text_pair_column: ColumnName | None = None
+    label_column: ColumnName | None = None  # default "label"; integer labels in [0, model.num_labels)
     max_length: Annotated[int, Field(ge=8, le=512)] = 64
-    dev_size: Annotated[int, Field(ge=1)] = 2000  # with a dev split: at most this many of its examples
-    max_train_samples: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0
+    # Examples are tokenized and held in memory: ten million sentences is far beyond any classification set.
+    dev_size: Annotated[int, Field(ge=1, le=10_000_000)] = 2000  # with a dev split: at most this many of its examples
+    max_train_samples: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -85,11 +81,11 @@ class DataSource(_Strict):
         return self
 
 
-class TextSource(_Strict):
+class TextSource(Strict):
     """A plain-text corpus: exactly one of an offline `asset` or a UTF-8 `file`."""
 
     asset: Literal["sotu", "moby-dick"] | None = None
-    file: Path | None = None
+    file: LocalPath | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -99,24 +95,25 @@ class TextSource(_Strict):
         return self
 
 
-class Corpus(_Strict):
+class Corpus(Strict):
     """Text for the causal_lm task: random windows of `calibration` calibrate (seeded by each stage's seed), and the
     first `evaluation_windows` consecutive windows of `evaluation` measure perplexity. Keep the two texts apart."""
 
     calibration: TextSource = Field(default_factory=lambda: TextSource(asset="sotu"))
     evaluation: TextSource = Field(default_factory=lambda: TextSource(asset="moby-dick"))
-    calibration_seq_len: Annotated[int, Field(ge=2, le=8192)] = 128
-    evaluation_seq_len: Annotated[int, Field(ge=2, le=8192)] = 512
-    evaluation_windows: Annotated[int, Field(ge=1)] = 8
+    calibration_seq_len: SequenceLength = 128
+    evaluation_seq_len: SequenceLength = 512
+    # Each window is one forward pass: 10,000 windows of 8192 tokens is days of CPU time for a small model.
+    evaluation_windows: Annotated[int, Field(ge=1, le=10_000)] = 8
 
 
-class FineTune(_Strict):
+class FineTune(Strict):
     """Fine-tunes a model without a task head before pruning; the result is cached by content hash."""
 
     epochs: Annotated[float, Field(gt=0, le=20)] = 1.0
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1e-4
-    seed: int = 0
+    batch_size: BatchSize = 32
+    learning_rate: LearningRate = 1e-4
+    seed: Seed = 0
 
 
 # Keys that only one pruning type reads (its own settings beyond INC's), and the type that reads them. The names are
@@ -137,7 +134,7 @@ DEFAULT_CALIBRATION_SAMPLES = {"mask_search": 2048}
 FALLBACK_CALIBRATION_SAMPLES = 128
 
 
-class PruningStage(_Strict):
+class PruningStage(Strict):
     """One INC `WeightPruningConfig` entry, plus how the recipe drives it.
 
     One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples (default 2048
@@ -151,51 +148,53 @@ class PruningStage(_Strict):
     defaults apply to the rest.
     """
 
-    pruning_type: str
+    pruning_type: Annotated[str, Field(max_length=100)]
     target_sparsity: Annotated[float, Field(ge=0, lt=1)]
-    pattern: str = "4x1"
-    op_names: list[str] = Field(default_factory=list)
-    excluded_op_names: list[str] = Field(default_factory=list)
+    # None: the pruning type's own default (unstructured for wanda, INC's 4x1 for INC's types)
+    pattern: Annotated[str, Field(max_length=50)] | None = None
+    op_names: LayerNames = Field(default_factory=list)
+    excluded_op_names: LayerNames = Field(default_factory=list)
     pruning_scope: Literal["global", "local"] = "global"
-    start_step: Annotated[int, Field(ge=0)] = 0
-    end_step: Annotated[int, Field(ge=0)] | None = None
-    pruning_frequency: Annotated[int, Field(ge=1)] = 1
+    start_step: Steps = 0
+    end_step: Steps | None = None
+    pruning_frequency: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sparsity_decay_type: Literal["exp", "cos", "linear", "cube"] = "exp"
-    training_steps: Annotated[int, Field(ge=0)] = 0
-    finetune_steps: Annotated[int, Field(ge=0)] = 0  # one-shot types: fine-tune after pruning, zeros held
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5e-5
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    calibration_samples: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0
+    training_steps: Steps = 0
+    finetune_steps: Steps = 0  # one-shot types: fine-tune after pruning, zeros held
+    learning_rate: LearningRate = 5e-5
+    batch_size: BatchSize = 32
+    calibration_samples: CalibrationSamples | None = None
+    seed: Seed = 0
 
     # mask_search (Kwon et al. 2022): target_sparsity is the fraction of head+FFN FLOPs (or latency) removed
     constraint: Literal["flops", "latency"] | None = None
-    seq_len: Annotated[int, Field(ge=1)] | None = None  # tokens per sequence for FLOPs; default: calibration average
-    num_samples: Annotated[int, Field(ge=1)] | None = None  # the first num_samples of the calibration samples
+    seq_len: Annotated[int, Field(ge=1, le=8192)] | None = None  # tokens per sequence for FLOPs; default: calibration average
+    num_samples: CalibrationSamples | None = None  # the first num_samples of the calibration samples
     rearrange: bool | None = None
     tune: bool | None = None
     per_sample_fisher: bool | None = None
-    latency_table: str | None = None  # a table file written by inc_plugins.latency_table
-    latency_backend: str | None = None
+    latency_table: Annotated[str, Field(max_length=4096)] | None = None  # a table file written by inc_plugins.latency_table
+    latency_backend: Annotated[str, Field(max_length=100)] | None = None
     allow_foreign_latency_table: bool | None = None
-    damp: Annotated[float, Field(ge=0)] | None = None
-    max_abs_scale: Annotated[float, Field(gt=0)] | None = None
+    damp: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    max_abs_scale: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
     # wanda
     comparison_group: Literal["per_output", "per_layer", "global"] | None = None
     use_variant: bool | None = None
 
     # network_trimming: activations with |x| <= apoz_threshold count as zeros (GELU/SiLU; 0 for ReLU)
-    apoz_threshold: Annotated[float, Field(ge=0)] | None = None
+    apoz_threshold: Annotated[float, Field(ge=0, le=1e6)] | None = None
 
     # particle_filter (the pruner validates the values and names the bad key)
     granularity: Literal["channel", "kernel", "intra_kernel"] | None = None
-    num_particles: Annotated[int, Field(ge=1)] | None = None
-    iterations: Annotated[int, Field(ge=1)] | None = None
-    weighting: str | None = None
-    temperature: Annotated[float, Field(gt=0)] | None = None
+    # each particle of each iteration is one evaluation of the model on the calibration batches
+    num_particles: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    iterations: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    weighting: Annotated[str, Field(max_length=100)] | None = None
+    temperature: Annotated[float, Field(gt=0, le=1e6)] | None = None
     mutation_rate: Annotated[float, Field(ge=0, le=1)] | None = None
-    stride: Annotated[int, Field(ge=1)] | None = None
+    stride: Annotated[int, Field(ge=1, le=1024)] | None = None
     keep_best: bool | None = None
 
     @model_validator(mode="after")
@@ -244,9 +243,11 @@ class PruningStage(_Strict):
         """The keys INC's WeightPruningConfig understands, with INC's defaults for what the recipe left out, plus
         the pruner-specific keys the recipe set."""
         settings = self.model_dump(
-            include={"pruning_type", "target_sparsity", "pattern", "op_names", "excluded_op_names", "pruning_scope",
+            include={"pruning_type", "target_sparsity", "op_names", "excluded_op_names", "pruning_scope",
                      "start_step", "pruning_frequency", "sparsity_decay_type"}
         )
+        if self.pattern is not None:  # else the pruning type's own default applies
+            settings["pattern"] = self.pattern
         settings["end_step"] = self.end_step if self.end_step is not None else max(self.training_steps - 1, self.start_step)
         for key in TYPE_SPECIFIC_KEYS.get(self.pruning_type, ()):
             if getattr(self, key) is not None:
@@ -256,39 +257,40 @@ class PruningStage(_Strict):
         return settings
 
 
-class Evaluation(_Strict):
-    batch_size: Annotated[int, Field(ge=1)] = 128
+class Evaluation(Strict):
+    batch_size: BatchSize = 128
 
 
-class Benchmark(_Strict):
+class Benchmark(Strict):
     """Optional last stage: latency of the dense and the pruned model on `benchmarks.backends` backends, timed in
     alternating rounds in one process so a busy machine slows both alike. Inputs are `batch_size` x `seq_len`
     random token ids (seeded)."""
 
-    backends: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["eager-fp32"])
-    batch_size: Annotated[int, Field(ge=1)] = 8
+    backends: Annotated[list[Annotated[str, Field(max_length=100)]], Field(min_length=1, max_length=50)] = Field(
+        default_factory=lambda: ["eager-fp32"])
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
     seq_len: Annotated[int, Field(ge=1, le=8192)] = 128
-    warmup: Annotated[int, Field(ge=0)] = 3
-    rounds: Annotated[int, Field(ge=1)] = 10
-    seed: int = 0
+    warmup: Annotated[int, Field(ge=0, le=1000)] = 3
+    rounds: Annotated[int, Field(ge=1, le=10_000)] = 10
+    seed: Seed = 0
 
 
-class Output(_Strict):
+class Output(Strict):
     """Runs go to `<dir>/<recipe name>-<UTC time>/`; an existing run directory is never overwritten."""
 
-    dir: Path = Path("runs")
+    dir: LocalPath = Path("runs")
 
 
-class Recipe(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    description: str = ""
+class Recipe(Strict):
+    name: RecipeName
+    description: Description = ""
     # text_classification: single sentences or sentence pairs (`data`); causal_lm: perplexity on a `corpus`
     task: Literal["text_classification", "causal_lm"] = "text_classification"
     model: ModelSource
     data: DataSource = Field(default_factory=DataSource)
     corpus: Corpus | None = None
     finetune: FineTune | None = None
-    pruning: Annotated[list[PruningStage], Field(min_length=1)]
+    pruning: Annotated[list[PruningStage], Field(min_length=1, max_length=100)]
     # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
     # has layers of different sizes and loads with inc_plugins.models.slimming.load_slimmed, not from_pretrained.
     slim: bool = False
@@ -319,33 +321,15 @@ class Recipe(_Strict):
             )
         return self
 
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names allowed at a location of the recipe, for 'did you mean' hints."""
-    node: typing.Any = Recipe
-    for part in loc:
-        while typing.get_origin(node) in (typing.Union, types.UnionType, list, Annotated):
-            args = [a for a in typing.get_args(node) if a is not type(None)]
-            node = args[0]
-        if isinstance(part, int):
-            continue
-        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
-            return []
-        node = node.model_fields[part].annotation
-    while typing.get_origin(node) in (typing.Union, types.UnionType, list, Annotated):
-        node = [a for a in typing.get_args(node) if a is not type(None)][0]
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
-
-
-def _describe(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "recipe"
-    if error["type"] == "extra_forbidden":
-        allowed = _fields_at(error["loc"][:-1])
-        close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown key '{where}'.{hint} Allowed here: {', '.join(allowed)}"
-    given = f" (got {error['input']!r})" if not isinstance(error.get("input"), dict) else ""
-    return f"'{where}': {error['msg']}{given}"
+    def input_paths(self) -> list[Path]:
+        """The local files and folders the recipe reads: a run may never replace a directory that holds one."""
+        paths = [self.model.path]
+        if self.data.files is not None:
+            paths += [self.data.files.train, self.data.files.dev]
+        if self.corpus is not None:
+            paths += [self.corpus.calibration.file, self.corpus.evaluation.file]
+        paths += [stage.latency_table for stage in self.pruning]
+        return [Path(path) for path in paths if path is not None]
 
 
 def parse_recipe(data: typing.Any, source: str = "recipe") -> Recipe:
@@ -358,8 +342,7 @@ def parse_recipe(data: typing.Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
-        raise RecipeError(f"{source} is not a valid recipe:\n  " + "\n  ".join(lines)) from None
+        raise validation_error(err, Recipe, source, "recipe") from None
 
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -368,6 +351,8 @@ RECIPES_DIR = Path(__file__).resolve().parent
 def resolve_recipe_path(name: str | Path) -> Path:
     """A path as given, or a bare file name looked up in the shipped recipes/ folder."""
     path = Path(name)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory; give a recipe file (.yaml) or the name of a shipped recipe")
     if path.is_file():
         return path
     shipped = RECIPES_DIR / path.name
@@ -401,12 +386,14 @@ def resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
 
 
 def load_recipe(name: str | Path) -> Recipe:
-    """Reads (yaml.safe_load: no Python objects), validates, and resolves paths relative to the recipe file."""
+    """Reads (plain data only, within the limits of recipe_yaml), validates, and resolves paths relative to the recipe file."""
     path = resolve_recipe_path(name)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+        data = load_recipe_yaml(path)
+    except RecipeYAMLError as err:
+        raise RecipeError(str(err)) from None
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
     recipe = parse_recipe(data, source=str(path))
     # other recipe kinds (e.g. the digits recipes, if parse_recipe hands them on) resolve their own paths
     return resolve_relative_paths(recipe, path.resolve().parent) if isinstance(recipe, Recipe) else recipe

@@ -10,6 +10,7 @@ import re
 from torch import nn
 
 from inc_plugins import PruningConfigError
+from inc_plugins.inc.config_checks import default_pattern
 from inc_plugins.inc.layer_selection import select_layers
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 
@@ -37,7 +38,7 @@ def check_pattern_fits(model: nn.Module, stage: PruningStage, where: str) -> Non
     """Raises RecipeError naming the first layer whose weight the stage's pattern cannot tile."""
     if stage.pruning_type in PATTERN_FREE_TYPES:
         return
-    pattern = stage.pattern.split("_")[-1]
+    pattern = stage.pattern or default_pattern(stage.pruning_type)
     block, n_of_m = BLOCK_PATTERN.match(pattern), N_OF_M_PATTERN.match(pattern)
     if block is None and n_of_m is None:
         return  # channel patterns fit any shape
@@ -53,7 +54,7 @@ def check_pattern_fits(model: nn.Module, stage: PruningStage, where: str) -> Non
                     f"size a multiple of {columns}" if block else
                     f"N:M groups run along the input, which needs an input size that is a multiple of {columns}")
             raise RecipeError(
-                f"{where}: pattern {stage.pattern!r} does not fit layer {name!r} with weight shape "
+                f"{where}: pattern {pattern!r} does not fit layer {name!r} with weight shape "
                 f"{list(module.weight.shape)} ([out, in] = [{out_size}, {in_size}]): {need}. Exclude the layer "
                 f"(excluded_op_names) or pick a pattern that divides it"
             )

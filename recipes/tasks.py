@@ -9,21 +9,21 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import inc_plugins
+from inc_plugins.finite_checks import check_metric
 from inc_plugins.models.slimming import save_slimmed
 from inc_plugins.post_training.data import average_sequence_length
 
 from . import finetune_cache
-from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, model_directory
+from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, load_local_causal_lm
 from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
 from .pruning_stage import run_pruning_stage, prune_with_batches
 from .schema import PruningStage, Recipe, RecipeError, TextSource
 from .tabular_data import file_examples, hub_examples
-from .text_classification import epochs_to_steps, evaluate, tokenized_batches, train
-from .text_corpora import moby_dick_text, sotu_text, token_windows
+from .text_classification import epochs_to_steps, evaluate, evaluated_model, tokenized_batches, train
+from .text_corpora import corpus_file_text, moby_dick_text, sotu_text, token_windows
 
 LOAD_SLIMMED = "from inc_plugins.models.slimming import load_slimmed; model = load_slimmed({path!r})"
 MOVIE_SNIPPETS_NOTE = "movie-snippet sentiment (SST-2-like), not the official SST-2 labels or split"
@@ -33,7 +33,7 @@ def classification_examples(recipe: Recipe):
     """(train, dev) examples of the recipe's data, and a note on what they are."""
     data, num_labels = recipe.data, recipe.model.num_labels
     if data.asset == "movie-snippets":
-        train_examples, dev_examples = train_dev_split(load_examples(), data.dev_size, data.seed)
+        train_examples, dev_examples = _split(load_examples(), data, "the movie-snippets asset")
         note = MOVIE_SNIPPETS_NOTE
     else:
         if data.files is not None:
@@ -43,11 +43,18 @@ def classification_examples(recipe: Recipe):
             train_examples, dev_examples = hub_examples(data, num_labels)
             note = f"hub dataset {data.hub.name}" + (f"/{data.hub.config}" if data.hub.config else "")
         if dev_examples is None:
-            train_examples, dev_examples = train_dev_split(train_examples, data.dev_size, data.seed)
+            train_examples, dev_examples = _split(train_examples, data, note)
         dev_examples = dev_examples[: data.dev_size]
     if data.max_train_samples is not None:
         train_examples = train_examples[: data.max_train_samples]
     return train_examples, dev_examples, note
+
+
+def _split(examples, data, what: str):
+    try:
+        return train_dev_split(examples, data.dev_size, data.seed)
+    except ValueError as err:
+        raise RecipeError(f"data.dev_size: {err} in {what}; lower dev_size or add a dev file") from None
 
 
 class TextClassificationTask:
@@ -117,9 +124,7 @@ class TextClassificationTask:
 
 def corpus_text(source: TextSource) -> str:
     if source.file is not None:
-        if not source.file.is_file():
-            raise RecipeError(f"corpus file {str(source.file)!r} does not exist (paths are relative to the recipe file)")
-        return source.file.read_text(encoding="utf-8")
+        return corpus_file_text(source.file)
     return {"sotu": sotu_text, "moby-dick": moby_dick_text}[source.asset]()
 
 
@@ -135,13 +140,7 @@ class CausalLMTask:
             if source.asset is not None:
                 self.model, self.tokenizer = load_causal_lm(source.asset)
             else:
-                from transformers import AutoTokenizer
-
-                kwargs = {"revision": source.revision, "trust_remote_code": source.trust_remote_code,
-                          "local_files_only": source.hub_id is None}
-                where = model_directory(source)
-                self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-                self.model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs).eval()
+                self.model, self.tokenizer = load_local_causal_lm(source)
             try:
                 self.calibration_text = corpus_text(corpus.calibration)
                 self.evaluation_windows = token_windows(self.tokenizer, corpus_text(corpus.evaluation),
@@ -174,8 +173,9 @@ class CausalLMTask:
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
         windows = self.evaluation_windows
-        return {"perplexity": perplexity(model, windows, batch_size=self.recipe.evaluation.batch_size),
-                "windows": len(windows), "tokens_per_window": windows.shape[1]}
+        value = perplexity(model, windows, batch_size=self.recipe.evaluation.batch_size)
+        check_metric(model, "perplexity", value, evaluated_model(desc))  # NaN/Inf: stop, naming the first bad weight
+        return {"perplexity": value, "windows": len(windows), "tokens_per_window": windows.shape[1]}
 
     def probe_batch(self) -> dict:
         return {"input_ids": self.evaluation_windows[:1]}

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from inc_plugins.finite_checks import check_outputs, check_trained_weights, check_training_loss
+
 from .movie_snippets import Example
 
 
@@ -37,7 +39,9 @@ def cycle(batches: list) -> Iterator:
 def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate: float, desc: str,
           optimizer: torch.optim.Optimizer | None = None,
           after_step: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW with linear decay for `steps` steps over the (cycled) batches; returns the loss of each step."""
+    """AdamW with linear decay for `steps` steps over the (cycled) batches; returns the loss of each step.
+
+    A non-finite loss (checked every step) or weight (checked at the end) raises NonFiniteError naming the step."""
     model.train()
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
@@ -45,14 +49,16 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate
     progress = tqdm(range(steps), desc=desc, unit="step")
     for step, batch in zip(progress, cycle(batches)):
         loss = model(**batch).loss
+        losses.append(loss.item())
+        check_training_loss(model, losses[-1], step + 1, desc)  # before the update spreads NaN to every weight
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if after_step is not None:
             after_step(step)
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    check_trained_weights(model, steps, desc)
     model.eval()
     return losses
 
@@ -61,14 +67,22 @@ def epochs_to_steps(epochs: float, n_batches: int) -> int:
     return max(1, math.ceil(epochs * n_batches))
 
 
+def evaluated_model(desc: str) -> str:
+    """What an evaluation's `desc` ("evaluate dense", "evaluate pruned") evaluates, for error messages."""
+    return next((f"the {word} model" for word in ("dense", "pruned") if word in desc.split()), "the model")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate") -> dict[str, float]:
-    """Accuracy and (for two classes) F1 of the positive class."""
+    """Accuracy and (for two classes) F1 of the positive class. NonFiniteError when the logits hold NaN or Inf
+    (argmax would rank them silently)."""
     model.eval()
     predictions, labels = [], []
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        predictions.append(model(**inputs).logits.argmax(-1))
+        logits = model(**inputs).logits
+        check_outputs(model, logits, "logits", evaluated_model(desc), index)
+        predictions.append(logits.argmax(-1))
         labels.append(batch["labels"])
     pred, gold = torch.cat(predictions), torch.cat(labels)
     metrics = {"accuracy": (pred == gold).float().mean().item(), "examples": len(gold)}

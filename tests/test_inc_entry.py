@@ -61,6 +61,8 @@ def recording_type(monkeypatch):
     monkeypatch.setattr("inc_plugins.inc.config_checks.ONE_SHOT_PRUNINGS", one_shot.ONE_SHOT_PRUNINGS)
     monkeypatch.setattr(one_shot, "PLUGIN_CONFIG_KEYS", set(one_shot.PLUGIN_CONFIG_KEYS))
     monkeypatch.setattr("inc_plugins.inc.entry.PLUGIN_CONFIG_KEYS", one_shot.PLUGIN_CONFIG_KEYS)
+    monkeypatch.setattr(one_shot, "TYPE_CONFIG_KEYS", dict(one_shot.TYPE_CONFIG_KEYS))
+    monkeypatch.setattr(one_shot, "DEFAULT_PATTERNS", dict(one_shot.DEFAULT_PATTERNS))
     monkeypatch.setitem(PRUNINGS, "recording_pruning", RecordingPruning)
     one_shot.register_one_shot_pruning("recording", config_keys=("flavour",))(RecordingPruning)
     RecordingPruning.calls = []

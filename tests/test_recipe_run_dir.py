@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from recipes import apply
+from recipes.run_dir import RUN_MARKER
 from recipes.schema import RecipeError, load_recipe, parse_recipe
 from recipes.tasks import TextClassificationTask
 
@@ -37,7 +38,8 @@ def test_two_stages_slim_in_between_and_the_report_matches_the_saved_weights(wor
     tmp_path, model_dir = workspace
     run_dir = apply.run(parse_recipe(two_stage_recipe(model_dir)))
     assert run_dir.parent == tmp_path / "runs"  # the default output dir is relative to the working directory
-    assert {p.name for p in run_dir.iterdir()} == {"model", "recipe.yaml", "report.json", "summary.md", "sparsity.png"}
+    assert {p.name for p in run_dir.iterdir()} == {"model", "recipe.yaml", "report.json", "summary.md", "sparsity.png",
+                                                   RUN_MARKER}
     assert not [p for p in run_dir.parent.iterdir() if p != run_dir]  # no staging or failed leftovers
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "succeeded"

@@ -17,7 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 import inc_plugins
 from inc_plugins.algorithms.wanda import InputFeatureNorms, global_masks, per_output_mask, wanda_scores
-from inc_plugins.inc.wanda import NonFiniteActivationError, WandaPruner, WandaPruning, WandaScoreCriterion
+from inc_plugins.finite_checks import NonFiniteError
+from inc_plugins.inc.wanda import WandaPruner, WandaPruning, WandaScoreCriterion
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 from inc_plugins.testing.calibration_data import image_batches, token_batches
@@ -312,17 +313,17 @@ def test_empty_dataloader():
         wanda(tiny_llama_lm(), [])
 
 
-def test_nan_images_name_the_first_layer():
+def test_nan_images_are_named_as_calibration_data():
     images = [(torch.full((2, 1, 8, 8), float("nan")), torch.zeros(2, dtype=torch.long))]
-    with pytest.raises(NonFiniteActivationError, match=r"'features\.0\.0' \(block 0\).*NaN or Inf"):
+    with pytest.raises(NonFiniteError, match=r"calibration batch 0 .*128 NaN.*check the calibration data"):
         wanda(tiny_cnn(), images)
 
 
-def test_nan_inside_a_block_names_the_layer_that_receives_it():
+def test_inf_weight_inside_a_block_names_the_layer_that_holds_it():
     model = tiny_llama_lm()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteActivationError, match=r"'model\.layers\.0\.mlp\.down_proj'"):
+    with pytest.raises(NonFiniteError, match=r"weight of layer 'model\.layers\.0\.mlp\.up_proj' holds 0 NaN and 1 Inf"):
         wanda(model, TOKENS)
     assert all(not hook for hook in (m._forward_pre_hooks for m in model.modules()))  # hooks are removed
 

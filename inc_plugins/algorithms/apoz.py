@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from inc_plugins.finite_checks import check_tensor
+
 from .bn_slimming import prune_lowest_channels
 
 # Activations whose outputs are exactly zero on part of their domain (APoZ as in the paper).
@@ -165,7 +167,8 @@ class APoZMonitor:
     activation module runs (its APoZ is counted if its output has the target's output shape), and it is dropped
     when any module other than a pass-through (matching BatchNorm, Dropout, Identity, a container finishing)
     runs first. Shared activation modules (one ReLU instance called after several layers) work, since each call
-    is matched to the most recent target. ``threshold``: see the module docstring.
+    is matched to the most recent target. ``threshold``: see the module docstring. An activation output that holds
+    NaN or Inf raises NonFiniteError naming the layer, from inside the forward pass.
     """
 
     def __init__(self, model: nn.Module, targets: Mapping[str, nn.Module], threshold: float | None = None):
@@ -239,6 +242,8 @@ class APoZMonitor:
         self._state.pending = None  # another layer consumed the output first: no activation site this time
 
     def _record(self, pending: _Pending, activation: nn.Module, kind: str, output: Tensor) -> None:
+        # NaN is never counted as zero (|NaN| <= t is False): it would pass for an always-active channel
+        check_tensor(output, pending.name, "output activation", f"APoZ read at {self._names[id(activation)]!r}")
         threshold = self._threshold_for(kind, pending.name, activation)
         layer = self.targets[pending.name]
         channel_dim = output_channel_dim(layer)

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from inc_plugins.finite_checks import check_batch, check_parameters, check_tensor
+
 GRANULARITIES = ("channel", "kernel", "intra_kernel")
 WEIGHTINGS = ("linear", "exp")
 
@@ -292,17 +294,21 @@ def split_labelled_batch(batch) -> tuple[tuple, dict, Tensor]:
 
 @torch.no_grad()
 def misclassification_rate(model: nn.Module, batches: Iterable) -> float:
-    """Fraction of examples whose argmax logit differs from the label, over all batches (model in eval mode)."""
+    """Fraction of examples whose argmax logit differs from the label, over all batches (model in eval mode).
+
+    Raises NonFiniteError when the logits hold NaN or Inf (argmax would rank them silently)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     wrong = total = 0
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             args, kwargs, labels = split_labelled_batch(batch)
             args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-            predictions = _logits(model(*args, **kwargs)).argmax(dim=-1)
+            logits = _logits(model(*args, **kwargs))
+            check_tensor(logits, None, "the model's output (logits)", f"misclassification rate on batch {index}")
+            predictions = logits.argmax(dim=-1)
             labels = labels.to(predictions.device)
             wrong += int((predictions != labels).sum())
             total += labels.numel()
@@ -330,12 +336,17 @@ def particle_filter_prune(
     ``batches``: labelled evaluation batches (materialised once). ``companions``: {conv name: the BatchNorm that
     follows it}, whose scale and shift are zeroed with pruned output channels. With ``"channel"`` the conv's bias
     is zeroed for pruned output channels too; kernel-level patterns leave biases and BatchNorm alone.
+    Raises NonFiniteError, before pruning anything, when a parameter of ``model`` or a batch holds NaN or Inf, and
+    when the logits of a candidate pattern do (an overflow inside the model).
     """
     batches = list(batches)
     if not batches:
         raise ValueError("particle-filter pruning needs labelled evaluation batches, got none")
     for batch in batches[:1]:
         split_labelled_batch(batch)
+    check_parameters(model, "particle filter")
+    for index, batch in enumerate(batches):
+        check_batch(batch, index, "particle filter")
     generator = torch.Generator().manual_seed(settings.seed)
     companions = dict(companions or {}) if granularity == "channel" else {}
     results = {}

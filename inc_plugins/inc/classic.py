@@ -114,6 +114,7 @@ from inc_plugins.algorithms.particle_filter import (
     particle_filter_prune,
     split_labelled_batch,
 )
+from inc_plugins.finite_checks import NonFiniteError, check_batch, check_parameters, check_tensor
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 
 from .config import pruning_config
@@ -343,7 +344,7 @@ class _OneShotClassic(BasePruning):
 # --- network trimming (APoZ) ---------------------------------------------------------------------------------
 
 
-@register_one_shot_pruning("network_trimming", config_keys=("apoz_threshold",))
+@register_one_shot_pruning("network_trimming", config_keys=("apoz_threshold",), default_pattern="1xchannel")
 class NetworkTrimmingPruning(_OneShotClassic):
     """One-shot network trimming: prune the output channels/neurons with the highest APoZ (see the module doc).
 
@@ -374,6 +375,7 @@ class NetworkTrimmingPruning(_OneShotClassic):
         monitors = [APoZMonitor(model, pruner.modules, _apoz_threshold(info))
                     for pruner, info in zip(self.pruners, self.pruners_info)]
         device = next(model.parameters()).device
+        check_parameters(model, "network_trimming")
         was_training = model.training
         model.eval()
         seen = 0
@@ -382,12 +384,15 @@ class NetworkTrimmingPruning(_OneShotClassic):
                 for monitor in monitors:
                     stack.enter_context(monitor)
                 for batch in dataloader:
+                    check_batch(batch, seen, "network_trimming")
                     args, kwargs = _model_inputs(batch)
                     valid = kwargs.get("attention_mask")
                     for monitor in monitors:
                         monitor.valid_positions = valid
                     model(*(_to(a, device) for a in args), **{k: _to(v, device) for k, v in kwargs.items()})
                     seen += 1
+        except NonFiniteError:
+            raise
         except ValueError as error:
             raise PruningConfigError(str(error)) from error
         finally:
@@ -471,7 +476,7 @@ class APoZCriterion(HookFedCriterion):
 # --- network slimming ----------------------------------------------------------------------------------------
 
 
-@register_one_shot_pruning("network_slimming", needs_data=False)
+@register_one_shot_pruning("network_slimming", needs_data=False, default_pattern="1xchannel")
 class NetworkSlimmingPruning(_OneShotClassic):
     """One-shot network slimming: mask the channels with the smallest BatchNorm ``|gamma|`` (see the module doc).
 
@@ -503,6 +508,10 @@ class NetworkSlimmingPruning(_OneShotClassic):
 
     def _prune(self, dataloader) -> None:
         self.keep = {}
+        for name in self.batchnorm_of.values():  # what the ranking reads, then the rest of the model
+            check_tensor(self._model.get_submodule(name).weight.detach(), name, "BatchNorm scale (gamma)",
+                         "network_slimming", "check the model file and the sparsity training that produced it")
+        check_parameters(self._model, "network_slimming")
         for pruner, info in zip(self.pruners, self.pruners_info):
             scales = {self.batchnorm_of[name]: self._model.get_submodule(self.batchnorm_of[name]).weight.detach().abs()
                       for name in pruner.modules}
@@ -597,7 +606,8 @@ def particle_filter_settings(info: Mapping[str, Any]) -> tuple[str, ParticleFilt
         raise PruningConfigError(f"particle_filter: {error}") from error
 
 
-@register_one_shot_pruning("particle_filter", config_keys=_PF_KEYS)
+# the default granularity is "channel"; "kernel" / "intra_kernel" need pattern "1x1" set explicitly
+@register_one_shot_pruning("particle_filter", config_keys=_PF_KEYS, default_pattern="1xchannel")
 class ParticleFilterPruning(_OneShotClassic):
     """One-shot particle-filter structured pruning of Conv2d layers (see the module doc).
 

@@ -1,19 +1,35 @@
 """Clear errors for pruning settings, raised before INC's bare assertions can fire."""
 
 import difflib
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner.criteria import CRITERIA
 
-from .one_shot import ONE_SHOT_PRUNINGS
+from . import one_shot
+from .one_shot import ONE_SHOT_PRUNINGS, default_pattern  # noqa: F401  (default_pattern: re-exported)
 
-_PATTERN_FORMS = (
-    re.compile(r"^(\d+|channel)x(\d+|channel)$"),  # NxM blocks, channelx1, 1xchannel
-    re.compile(r"^\d+:\d+$"),  # N:M, N of every M pruned
-    re.compile(r"^.*mha.*$"),  # attention heads (INC's own MHA pruner)
+# INC reads patterns loosely: it drops everything up to the last "_", runs any string with "x" as NxM (so
+# "4x1x2" is 4x1), and "0x4" / "1x0" pass its checks and divide by zero later. Only what its pattern classes
+# (patterns/nxm.py, ninm.py, mha.py) really implement is accepted here, spelled one way (no leading zeros).
+# INC 3.7.1 itself has no prefixed form (INC 1.x's "tile_pattern_4x1" is gone).
+_COUNT = r"[1-9][0-9]*"
+_NXM = re.compile(rf"^(?:{_COUNT}|channel)x{_COUNT}$|^{_COUNT}x(?:{_COUNT}|channel)$")  # not channelxchannel
+_NM = re.compile(rf"^({_COUNT}):({_COUNT})$")
+ALLOWED_PATTERNS = (
+    "'NxM' with whole numbers N, M >= 1 (e.g. '1x1', '4x1'), 'channelxM' or 'Nxchannel' (e.g. 'channelx1', "
+    "'1xchannel'), 'N:M' with 0 < N < M (N of every M weights pruned, e.g. '2:4') or 'mha' (attention heads)"
 )
+
+# The keys INC 3.7.1 knows (for others its process_config logs "<key> is not supported for config"):
+# WeightPruningConfig's settings plus the ones process_config fills in itself.
+INC_CONFIG_KEYS = frozenset(
+    name for name, p in inspect.signature(WeightPruningConfig).parameters.items()
+    if p.kind is not p.VAR_KEYWORD and name not in ("pruning_configs", "backend")
+) | {"criterion_type", "resume_from_pruned_checkpoint", "reg_type", "criterion_reduce_type", "parameters", "reg_coeff"}
 
 
 class PruningConfigError(ValueError):
@@ -33,8 +49,46 @@ def _nearest(name: str, choices: Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def _is_pattern(name: str) -> bool:
+    return name == "mha" or _NXM.match(name) is not None or _NM.match(name) is not None
+
+
+def _check_pattern(pattern: Any, pruning_type: str, sparsity: float) -> None:
+    if not isinstance(pattern, str) or not _is_pattern(pattern):
+        suffix = pattern.split("_")[-1] if isinstance(pattern, str) else ""
+        hint = f" Did you mean {suffix!r}?" if "_" in str(pattern) and _is_pattern(suffix) else ""
+        raise PruningConfigError(f"pattern {pattern!r} is not understood: use {ALLOWED_PATTERNS}.{hint}")
+    nm = _NM.match(pattern)
+    if nm:
+        n, m = int(nm.group(1)), int(nm.group(2))
+        if not n < m:
+            raise PruningConfigError(f"pattern {pattern!r}: N:M prunes N of every M weights, so it needs 0 < N < M")
+        # pattern_lock only keeps existing zeros, so INC does not bound its target (utils.check_config)
+        if pruning_type != "pattern_lock" and sparsity > n / m + 1e-9:
+            raise PruningConfigError(
+                f"target_sparsity {sparsity} is above what pattern {pattern!r} can reach ({n}/{m})"
+            )
+
+
+def _check_keys(settings: Mapping[str, Any], pruning_type: str) -> None:
+    """A one-shot plugin type refuses keys it does not read: INC would only log and prune without them."""
+    own = one_shot.TYPE_CONFIG_KEYS.get(pruning_type)
+    if own is None:  # INC's types: INC warns itself, and its pruners host plugin criteria with their own keys
+        return
+    unknown = sorted(set(settings) - INC_CONFIG_KEYS - own)
+    if unknown:
+        key = unknown[0]
+        raise PruningConfigError(
+            f"pruning_type {pruning_type!r} has no config key {key!r}.{_nearest(key, own | INC_CONFIG_KEYS)} "
+            f"Its own keys: {', '.join(sorted(own)) or 'none'}; INC's keys: {', '.join(sorted(INC_CONFIG_KEYS))}"
+        )
+
+
 def check_pruner_settings(settings: Mapping[str, Any]) -> None:
-    """Raise PruningConfigError naming the bad key, the given value and what is allowed."""
+    """Raise PruningConfigError naming the bad key, the given value and what is allowed.
+
+    `settings` is one pruner's resolved settings; with no "pattern" (or None) the pruning type's default applies.
+    """
     pruning_type = settings.get("pruning_type")
     allowed = known_pruning_types()
     if pruning_type not in allowed:
@@ -45,14 +99,5 @@ def check_pruner_settings(settings: Mapping[str, Any]) -> None:
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
         raise PruningConfigError(f"target_sparsity must be a number in [0, 1), got {sparsity!r}")
     pattern = settings.get("pattern")
-    if not isinstance(pattern, str) or not any(form.match(pattern.split("_")[-1]) for form in _PATTERN_FORMS):
-        raise PruningConfigError(
-            f"pattern {pattern!r} is not understood: use 'NxM' (e.g. '1x1', '4x1', 'channelx1'), "
-            f"'N:M' (N of every M weights pruned, e.g. '2:4') or 'mha' (attention heads)"
-        )
-    if ":" in pattern:
-        n, m = (int(v) for v in pattern.split("_")[-1].split(":"))
-        if not 0 < n < m:
-            raise PruningConfigError(f"pattern {pattern!r}: N:M prunes N of every M weights, so it needs 0 < N < M")
-        if sparsity > n / m + 1e-9:
-            raise PruningConfigError(f"target_sparsity {sparsity} is above what pattern {pattern!r} can reach ({n}/{m})")
+    _check_pattern(default_pattern(pruning_type) if pattern is None else pattern, pruning_type, sparsity)
+    _check_keys(settings, pruning_type)

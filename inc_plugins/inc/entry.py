@@ -13,10 +13,19 @@ from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_pruning
 from neural_compressor.compression.pruner.utils import process_config
 
-from .config import private_copy
+from ..finite_checks import check_model_and_calibration
+from .config import inc_defaults_restored, private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
 from .decoder_outputs import tuple_layer_outputs
-from .one_shot import DATA_FREE_TYPES, ONE_SHOT_PRUNINGS, PLUGIN_CONFIG_KEYS, one_shot_pruning_class
+from .one_shot import (
+    DATA_FREE_TYPES,
+    INC_DEFAULT_PATTERN,
+    ONE_SHOT_PRUNINGS,
+    PLUGIN_CONFIG_KEYS,
+    default_pattern,
+    one_shot_pruning_class,
+    plugin_keys_read_by,
+)
 
 
 def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -24,6 +33,27 @@ def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
     global_settings = dict(config.weight_compression)
     locals_ = config.pruning_configs or [{}]
     return [{**global_settings, **{k: v for k, v in entry.items() if v is not None}} for entry in locals_]
+
+
+def _give_type_default_patterns(config: WeightPruningConfig) -> None:
+    """An entry with no pattern gets its pruning type's default, unless the user set a global pattern: INC would
+    give it the global default "4x1", which e.g. Wanda and the channel pruners cannot run. (A global "4x1" set
+    on purpose cannot be told from INC's default; the plugin types that refuse it lose nothing.)"""
+    if config.weight_compression["pattern"] != INC_DEFAULT_PATTERN:
+        return
+    for entry in config.pruning_configs:
+        if entry.get("pattern") is None:
+            entry["pattern"] = default_pattern(entry.get("pruning_type") or config.weight_compression["pruning_type"])
+
+
+def _check_entries(config: WeightPruningConfig, settings: list[dict]) -> None:
+    """Check each pruner's settings. A plugin key set globally is inherited by every entry; it is not an error
+    for an entry whose type does not read it when another entry's type does."""
+    read_by = [plugin_keys_read_by(entry["pruning_type"]) for entry in settings]
+    for index, (local, entry) in enumerate(zip(config.pruning_configs, settings)):
+        for_others = set().union(*(keys for other, keys in enumerate(read_by) if other != index))
+        inherited = (set(config.weight_compression) - set(local)) & (for_others - read_by[index])
+        check_pruner_settings({k: v for k, v in entry.items() if k not in inherited})
 
 
 def _sub_config(config: WeightPruningConfig, local_entries: list[dict]) -> WeightPruningConfig:
@@ -64,15 +94,17 @@ def prepare_pruning(
 ):
     """Same arguments and return value as `neural_compressor.compression.pruner.prepare_pruning`.
 
-    The config is copied first: INC writes resolved settings into it, which would leak into later configs
-    that share its default lists. Returns one pruning object, or a list when several flows were started.
+    The config is rebuilt first from a private copy of the caller's values (see `private_copy`): INC writes
+    resolved settings into configs and into its own default lists, which would leak into later configs. Entries
+    without a pattern get their pruning type's default (`one_shot.default_pattern`). Returns one pruning object,
+    or a list when several flows were started.
     """
     if not isinstance(config, WeightPruningConfig):
         raise PruningConfigError(f"config must be a neural_compressor.WeightPruningConfig, got {type(config).__name__}")
     config = private_copy(config)
+    _give_type_default_patterns(config)
     settings = _settings_per_pruner(config)
-    for entry in settings:
-        check_pruner_settings(entry)
+    _check_entries(config, settings)
 
     local_entries = config.pruning_configs or [{}]
     is_plugin = [entry["pruning_type"] in ONE_SHOT_PRUNINGS for entry in settings]
@@ -81,8 +113,10 @@ def prepare_pruning(
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys
         inc_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if not p])
         uses_sparse_gpt = any("gpt" in e["pruning_type"] for e, p in zip(settings, is_plugin) if not p)
+        if uses_sparse_gpt and dataloader is not None:  # INC's SparseGPT would spread a NaN through its solves
+            check_model_and_calibration(model, dataloader, "sparse_gpt")
         with tuple_layer_outputs(model) if uses_sparse_gpt and dataloader is not None else contextlib.nullcontext():
-            with _inc_quiet_about_plugin_keys():
+            with _inc_quiet_about_plugin_keys(), inc_defaults_restored():
                 started = inc_prepare_pruning(model, _sub_config(config, inc_entries), optimizer, dataloader,
                                               loss_func, device=device)
         prunings.extend(started if isinstance(started, list) else [started])
@@ -92,7 +126,7 @@ def prepare_pruning(
         if dataloader is None and needing_data:
             raise PruningConfigError(f"pruning types {needing_data} prune one-shot from calibration data: pass dataloader=")
         plugin_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if p])
-        with _inc_quiet_about_plugin_keys():
+        with _inc_quiet_about_plugin_keys(), inc_defaults_restored():
             plugin_infos = process_config(_sub_config(config, plugin_entries))
         by_type: dict[str, list] = {}
         for info in plugin_infos:

@@ -80,7 +80,8 @@ def _pruner_config(info, pattern: str):
 MASK_SEARCH_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(KwonSettings) if f.name != "target_sparsity")
 
 
-@register_one_shot_pruning("mask_search", config_keys=MASK_SEARCH_CONFIG_KEYS)
+# pattern does not apply (the search picks whole heads and neurons); "1xchannel" says what it prunes
+@register_one_shot_pruning("mask_search", config_keys=MASK_SEARCH_CONFIG_KEYS, default_pattern=_ROW_PATTERN)
 class MaskSearchPruning(BasePruning):
     """One-shot "mask_search" over one config entry; prunes at construction (see the module docstring).
 

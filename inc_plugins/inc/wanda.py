@@ -74,6 +74,7 @@ from inc_plugins.algorithms.wanda import (
     wanda_scores,
 )
 from inc_plugins.calibration import run_block, sequential_blocks
+from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import ArchitectureAdapter, adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 
@@ -182,8 +183,8 @@ def _fraction_pruning_exactly(count: int, numel: int) -> float:
 # --- the pruner ----------------------------------------------------------------------------------------------
 
 
-class NonFiniteActivationError(ValueError):
-    """A layer received NaN or Inf inputs during calibration."""
+class NonFiniteActivationError(NonFiniteError):
+    """A layer received NaN or Inf inputs during Wanda calibration: the ``NonFiniteError`` the layer hooks raise."""
 
 
 def _hook_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -244,12 +245,8 @@ class WandaPruner(PytorchBasePruner):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = _hook_input(args, kwargs)
             rows = input_rows(module, x)
-            if not torch.isfinite(rows).all():
-                where = f" (block {block_index})" if block_index is not None else ""
-                raise NonFiniteActivationError(
-                    f"layer {name!r}{where} received NaN or Inf activations during Wanda calibration; "
-                    f"check the calibration data and the model's weights. Blocks before it are already pruned"
-                )
+            where = f", block {block_index}" if block_index is not None else ""
+            check_tensor(rows, name, "input activation", f"Wanda calibration{where}", error=NonFiniteActivationError)
             norms.update(rows, input_samples(module, x))
 
         return hook
@@ -327,7 +324,7 @@ def select_wanda_layers(info: Mapping[str, Any], model: nn.Module, head_names: S
 # --- the one-shot flow ---------------------------------------------------------------------------------------
 
 
-@register_one_shot_pruning("wanda", config_keys=("comparison_group", "use_variant"))
+@register_one_shot_pruning("wanda", config_keys=("comparison_group", "use_variant"), default_pattern="1x1")
 class WandaPruning(BasePruning):
     """One-shot Wanda over every ``pruning_type="wanda"`` config entry; prunes at construction.
 
@@ -397,7 +394,7 @@ class WandaPruning(BasePruning):
         """One sequential pass: statistics of ``pruners``' layers block by block, pruning each block if ``prune``."""
         by_block = self._layers_by_block(pruners)
         last = max(by_block)
-        with contextlib.closing(sequential_blocks(self._model, batches, self._blocks)) as walk:
+        with contextlib.closing(sequential_blocks(self._model, batches, self._blocks, "Wanda calibration")) as walk:
             for index, block, inputs in walk:
                 layers = by_block.get(index, [])
                 if layers:

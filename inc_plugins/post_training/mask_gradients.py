@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from inc_plugins.algorithms.fisher import FisherAccumulator
+from inc_plugins.finite_checks import check_tensor
+from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.structure_masks import MaskStructure, apply_structure_masks, mask_structure
 
 from .data import slice_batch, batch_size, forward_with_labels, require_labels
@@ -62,6 +64,17 @@ def _pieces(batch: Mapping[str, Any], per_sample: bool) -> list[Mapping[str, Any
     return [slice_batch(batch, row, row + 1) for row in range(batch_size(batch))]
 
 
+_LOSS_HINT = "check the model file, the calibration data and its labels"
+
+
+def _check_gradient(grad: torch.Tensor, block_names: list[str], kind: str, during: str) -> None:
+    """The first block whose row of ``grad`` ([n_layers, n_units]) holds NaN or Inf is named."""
+    if bool(torch.isfinite(grad).all()):
+        return
+    for name, row in zip(block_names, grad):
+        check_tensor(row, name, kind, during, _LOSS_HINT)
+
+
 def collect_mask_gradients(
     model: nn.Module,
     batches: Sequence[Mapping[str, Any]],
@@ -72,7 +85,8 @@ def collect_mask_gradients(
     """Gradient of each batch's (or sequence's) loss w.r.t. every mask variable, at masks of 1.
 
     ``batches``: dict batches with ``labels`` (or any batches ``loss_func(outputs, batch)`` can score).
-    Raises ValueError when a batch has no labels and no ``loss_func`` is given, or when a gradient is not finite.
+    Raises ValueError when a batch has no labels and no ``loss_func`` is given; NonFiniteError naming the batch
+    when a loss is not finite, or the block when a gradient is not.
     """
     structure = structure or mask_structure(model)
     require_labels(list(batches), loss_func)
@@ -80,11 +94,19 @@ def collect_mask_gradients(
     head_mask = torch.ones(structure.n_layers, structure.n_head_units, device=device, requires_grad=True)
     neuron_mask = torch.ones(structure.n_layers, structure.n_neurons, device=device, requires_grad=True)
     heads, neurons = FisherAccumulator(), FisherAccumulator()
+    prefix, blocks = adapter_for(model).blocks(model)
+    block_names = [f"{prefix}.{index}" for index in range(len(blocks))]
     with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask):
-        for batch in batches:
-            for piece in _pieces(batch, per_sample):
+        for index, batch in enumerate(batches):
+            for row, piece in enumerate(_pieces(batch, per_sample)):
+                during = f"mask_search Fisher gradients, batch {index}" + (f", sequence {row}" if per_sample else "")
                 loss = forward_with_labels(model, piece, loss_func)
+                check_tensor(loss.detach(), None, "the loss", during, _LOSS_HINT)
                 head_grad, neuron_grad = torch.autograd.grad(loss, (head_mask, neuron_mask), allow_unused=True)
+                if head_grad is not None:
+                    _check_gradient(head_grad, block_names, "attention-unit mask gradient", during)
+                if neuron_grad is not None:
+                    _check_gradient(neuron_grad, block_names, "FFN-neuron mask gradient", during)
                 heads.add(head_grad if head_grad is not None else torch.zeros_like(head_mask))
                 neurons.add(neuron_grad if neuron_grad is not None else torch.zeros_like(neuron_mask))
     return MaskGradients(heads.grads(), neurons.grads(), per_sample)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
 from inc_plugins.algorithms.rearrange import rearrange_mask
+from inc_plugins.finite_checks import check_batch, check_parameters
 from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
 
 from .data import average_sequence_length, require_labels, take_samples
@@ -171,11 +172,15 @@ def prune_post_training(
     computed on these same samples (they depend on neither the target nor the other switches, so one pass can serve
     several searches); None computes them here. Raises UnsupportedModelError for families without head/neuron masks,
     ValueError for batches without labels, a target that cannot be met, or a bad latency table
-    (``LatencyTableMismatchError`` when it comes from another machine).
+    (``LatencyTableMismatchError`` when it comes from another machine); NonFiniteError naming the layer or batch
+    when a parameter, a calibration input, a loss or a mask gradient holds NaN or Inf.
     """
     structure = mask_structure(model)
     samples = take_samples(batches, settings.num_samples)
     require_labels(samples, loss_func)
+    check_parameters(model, "mask_search")
+    for index, batch in enumerate(samples):
+        check_batch(batch, index, "mask_search")
     table = unit_latency_table(structure, _latency_table(settings)) if settings.constraint == "latency" else None
 
     if settings.constraint == "flops":
