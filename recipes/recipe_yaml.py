@@ -16,8 +16,13 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_DEPTH = 32  # nesting of mappings and sequences
 MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded (what validation and messages walk)
 
-# YAML 1.1, which PyYAML follows, reads `1e-4` (no dot) as a string; YAML 1.2 and every user read it as a number.
-_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+# Numbers as YAML 1.2 reads them. PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string, `2:4` is the
+# base-60 number 124, `0x4` is 4 and `no` is false: a pattern or a name written without quotes would silently
+# become a number or a boolean.
+_INT = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$")  # no leading zeros: YAML 1.1 would read 010 as octal 8
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+_BOOL = re.compile(r"^(true|True|TRUE|false|False|FALSE)$")
+_TAGS_READ_AS_YAML_1_2 = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
 
 
 class RecipeYAMLError(ValueError):
@@ -58,7 +63,13 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _TAGS_READ_AS_YAML_1_2]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
 
 
 def _short(value, limit: int = 80) -> str:

@@ -200,8 +200,11 @@ def test_hostile_yaml_ends_in_one_line_quickly(tmp_path, capsys, text, expected)
     assert time.perf_counter() - start < 10
 
 
-def test_exponents_without_a_dot_are_numbers_and_merge_keys_still_work():
+def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them_and_merge_keys_still_work():
     assert load_recipe_yaml_text("a: 1e-4\nb: 5E+2\nc: '1e-4'\n") == {"a": 1e-4, "b": 500.0, "c": "1e-4"}
+    # YAML 1.1 reads these as 124, 4, 8 and False: a pattern or name without quotes would become a number
+    assert load_recipe_yaml_text("p: 2:4\nq: 0x4\nr: 010\ns: no\nt: true\n") == {
+        "p": "2:4", "q": "0x4", "r": 10.0, "s": "no", "t": True}
     assert load_recipe_yaml_text("x: &x {a: 1, b: 2}\ny: {<<: *x, a: 3}\n")["y"] == {"a": 3, "b": 2}
 
 
