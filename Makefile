@@ -49,7 +49,7 @@ bench-smoke: install
 
 # The README's benchmark figures: MiniLM, every suite, main and IPEX environments. Run on a quiet machine.
 bench: assets
-	$(BIN)/python -m benchmarks.readme_figures
+	$(BIN)/python -m benchmarks.suites.readme_figures
 
 # IPEX 2.8 only works with torch 2.8, so it gets an environment of its own (about 4 GB: the only
 # torch 2.8 on the registry is a CUDA build). The project's other dependencies are installed without its torch pin.

@@ -1,4 +1,7 @@
-"""pytest-benchmark harness: options, shared models and prepared backends, and CPU features in machine info.
+"""pytest-benchmark harness of the suites in benchmarks/suites/: options, shared models and prepared backends,
+and the machine description (``inc_plugins.perf.machine``, with the oneDNN probe) in machine info.
+
+It sits here, above suites/, so that both `pytest benchmarks/` and `pytest benchmarks/suites/...` load it.
 
     pytest benchmarks/ --benchmark-only --benchmark-json out.json             # MiniLM, full grid, default backends
     pytest benchmarks/ --benchmark-disable --bench-scale tiny --bench-backends eager-fp32   # CI smoke pass
@@ -24,9 +27,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.backends import BACKENDS, Backend, availability_table, select_backends
-from benchmarks.hardware import machine_features
-from benchmarks.pruned_models import SCALES, TINY_SCALES, VARIANTS
+from benchmarks.suites.pruned_models import SCALES, TINY_SCALES, VARIANTS, dense_task, pruned_variant
+from inc_plugins.perf.backends import BACKENDS, Backend, availability_table, select_backends
+from inc_plugins.perf.machine import load_average, machine_description
 
 FULL_GRID = [(batch, seq) for batch in (1, 8, 32) for seq in (64, 128)]
 SMALL_GRID = [(1, 64), (32, 128)]
@@ -113,15 +116,15 @@ def bench_settings(config) -> BenchSettings:
 
 
 def pytest_configure(config):
-    config._bench_started_load = os.getloadavg()
+    config._bench_started_load = load_average()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     settings = bench_settings(config)
-    machine_info["cpu_features"] = machine_features()
+    machine_info["cpu_features"] = machine_description(probe_onednn=True)
     machine_info["backends"] = availability_table()
     machine_info["bench_settings"] = settings.describe()
-    machine_info["load_average"] = {"at_start": getattr(config, "_bench_started_load", None), "at_end": os.getloadavg(),
+    machine_info["load_average"] = {"at_start": getattr(config, "_bench_started_load", None), "at_end": load_average(),
                                     "logical_cpus": os.cpu_count()}
 
 
@@ -168,14 +171,10 @@ class ModelVariants:
     """The dense task and its pruned variants, each built on first use and kept for the session."""
 
     def __init__(self, scale: str):
-        from benchmarks.pruned_models import dense_task
-
         self.task = dense_task(scale)
         self._variants: dict[str, tuple] = {}
 
     def get(self, variant: str):
-        from benchmarks.pruned_models import pruned_variant
-
         if variant not in self._variants:
             self._variants[variant] = pruned_variant(self.task, variant)
         return self._variants[variant]

@@ -1,7 +1,7 @@
 """INC plugins: extra pruners for Intel Neural Compressor 3.7's pruning system.
 
 Importing the package checks the INC version, then registers the project's pruners and criteria into INC's
-registries, so `WeightPruningConfig(pruning_type=...)` reaches them through INC's usual paths.
+registries (``inc.registry``), so `WeightPruningConfig(pruning_type=...)` reaches them through INC's usual paths.
 """
 
 import warnings
@@ -14,15 +14,15 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     import neural_compressor  # noqa: F401
 
+from .finite_checks import NonFiniteError  # noqa: E402
+from .inc import registry as _registry  # noqa: E402,F401  (registers every plugin type, criterion and regularizer)
 from .inc.config import pruning_config  # noqa: E402
 from .inc.config_checks import PruningConfigError, known_pruning_types  # noqa: E402
-from .finite_checks import NonFiniteError  # noqa: E402
 from .inc.entry import prepare_pruning  # noqa: E402
-from .inc.mask_search import slim  # noqa: E402  (registers mask_search; slim(model) slims a mask_search-pruned model)
-from .inc import wanda as _wanda  # noqa: E402,F401  (registers pt_wanda, wanda_pruning, wanda_score)
-from .inc import classic as _classic  # noqa: E402,F401  (registers network_trimming, network_slimming, particle_filter, apoz, bn_l1)
 from .inc.lifecycle import complete_pruning  # noqa: E402
-from .inc.one_shot import is_one_shot  # noqa: E402
+from .inc.one_shot import is_one_shot, plugin_settings_model, register_one_shot_pruning  # noqa: E402
+from .inc.one_shot_base import OneShotPruning, PruningResult, slim  # noqa: E402
+from .plugin_settings import PluginSettings  # noqa: E402
 
 __all__ = [
     "prepare_pruning",
@@ -31,6 +31,11 @@ __all__ = [
     "is_one_shot",
     "pruning_config",
     "known_pruning_types",
+    "plugin_settings_model",
+    "register_one_shot_pruning",
+    "OneShotPruning",
+    "PluginSettings",
+    "PruningResult",
     "PruningConfigError",
     "NonFiniteError",
 ]

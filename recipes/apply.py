@@ -19,14 +19,12 @@ import yaml
 
 from .atomic import write_text
 from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backends
-from .classic_recipe import DigitsRecipe, run_digits_recipe
 from .hub_access import require_hub_if_needed
 from .preflight import check_inputs
 from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
-from .report import environment, layer_sparsity, parameter_counts
+from .report import environment, layer_sparsity
 from .run_dir import Terminated, check_run_dir, fresh_path, remove_stale_staging, staged_run
-from .schema import Recipe, RecipeError, load_recipe
-from .shape_checks import check_pattern_fits
+from .schema import Recipe, RecipeError, TextClassificationRecipe, load_recipe
 from .summary import terminal_table, write_summary
 from .tasks import TextClassificationTask, task_for
 
@@ -48,7 +46,7 @@ class StageTimer:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def prepare_task(recipe: Recipe, timer: StageTimer | None = None):
+def prepare_task(recipe: TextClassificationRecipe, timer: StageTimer | None = None):
     """(model, tokenizer, train_examples, dev_examples, finetune_info) of a text-classification recipe: its model,
     fine-tuned when the recipe says so (from the cache when an identical fine-tune was done before), and its data."""
     task = TextClassificationTask(recipe)
@@ -79,18 +77,20 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
         allow_outside_cwd: bool = False) -> Path:
     """Runs the recipe and returns its run directory, which appears only once everything succeeded.
 
-    Stages run in the recipe's order on the same model. With `slim: true` the model is slimmed right after the
-    last mask_search stage, so later stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a
-    fraction of the weights that remain. A failing stage leaves `<run>.failed` with the report so far."""
-    if isinstance(recipe, DigitsRecipe):
-        return run_digits_recipe(recipe, run_dir, overwrite=overwrite, allow_outside_cwd=allow_outside_cwd)
+    Every task runs the same way: load (and fine-tune or train), evaluate, the stages in the recipe's order on the
+    same model (a stage may return a smaller one), evaluate, benchmark, save. With `slim: true` the model is
+    slimmed right after the last mask_search stage, so later stages (e.g. Wanda) prune the slimmed model and their
+    target_sparsity is a fraction of the weights that remain. A failing stage leaves `<run>.failed` with the
+    report so far."""
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())
     check_inputs(recipe)  # every file the recipe names is readable, before any stage runs
     require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
-    if recipe.benchmark is not None:
-        select_benchmark_backends(recipe.benchmark.backends)  # a misspelt backend fails now, not after pruning
+    # only the transformers tasks have these sections; the image task neither slims nor benchmarks
+    benchmark, slim = getattr(recipe, "benchmark", None), getattr(recipe, "slim", False)
+    if benchmark is not None:
+        select_benchmark_backends(benchmark.backends)  # a misspelt backend fails now, not after pruning
 
     task = task_for(recipe)
     with staged_run(run_dir, overwrite) as staged:
@@ -102,40 +102,43 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
                    yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
         model = task.load(timer)
-        report.update(data=task.describe_data(), finetune=task.finetune_info)
+        report.update(data=task.describe_data(), finetune=task.finetune_info, evaluated_on=task.evaluated_on)
         staged.stage_done("load")
         with timer("check_patterns"):
             for index, stage in enumerate(recipe.pruning):
-                check_pattern_fits(model, stage, f"pruning stage {index} ({stage.pruning_type})")
+                task.check_stage(model, stage, f"pruning stage {index} ({stage.pruning_type})")
 
         with timer("evaluate_before"):
             report["metrics"] = {"before": task.evaluate(model, desc="evaluate dense")}
-        report["parameters"] = {"before": parameter_counts(model)}
+        report["parameters"] = {"before": task.size(model)}
         structure = structure_or_none(model)  # of the dense model: a slimmed one has layers of different sizes
-        dense = copy.deepcopy(model) if recipe.benchmark is not None else None  # the benchmark's baseline
+        dense = copy.deepcopy(model) if benchmark is not None else None  # the benchmark's baseline
         staged.stage_done("evaluate_before")
 
-        stages, slimming, slim_after = [], None, _last_mask_search(recipe) if recipe.slim else None
+        stages, slimming, slim_after = [], None, _last_mask_search(recipe) if slim else None
+        searched = None  # the last mask_search stage's pruning result: its masks, for slimming and MACs
         report["pruning_stages"] = stages
         for index, stage in enumerate(recipe.pruning):
             name = f"prune_{index}_{stage.pruning_type}"
             with timer(name):
-                check_pattern_fits(model, stage, f"pruning stage {index} ({stage.pruning_type})")
-                stages.append({"settings": stage.model_dump(mode="json", exclude_none=True),
-                               **task.prune(model, stage)})
+                task.check_stage(model, stage, f"pruning stage {index} ({stage.pruning_type})")
+                model, stage_report = task.prune(model, stage)
+                searched = stage_report.pop("result", searched)
+                stages.append({"settings": stage.model_dump(mode="json", exclude_none=True), **stage_report})
             staged.stage_done(name)
             if index == slim_after:
                 with timer("slim"):
-                    model, slimming = slim_pruned_model(model, task.probe_batch())
+                    model, slimming = slim_pruned_model(model, task.probe_batch(), searched)
                 staged.stage_done("slim")
 
         with timer("evaluate_after"):
             report["metrics"]["after"] = task.evaluate(model, desc="evaluate pruned")
-        report["parameters"]["after"] = parameter_counts(model)
+        report["parameters"]["after"] = task.size(model)
         report["macs"] = None
         if structure is not None:
             seq_len = _macs_seq_len(stages, task)
-            dense_macs, kept_macs = dense_prunable_macs(structure, seq_len), prunable_macs(model, structure, seq_len)
+            dense_macs = dense_prunable_macs(structure, seq_len)
+            kept_macs = prunable_macs(model, structure, seq_len, searched)
             report["macs"] = {
                 "accounting": "MACs per sequence of the attention heads and FFN neurons (Kwon et al. 2022); "
                               "embeddings, norms, biases and the task head are not counted; zeroed weights in "
@@ -145,9 +148,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
         report["layer_sparsity"] = layer_sparsity(model)
         staged.stage_done("evaluate_after")
 
-        if recipe.benchmark is not None:
+        if benchmark is not None:
             with timer("benchmark"):
-                report["benchmark"] = benchmark_dense_and_pruned(dense, model, recipe.benchmark)
+                report["benchmark"] = benchmark_dense_and_pruned(dense, model, benchmark)
             staged.stage_done("benchmark")
 
         with timer("save"):

@@ -1,22 +1,20 @@
-"""The optional `benchmark:` stage: dense vs pruned latency through the benchmark harness (`benchmarks.backends`).
+"""The optional `benchmark:` stage: dense vs pruned latency on the backends of `inc_plugins.perf.backends`.
 
-The harness is imported only when a recipe asks for a benchmark. Dense and pruned runs alternate round by round,
-so a machine busy with other work slows both sides alike and their ratio stays fair.
+Dense and pruned are timed by the interleaved timer (`inc_plugins.perf.timing`): each round times both, in an order
+that alternates round by round, so a machine busy with other work slows both sides alike and their ratio stays fair.
 """
 
 import statistics
-import time
 
 import torch
+
+from inc_plugins.perf.backends import select_backends
+from inc_plugins.perf.timing import interleaved_seconds
 
 from .schema import Benchmark, RecipeError
 
 
 def select_benchmark_backends(names: list[str]):
-    try:
-        from benchmarks.backends import select_backends
-    except ImportError as err:
-        raise RecipeError(f"the benchmark stage needs the project's benchmarks package ({err})") from None
     try:
         return select_backends(",".join(names))
     except ValueError as err:
@@ -31,12 +29,6 @@ def example_inputs(model: torch.nn.Module, settings: Benchmark) -> dict:
             "attention_mask": torch.ones(shape, dtype=torch.long)}
 
 
-def _seconds(run, inputs) -> float:
-    start = time.perf_counter()
-    run(inputs)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def benchmark_dense_and_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, settings: Benchmark) -> dict:
     """{backend id: median seconds per batch, dense and pruned, and the speed-up} (or why it could not run)."""
@@ -48,15 +40,10 @@ def benchmark_dense_and_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, 
         if not availability.available:
             results["backends"][backend.id] = {"available": False, "reason": availability.reason}
             continue
-        runs = {"dense": backend.prepare(dense, inputs), "pruned": backend.prepare(pruned, inputs)}
-        for run in runs.values():
-            for _ in range(settings.warmup):
-                run(inputs)
-        times = {"dense": [], "pruned": []}
-        for _ in range(settings.rounds):
-            for side, run in runs.items():
-                times[side].append(_seconds(run, inputs))
-        dense_s, pruned_s = statistics.median(times["dense"]), statistics.median(times["pruned"])
+        runs = [backend.prepare(dense, inputs), backend.prepare(pruned, inputs)]
+        dense_times, pruned_times = interleaved_seconds([lambda run=run: run(inputs) for run in runs],
+                                                        settings.warmup, settings.rounds)
+        dense_s, pruned_s = statistics.median(dense_times), statistics.median(pruned_times)
         results["backends"][backend.id] = {"available": True, "settings": backend.settings, "dense_seconds": dense_s,
                                            "pruned_seconds": pruned_s, "speedup": dense_s / pruned_s}
     return results

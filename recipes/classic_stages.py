@@ -31,14 +31,16 @@ import torch
 from torch import Tensor, nn
 
 import inc_plugins
-from inc_plugins.algorithms.bn_slimming import conv_bn_pairs, slim_cnn_channels
-from inc_plugins.algorithms.lottery_ticket import enforce_masks, run_lottery_rounds
 from inc_plugins.algorithms.particle_filter import StructuredPattern
+from inc_plugins.execution.held_masks import enforce_masks
+from inc_plugins.execution.lottery_rounds import run_lottery_rounds
 from inc_plugins.finite_checks import check_outputs, check_trained_weights, check_training_loss
-from inc_plugins.inc.classic import inc_magnitude_round
+from inc_plugins.inc.lottery_ticket import inc_magnitude_round
+from inc_plugins.models.cnn_structure import conv_bn_pairs
+from inc_plugins.models.surgery_cnn import slim_cnn_channels, slim_mlp_neurons
 
 from .digits import DigitsSplit, labelled_batches
-from .vision_models import DigitsCNN, DigitsMLP, build_digits_model, macs_per_image, slim_mlp_neurons
+from .vision_models import DigitsCNN, DigitsMLP, build_digits_model, macs_per_image
 
 logging.getLogger("neural_compressor").setLevel(logging.WARNING)
 
@@ -189,9 +191,9 @@ def slim_by_bn_scales(model: DigitsCNN, fraction: float, split: DigitsSplit, sco
     pruning = inc_plugins.prepare_pruning(
         masked, _config(pruning_type="network_slimming", target_sparsity=fraction, pattern="1xchannel",
                         pruning_scope=scope, pruning_op_types=["Conv"]))
-    slimmed = pruning.slim().eval()
+    slimmed = inc_plugins.slim(masked, pruning.result).eval()
     difference = (slimmed(split.test_images) - masked(split.test_images)).abs().max().item()
-    return SlimmedCNN(masked, slimmed, dict(pruning.keep), difference)
+    return SlimmedCNN(masked, slimmed, dict(pruning.result.keep), difference)
 
 
 def bn_scale_summary(model: nn.Module) -> dict:
@@ -236,7 +238,7 @@ def trim_once(model: nn.Module, fraction: float, split: DigitsSplit, scope: str 
         entry["apoz_threshold"] = threshold
     pruning = inc_plugins.prepare_pruning(masked, _config(**entry),
                                           dataloader=labelled_batches(split.val_images, split.val_labels, batch_size))
-    return _slim_kept(masked, pruning.keep), dict(pruning.keep), dict(pruning.apoz)
+    return _slim_kept(masked, pruning.result.keep), dict(pruning.result.keep), dict(pruning.result.apoz)
 
 
 def _random_keep(model: nn.Module, fraction: float, generator: torch.Generator) -> dict[str, Tensor]:
@@ -361,12 +363,12 @@ def particle_filter_pruning(model: DigitsCNN, split: DigitsSplit, granularity: s
     pruning = inc_plugins.prepare_pruning(pruned, _config(**entry),
                                           dataloader=labelled_batches(split.val_images, split.val_labels, batch_size))
     seconds = time.perf_counter() - start
-    masks = {name: result.mask.bool() for name, result in pruning.results.items()}
+    masks = {name: result.mask.bool() for name, result in pruning.result.searches.items()}
     accuracy_pruned = accuracy_on_test(pruned, split)
     retrained = _retrain_with_masks(pruned, masks, split, retrain, granularity)
     return ParticleFilterOutcome(retrained, masks, _pattern_sparsity(masks), accuracy_pruned,
                                  accuracy_on_test(retrained, split), seconds,
-                                 sum(r.evaluations for r in pruning.results.values()))
+                                 sum(r.evaluations for r in pruning.result.searches.values()))
 
 
 @torch.no_grad()
@@ -393,29 +395,3 @@ def random_pattern_pruning(model: DigitsCNN, split: DigitsSplit, granularity: st
         retrained = _retrain_with_masks(pruned, masks, split, retrain, granularity)
     return ParticleFilterOutcome(retrained, masks, _pattern_sparsity(masks), accuracy_pruned,
                                  accuracy_on_test(retrained, split), 0.0, 0)
-
-
-# ----------------------------------------------------------------------------------------------------- latency
-
-
-@torch.inference_mode()
-def interleaved_latency(models: Mapping[str, nn.Module], batch: Tensor, repeats: int = 30,
-                        warmup: int = 5) -> dict[str, dict]:
-    """Median and quartiles (seconds) of one forward pass of ``batch`` through each model. Within every repeat
-    each model runs once, in turn, so machine noise hits them alike."""
-    for model in models.values():
-        model.eval()
-        for _ in range(warmup):
-            model(batch)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(batch)
-            times[name].append(time.perf_counter() - start)
-    summary = {}
-    for name, values in times.items():
-        quartiles = statistics.quantiles(values, n=4)
-        summary[name] = {"median_s": statistics.median(values), "q1_s": quartiles[0], "q3_s": quartiles[2],
-                         "repeats": repeats}
-    return summary

@@ -77,7 +77,7 @@ def require_hub_if_needed(recipe: Recipe) -> None:
     if not needs:
         return
     problems = []
-    if recipe.data.hub is not None:
+    if getattr(getattr(recipe, "data", None), "hub", None) is not None:
         try:
             import_datasets()
         except RecipeError as err:

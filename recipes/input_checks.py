@@ -15,6 +15,8 @@ import math
 import zipfile
 from pathlib import Path
 
+from transformers import CONFIG_MAPPING
+
 from .schema import RecipeError
 
 CONFIG = "config.json"
@@ -207,8 +209,6 @@ def check_config(directory: Path, label: str) -> dict:
     if not isinstance(model_type, str) or not model_type:
         raise RecipeError(f"model config {_name(path)} has no 'model_type' (e.g. \"bert\", \"llama\"): it is not a "
                           f"transformers config")
-    from transformers import CONFIG_MAPPING
-
     if model_type not in CONFIG_MAPPING:
         raise RecipeError(f"model config {_name(path)}: model_type {model_type!r} is not an architecture this "
                           f"transformers knows (code shipped with a model is never run)")

@@ -22,6 +22,11 @@ from torch import Tensor, nn
 
 import inc_plugins
 
+from . import apply, finetune_cache
+from .pruning_stage import finetune_holding_zeros
+from .schema import RecipeError, load_recipe
+from .text_classification import evaluate, tokenized_batches
+
 FFN_LAYERS = r"intermediate\.dense$"
 
 
@@ -55,7 +60,7 @@ def trim_ffn(model: nn.Module, fraction: float, threshold: float, calibration: l
         "pruning_type": "network_trimming", "target_sparsity": fraction, "pattern": "1xchannel",
         "op_names": [FFN_LAYERS], "apoz_threshold": threshold, "pruning_scope": "local"}])
     pruning = inc_plugins.prepare_pruning(model, config, dataloader=calibration)
-    return dict(pruning.keep), dict(pruning.apoz)
+    return dict(pruning.result.keep), dict(pruning.result.apoz)
 
 
 def trimming_on_minilm(fractions: Sequence[float], finetune_steps: int, calibration_samples: int, dev_size: int,
@@ -66,11 +71,6 @@ def trimming_on_minilm(fractions: Sequence[float], finetune_steps: int, calibrat
     ``finetune_steps`` (0: none). The random control runs the same iterations on a chain of its own. Uses the cached
     fine-tuned model of ``minilm_sentiment.yaml`` (``make demo`` fills the cache); ``quick`` refuses to fine-tune it
     first."""
-    from . import apply, finetune_cache
-    from .pruning_stage import finetune_holding_zeros
-    from .schema import RecipeError, load_recipe
-    from .text_classification import evaluate, tokenized_batches
-
     if list(fractions) != sorted(set(fractions)):
         raise ValueError(f"fractions are the cumulative targets of successive iterations: increasing, got {fractions}")
     recipe = load_recipe("minilm_sentiment.yaml")

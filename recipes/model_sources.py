@@ -2,11 +2,16 @@
 
 import hashlib
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from inc_plugins.assets import ASSETS, AssetError, asset_path
+from inc_plugins.assets import ASSETS, AssetError, asset_path, cache_root
 
 from .input_checks import check_model_dir, check_tokenizer, check_weights
 from .schema import ModelSource, RecipeError
@@ -77,9 +82,6 @@ def load_classifier(source: ModelSource):
 
 def load_local_causal_lm(source: ModelSource):
     """(model, tokenizer) of a causal LM from model.path (or hub_id), in fp32 and eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     def load(where, kwargs):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         check_tokenizer(tokenizer, where)
@@ -109,16 +111,6 @@ def load_causal_lm(asset: str):
     De-quantizing the GGUF takes ~30 s, so the fp32 weights are saved once as safetensors in the cache. The tokenizer
     is always read from the GGUF file: one saved with `save_pretrained` and reloaded maps spaces to <|endoftext|>.
     """
-    import os
-    import shutil
-    import sys
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from inc_plugins.assets import cache_root
-
     if asset not in GGUF_FILES:
         raise RecipeError(f"no causal-LM loader for asset {asset!r}; causal-LM assets: {', '.join(GGUF_FILES)}")
     directory, gguf = model_directory(ModelSource(asset=asset)), GGUF_FILES[asset]

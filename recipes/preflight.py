@@ -25,7 +25,7 @@ from inc_plugins.latency_table import load_latency_table
 
 from .input_checks import check_model_dir, read_json_file, read_text_file
 from .model_sources import GGUF_FILES
-from .schema import Corpus, Recipe, RecipeError
+from .schema import Corpus, ImageClassificationRecipe, Recipe, RecipeError
 from .tasks import classification_examples
 from .text_corpora import corpus_file_text
 
@@ -90,7 +90,7 @@ def check_latency_tables(recipe: Recipe) -> None:
 def check_inputs(recipe) -> None:
     """Runs every check that needs no model load; raises RecipeError (one line, naming the file) at the first
     problem. Recipes of other kinds (the digits recipes read scikit-learn's bundled data) have nothing to check."""
-    if not isinstance(recipe, Recipe):
+    if isinstance(recipe, ImageClassificationRecipe):
         return
     check_model(recipe)
     if recipe.task == "causal_lm":

@@ -8,9 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 import inc_plugins
-from inc_plugins.inc.mask_search import STRUCTURE_MASKS_ATTRIBUTE
 from inc_plugins.models.architectures import UnsupportedModelError
-from inc_plugins.models.slimming import slimmed_sizes
+from inc_plugins.models.surgery_transformers import slimmed_sizes
 from inc_plugins.models.structure_masks import MaskStructure, mask_structure
 from inc_plugins.post_training import masked_macs
 
@@ -61,6 +60,7 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
                   "prune_seconds": round(time.perf_counter() - start, 3)}
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
+            report["result"] = pruning.result  # for slimming and MACs: the caller takes it out of the report
         if stage.finetune_steps:
             report["finetune"] = finetune_holding_zeros(model, training, stage.finetune_steps, stage.learning_rate,
                                                         stage.seed, desc=f"fine-tune after {stage.pruning_type}")
@@ -129,14 +129,14 @@ def mask_search_summary(pruning) -> dict:
 
 
 @torch.no_grad()
-def slim_pruned_model(model: torch.nn.Module, probe_batch: dict) -> tuple[torch.nn.Module, dict]:
-    """`inc_plugins.slim(model)`: the heads and neurons mask_search zeroed are removed for real.
+def slim_pruned_model(model: torch.nn.Module, probe_batch: dict, result) -> tuple[torch.nn.Module, dict]:
+    """`inc_plugins.slim(model, result)`: the heads and neurons mask_search zeroed are removed for real.
 
     The logits on `probe_batch` before and after are compared, so the report shows that slimming kept the outputs.
     """
     inputs = {k: v for k, v in probe_batch.items() if k != "labels"}
     masked = model(**inputs).logits
-    slimmed = inc_plugins.slim(model)
+    slimmed = inc_plugins.slim(model, result)
     difference = (slimmed(**inputs).logits - masked).abs().max().item()
     return slimmed, {"max_abs_logit_difference_on_a_dev_batch": difference}
 
@@ -149,25 +149,24 @@ def structure_or_none(model: torch.nn.Module) -> MaskStructure | None:
         return None
 
 
-def kept_unit_masks(model: torch.nn.Module, structure: MaskStructure) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_unit_masks(model: torch.nn.Module, structure: MaskStructure, result=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]), 1 = still computed.
 
-    Read from the slimmed sizes, else from the masks mask_search stored, else everything is kept. Weights zeroed
+    Read from the slimmed sizes, else from the masks of mask_search's `result`, else everything is kept. Weights zeroed
     by other pruners do not count: dense kernels still multiply them."""
     units = torch.ones(structure.n_layers, structure.n_head_units)
     neurons = torch.ones(structure.n_layers, structure.n_neurons)
     sizes = slimmed_sizes(model)
-    stored = getattr(model, STRUCTURE_MASKS_ATTRIBUTE, None)
     if sizes is not None:
         units.zero_()
         neurons.zero_()
         for layer, (heads, width) in enumerate(zip(sizes["heads"], sizes["intermediate_size"])):
             units[layer, [head // structure.heads_per_unit for head in heads]] = 1
             neurons[layer, :width] = 1
-    elif stored is not None:
-        per_head = stored["head_mask"] != 0
+    elif result is not None:
+        per_head = result.head_mask != 0
         units = per_head.view(structure.n_layers, structure.n_head_units, -1).any(dim=-1).float()
-        neurons = (stored["neuron_mask"] != 0).float()
+        neurons = (result.neuron_mask != 0).float()
     return units, neurons
 
 
@@ -177,8 +176,8 @@ def dense_prunable_macs(structure: MaskStructure, seq_len: int) -> int:
     return int(masked_macs(structure, units, neurons, seq_len))
 
 
-def prunable_macs(model: torch.nn.Module, structure: MaskStructure, seq_len: int) -> int:
+def prunable_macs(model: torch.nn.Module, structure: MaskStructure, seq_len: int, result=None) -> int:
     """MACs per sequence of `seq_len` tokens of the attention units and FFN neurons `model` computes: Kwon et
     al.'s accounting (embeddings, norms, biases and the task head left out). `structure` is the dense model's."""
-    units, neurons = kept_unit_masks(model, structure)
+    units, neurons = kept_unit_masks(model, structure, result)
     return int(masked_macs(structure, units, neurons, seq_len))

@@ -1,9 +1,10 @@
 """What a run reports: per-layer sparsity, parameter counts, versions and CPU features."""
 
-import platform
-from pathlib import Path
-
+import neural_compressor
 import torch
+import transformers
+
+from inc_plugins.perf.machine import machine_description
 
 PRUNABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
@@ -23,28 +24,17 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "nonzero": nonzero}
 
 
-CPU_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
-
-
-def cpu_features() -> dict[str, bool]:
-    """Flags the kernel reports in /proc/cpuinfo (False everywhere when it cannot be read)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
-        flags = set()
-    return {flag: flag in flags for flag in CPU_FLAGS}
-
-
 def environment() -> dict:
-    import neural_compressor
-    import transformers
-
+    """Library versions and the machine (``inc_plugins.perf.machine``): the CPU model, its flags (True/False each)
+    and torch's thread count."""
+    machine = machine_description()
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "python": machine["python"],
+        "torch": machine["torch"],
         "transformers": transformers.__version__,
         "neural_compressor": neural_compressor.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
-        "cpu_features": cpu_features(),
+        "cpu": machine["cpu_model"],
+        "cpu_count": machine["torch_threads"],  # torch's threads (the name is the report's, kept for old readers)
+        "logical_cpus": machine["logical_cpus"],
+        "cpu_features": machine["flags"],
     }

@@ -1,13 +1,20 @@
 """The recipe schema: a pydantic model of a pruning job, validated before any model is loaded."""
 
+import difflib
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from .recipe_base import (BatchSize, CalibrationSamples, Description, LayerNames, LearningRate, LocalPath,
-                          RecipeError, RecipeName, Seed, SequenceLength, Steps, Strict, validation_error)
+import inc_plugins  # registers the plugins' pruning types, which stages name
+from inc_plugins.inc import one_shot
+from inc_plugins.inc.config_checks import check_pruner_settings
+from inc_plugins.inc.one_shot import plugin_settings_model
+from inc_plugins.inc.layer_selection import compiled
+
+from .recipe_base import (BatchSize, CalibrationSamples, Description, Fraction, LayerNames, LearningRate, LocalPath,
+                          RecipeError, RecipeName, Seed, SequenceLength, Steps, Strict, short_repr, validation_error)
 from .recipe_yaml import RecipeYAMLError, load_recipe_yaml
 
 ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
@@ -116,25 +123,12 @@ class FineTune(Strict):
     seed: Seed = 0
 
 
-# Keys that only one pruning type reads (its own settings beyond INC's), and the type that reads them. The names are
-# those of inc_plugins' KwonSettings (mask_search) and WandaSettings (wanda); tests check that they stay in sync.
-MASK_SEARCH_KEYS = ("constraint", "seq_len", "num_samples", "rearrange", "tune", "per_sample_fisher", "latency_table",
-                    "latency_backend", "allow_foreign_latency_table", "damp", "max_abs_scale")
-WANDA_KEYS = ("comparison_group", "use_variant")
-NETWORK_TRIMMING_KEYS = ("apoz_threshold",)
-PARTICLE_FILTER_KEYS = ("granularity", "num_particles", "iterations", "weighting", "temperature", "mutation_rate",
-                        "stride", "keep_best")
-TYPE_SPECIFIC_KEYS = {"mask_search": MASK_SEARCH_KEYS, "wanda": WANDA_KEYS, "network_trimming": NETWORK_TRIMMING_KEYS,
-                      "particle_filter": PARTICLE_FILTER_KEYS}
-# The stage's own `seed` (calibration sampling) also seeds these pruners' random search.
-SEEDED_TYPES = ("particle_filter",)
-
 # Kwon et al. (2022) calibrate with 2048 samples on GLUE; the other one-shot pruners need far fewer.
 DEFAULT_CALIBRATION_SAMPLES = {"mask_search": 2048}
 FALLBACK_CALIBRATION_SAMPLES = 128
 
 
-class PruningStage(Strict):
+class _StageCommon(Strict):
     """One INC `WeightPruningConfig` entry, plus how the recipe drives it.
 
     One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples (default 2048
@@ -143,9 +137,9 @@ class PruningStage(Strict):
     Training-aware types (magnitude, snip_momentum, ...) prune through INC's callbacks while training for
     `training_steps` steps.
 
-    mask_search's own keys (see `inc_plugins.post_training.KwonSettings`) and wanda's (`comparison_group`,
-    `use_variant`) are optional; only the ones a recipe sets reach the INC config entry, so the pruner's own
-    defaults apply to the rest.
+    The plugins' own keys come from each pruning type's settings model (`inc_plugins.plugin_settings_model`); they
+    are optional here, and only the ones a recipe sets reach the INC config entry, so the pruner's defaults apply to
+    the rest.
     """
 
     pruning_type: Annotated[str, Field(max_length=100)]
@@ -164,77 +158,49 @@ class PruningStage(Strict):
     learning_rate: LearningRate = 5e-5
     batch_size: BatchSize = 32
     calibration_samples: CalibrationSamples | None = None
-    seed: Seed = 0
+    seed: Seed = 0  # draws the calibration samples; seeds a plugin's own search too (particle_filter)
 
-    # mask_search (Kwon et al. 2022): target_sparsity is the fraction of head+FFN FLOPs (or latency) removed
-    constraint: Literal["flops", "latency"] | None = None
-    seq_len: Annotated[int, Field(ge=1, le=8192)] | None = None  # tokens per sequence for FLOPs; default: calibration average
-    num_samples: CalibrationSamples | None = None  # the first num_samples of the calibration samples
-    rearrange: bool | None = None
-    tune: bool | None = None
-    per_sample_fisher: bool | None = None
-    latency_table: Annotated[str, Field(max_length=4096)] | None = None  # a table file written by inc_plugins.latency_table
-    latency_backend: Annotated[str, Field(max_length=100)] | None = None
-    allow_foreign_latency_table: bool | None = None
-    damp: Annotated[float, Field(ge=0, le=1e6)] | None = None
-    max_abs_scale: Annotated[float, Field(gt=0, le=1e6)] | None = None
-
-    # wanda
-    comparison_group: Literal["per_output", "per_layer", "global"] | None = None
-    use_variant: bool | None = None
-
-    # network_trimming: activations with |x| <= apoz_threshold count as zeros (GELU/SiLU; 0 for ReLU)
-    apoz_threshold: Annotated[float, Field(ge=0, le=1e6)] | None = None
-
-    # particle_filter (the pruner validates the values and names the bad key)
-    granularity: Literal["channel", "kernel", "intra_kernel"] | None = None
-    # each particle of each iteration is one evaluation of the model on the calibration batches
-    num_particles: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    iterations: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    weighting: Annotated[str, Field(max_length=100)] | None = None
-    temperature: Annotated[float, Field(gt=0, le=1e6)] | None = None
-    mutation_rate: Annotated[float, Field(ge=0, le=1)] | None = None
-    stride: Annotated[int, Field(ge=1, le=1024)] | None = None
-    keep_best: bool | None = None
+    def plugin_keys_given(self) -> list[str]:
+        return [key for key in PLUGIN_KEYS if getattr(self, key) is not None]
 
     @model_validator(mode="after")
     def _type_specific_keys(self):
-        for owner, keys in TYPE_SPECIFIC_KEYS.items():
-            given = [key for key in keys if getattr(self, key) is not None]
-            if given and self.pruning_type != owner:
-                raise ValueError(
-                    f"{', '.join(map(repr, given))} only apply to pruning_type {owner!r}, "
-                    f"not {self.pruning_type!r}: remove them or change pruning_type"
-                )
+        read = one_shot.TYPE_CONFIG_KEYS.get(self.pruning_type, frozenset())
+        foreign = [key for key in self.plugin_keys_given() if key not in read]
+        if foreign:
+            readers = sorted({t for key in foreign for t, keys in one_shot.TYPE_CONFIG_KEYS.items() if key in keys})
+            raise ValueError(
+                f"{', '.join(map(repr, foreign))} only apply to pruning_type {' / '.join(map(repr, readers))}, "
+                f"not {self.pruning_type!r}: remove them or change pruning_type"
+            )
         if self.calibration_samples is None:
             self.calibration_samples = DEFAULT_CALIBRATION_SAMPLES.get(self.pruning_type, FALLBACK_CALIBRATION_SAMPLES)
-        if self.num_samples is not None and self.num_samples > self.calibration_samples:
+        num_samples = getattr(self, "num_samples", None)
+        if num_samples is not None and num_samples > self.calibration_samples:
             raise ValueError(
-                f"num_samples {self.num_samples} is more than calibration_samples {self.calibration_samples}: "
+                f"num_samples {num_samples} is more than calibration_samples {self.calibration_samples}: "
                 f"calibration_samples is how many training examples are drawn; set that instead"
             )
-        if self.constraint == "latency" and self.latency_table is None:
-            raise ValueError("constraint 'latency' needs latency_table: a table file (python -m inc_plugins.latency_table)")
         return self
 
     @model_validator(mode="after")
     def _runnable_by_a_pruner(self):
-        """The pruner name, pattern and sparsity checks of inc_plugins, before any model is loaded."""
-        import inc_plugins  # registers the plugins' types; imported here so that `import recipes.schema` stays light
-        from inc_plugins.inc.layer_selection import compiled
-
+        """The pruner name, pattern, sparsity and settings checks of inc_plugins, before any model is loaded."""
         try:
-            inc_plugins.inc.config_checks.check_pruner_settings(self.inc_settings())
+            check_pruner_settings(self.inc_settings())
+            settings_model = plugin_settings_model(self.pruning_type)
+            if settings_model is not None:
+                settings_model.from_config(self.inc_settings())
             compiled(self.op_names, "op_names")  # INC reads them as regular expressions
             compiled(self.excluded_op_names, "excluded_op_names")
         except inc_plugins.PruningConfigError as err:
             raise ValueError(str(err)) from None
-        one_shot = inc_plugins.is_one_shot(self.pruning_type)
-        if not one_shot and self.training_steps < 1:
+        one_shot_type = inc_plugins.is_one_shot(self.pruning_type)
+        if not one_shot_type and self.training_steps < 1:
             raise ValueError(
                 f"pruning_type {self.pruning_type!r} prunes during training: set training_steps >= 1 in its stage"
             )
-        if self.finetune_steps and not one_shot:
+        if self.finetune_steps and not one_shot_type:
             raise ValueError(f"finetune_steps is for one-shot pruning types; {self.pruning_type!r} already trains "
                              f"while it prunes: raise training_steps instead")
         return self
@@ -249,12 +215,32 @@ class PruningStage(Strict):
         if self.pattern is not None:  # else the pruning type's own default applies
             settings["pattern"] = self.pattern
         settings["end_step"] = self.end_step if self.end_step is not None else max(self.training_steps - 1, self.start_step)
-        for key in TYPE_SPECIFIC_KEYS.get(self.pruning_type, ()):
-            if getattr(self, key) is not None:
+        for key in one_shot.TYPE_CONFIG_KEYS.get(self.pruning_type, ()):
+            if getattr(self, key, None) is not None:
                 settings[key] = getattr(self, key)
-        if self.pruning_type in SEEDED_TYPES:
-            settings["seed"] = self.seed
         return settings
+
+
+def _plugin_fields() -> dict:
+    """The plugins' own keys, declared once in their settings models, as optional stage keys (None: the pruner's
+    default). A key two types share must mean the same there."""
+    fields: dict = {}
+    for pruning_type, settings_model in one_shot.PLUGIN_SETTINGS_MODELS.items():
+        for name in sorted(one_shot.TYPE_CONFIG_KEYS[pruning_type] - set(_StageCommon.model_fields)):
+            info = settings_model.model_fields[name]
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            if name in fields and fields[name][0] != annotation | None:
+                raise TypeError(f"plugin key {name!r} has different types in two pruning types' settings")
+            fields[name] = (annotation | None, Field(default=None, description=f"{pruning_type}: {info.description}"))
+    # a recipe names its latency table by file (the Python API also takes a loaded table)
+    fields["latency_table"] = (Annotated[str, Field(max_length=4096)] | None,
+                               Field(default=None, description=fields["latency_table"][1].description))
+    return fields
+
+
+PLUGIN_FIELDS = _plugin_fields()
+PLUGIN_KEYS = tuple(PLUGIN_FIELDS)
+PruningStage = create_model("PruningStage", __base__=_StageCommon, __module__=__name__, **PLUGIN_FIELDS)
 
 
 class Evaluation(Strict):
@@ -262,7 +248,7 @@ class Evaluation(Strict):
 
 
 class Benchmark(Strict):
-    """Optional last stage: latency of the dense and the pruned model on `benchmarks.backends` backends, timed in
+    """Optional last stage: latency of the dense and the pruned model on `inc_plugins.perf.backends` backends, timed in
     alternating rounds in one process so a busy machine slows both alike. Inputs are `batch_size` x `seq_len`
     random token ids (seeded)."""
 
@@ -281,35 +267,19 @@ class Output(Strict):
     dir: LocalPath = Path("runs")
 
 
-class Recipe(Strict):
+class _TransformersRecipe(Strict):
+    """What the text tasks share: a transformers model, INC pruning stages, optional slimming and benchmark."""
+
     name: RecipeName
     description: Description = ""
-    # text_classification: single sentences or sentence pairs (`data`); causal_lm: perplexity on a `corpus`
-    task: Literal["text_classification", "causal_lm"] = "text_classification"
     model: ModelSource
-    data: DataSource = Field(default_factory=DataSource)
-    corpus: Corpus | None = None
-    finetune: FineTune | None = None
     pruning: Annotated[list[PruningStage], Field(min_length=1, max_length=100)]
     # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
-    # has layers of different sizes and loads with inc_plugins.models.slimming.load_slimmed, not from_pretrained.
+    # has layers of different sizes and loads with inc_plugins.models.saving.load_slimmed, not from_pretrained.
     slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
     benchmark: Benchmark | None = None
     output: Output = Field(default_factory=Output)
-
-    @model_validator(mode="after")
-    def _sections_fit_the_task(self):
-        if self.task == "causal_lm":
-            wrong = [key for key in ("finetune",) if getattr(self, key) is not None]
-            wrong += ["data"] if "data" in self.model_fields_set else []
-            if wrong:
-                raise ValueError(f"task 'causal_lm' reads its text from 'corpus'; remove {wrong}")
-            if self.corpus is None:
-                self.corpus = Corpus()
-        elif self.corpus is not None:
-            raise ValueError(f"'corpus' is for task 'causal_lm'; task {self.task!r} reads 'data'")
-        return self
 
     @model_validator(mode="after")
     def _slim_needs_structured_masks(self):
@@ -323,26 +293,195 @@ class Recipe(Strict):
 
     def input_paths(self) -> list[Path]:
         """The local files and folders the recipe reads: a run may never replace a directory that holds one."""
-        paths = [self.model.path]
-        if self.data.files is not None:
-            paths += [self.data.files.train, self.data.files.dev]
-        if self.corpus is not None:
-            paths += [self.corpus.calibration.file, self.corpus.evaluation.file]
-        paths += [stage.latency_table for stage in self.pruning]
+        paths = [self.model.path, *(stage.latency_table for stage in self.pruning)]
         return [Path(path) for path in paths if path is not None]
 
 
+class TextClassificationRecipe(_TransformersRecipe):
+    """Single sentences or sentence pairs (`data`), accuracy and F1 on the dev set; the default task."""
+
+    task: Literal["text_classification"] = "text_classification"
+    data: DataSource = Field(default_factory=DataSource)
+    finetune: FineTune | None = None
+
+    def input_paths(self) -> list[Path]:
+        files = [self.data.files.train, self.data.files.dev] if self.data.files is not None else []
+        return super().input_paths() + [Path(path) for path in files if path is not None]
+
+
+class CausalLMRecipe(_TransformersRecipe):
+    """Perplexity of a decoder on a `corpus`, calibrated on another text."""
+
+    task: Literal["causal_lm"]
+    corpus: Corpus = Field(default_factory=Corpus)
+
+    def input_paths(self) -> list[Path]:
+        files = [self.corpus.calibration.file, self.corpus.evaluation.file]
+        return super().input_paths() + [Path(path) for path in files if path is not None]
+
+
+# --- image classification: the small digits networks and the classic methods ----------------------------------
+
+
+class ImageModel(Strict):
+    architecture: Literal["digits_cnn", "digits_mlp"]
+    # default: (32, 64, 128) / (300, 100); 4096 channels or neurons is far beyond what 8x8 digits need
+    widths: Annotated[list[Annotated[int, Field(ge=1, le=4096)]], Field(max_length=8)] | None = None
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _widths_fit(self):
+        expected = 3 if self.architecture == "digits_cnn" else 2
+        if self.widths is not None and len(self.widths) != expected:
+            raise ValueError(f"{self.architecture} takes {expected} widths, got {len(self.widths)}")
+        return self
+
+
+class ImageData(Strict):
+    """scikit-learn's digits (1,797 8x8 images, 10 classes), split by class into train, validation and test."""
+
+    dataset: Literal["digits"] = "digits"
+    seed: Seed = 0
+    test_fraction: Fraction = 0.2
+    val_fraction: Fraction = 0.2
+
+    @model_validator(mode="after")
+    def _leaves_training_images(self):
+        if self.test_fraction + self.val_fraction >= 1:
+            raise ValueError("test_fraction + val_fraction must be < 1 (the rest are the training images)")
+        return self
+
+
+class Training(Strict):
+    """Adam (or SGD with momentum 0.9) with a cosine-decayed learning rate over `epochs` shuffled passes."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 30  # 1000 epochs of digits is hours on 2 cores
+    batch_size: BatchSize = 64
+    learning_rate: LearningRate = 2e-3
+    # decay of 1 or more per step shrinks every weight to nothing (or, with Adam, to NaN)
+    weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    seed: Seed = 0
+
+
+class SlimmingStage(Strict):
+    """Network slimming (Liu et al. 2017): `l1` is the BatchNorm-scale penalty of the training before pruning
+    (`train`), so this stage comes first; `target_sparsity` is the fraction of the channels removed."""
+
+    pruning_type: Literal["network_slimming"]
+    target_sparsity: Fraction
+    pattern: Literal["1xchannel"] = "1xchannel"
+    pruning_scope: Literal["global", "local"] = "global"
+    l1: Annotated[float, Field(gt=0, le=10)] = 1e-2
+    retrain: Training = Field(default_factory=Training)
+
+
+class TrimmingStage(Strict):
+    """Network trimming (Hu et al. 2016), one prune / retrain iteration: `target_sparsity` is the fraction of the
+    original hidden neurons or channels removed once this stage is done (several stages are the paper's
+    iterations, as in the text recipes)."""
+
+    pruning_type: Literal["network_trimming"]
+    target_sparsity: Fraction
+    pattern: Literal["1xchannel"] = "1xchannel"
+    apoz_threshold: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    retrain: Training = Field(default_factory=Training)
+
+
+class LotteryStage(Strict):
+    """Lottery tickets (Frankle and Carbin 2019): rounds of magnitude pruning with rewinding, trained from the
+    initial weights each round, with the random re-initialisation control; the only stage of its recipe."""
+
+    pruning_type: Literal["lottery_ticket"]
+    prune_fraction: Fraction = 0.2
+    rounds: Annotated[int, Field(ge=1, le=100)] = 10  # each round trains the network twice (ticket and control)
+    rewind_to: Annotated[str, Field(pattern=r"^(init|step:[1-9][0-9]{0,6})$")] = "init"
+    scope: Literal["layer", "global"] = "layer"
+    output_layer_rate: Fraction | None = None
+
+
+class ParticleFilterStage(Strict):
+    """Particle-filter structured pruning (Anwar et al. 2017) of the convolutions, then retraining."""
+
+    pruning_type: Literal["particle_filter"]
+    target_sparsity: Fraction
+    granularity: Literal["channel", "kernel", "intra_kernel"] = "channel"
+    # each particle of each iteration is one evaluation of the network on the validation images
+    num_particles: Annotated[int, Field(ge=1, le=10_000)] = 16
+    iterations: Annotated[int, Field(ge=1, le=10_000)] = 6
+    stride: Annotated[int, Field(ge=2, le=64)] = 2
+    seed: Seed = 0
+    retrain: Training = Field(default_factory=Training)
+
+
+ImageStage = Annotated[SlimmingStage | TrimmingStage | LotteryStage | ParticleFilterStage,
+                       Field(discriminator="pruning_type")]
+
+
+class ImageClassificationRecipe(Strict):
+    """A small network trained from scratch on the digits (`train`), pruned by the classic methods' stages,
+    accuracy on the test images."""
+
+    name: RecipeName
+    description: Description = ""
+    task: Literal["image_classification"]
+    model: ImageModel
+    data: ImageData = Field(default_factory=ImageData)
+    train: Training = Field(default_factory=Training)
+    pruning: Annotated[list[ImageStage], Field(min_length=1, max_length=100)]
+    output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _stages_fit(self):
+        types = [stage.pruning_type for stage in self.pruning]
+        convolutional = ("network_slimming", "particle_filter")
+        if self.model.architecture != "digits_cnn" and any(t in convolutional for t in types):
+            raise ValueError(f"{[t for t in types if t in convolutional][0]} prunes convolution channels or kernels: "
+                             f"use architecture digits_cnn")
+        if "network_slimming" in types[1:]:
+            raise ValueError("network_slimming shapes the training before pruning (its l1): make it the first stage")
+        if "lottery_ticket" in types and len(types) > 1:
+            raise ValueError("lottery_ticket trains from the initial weights in every round: it is a recipe's only "
+                             "stage")
+        cumulative = [stage.target_sparsity for stage in self.pruning if stage.pruning_type == "network_trimming"]
+        if any(later <= earlier for earlier, later in zip(cumulative, cumulative[1:])):
+            raise ValueError(f"network_trimming target_sparsity counts from the original network, so successive "
+                             f"stages must increase it; got {cumulative}")
+        return self
+
+    def input_paths(self) -> list[Path]:
+        return []  # the digits ship inside scikit-learn
+
+
+Recipe = TextClassificationRecipe | CausalLMRecipe | ImageClassificationRecipe
+RECIPE_TYPES: dict[str, type[Strict]] = {
+    "text_classification": TextClassificationRecipe,
+    "causal_lm": CausalLMRecipe,
+    "image_classification": ImageClassificationRecipe,
+}
+DEFAULT_TASK = "text_classification"
+
+
 def parse_recipe(data: typing.Any, source: str = "recipe") -> Recipe:
+    """The recipe of the model its `task` names (default text_classification); RecipeError names every bad key, what
+    was given and what is allowed."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
-    from .classic_recipe import is_digits_recipe, parse_digits_recipe  # the digits recipes have their own sections
-
-    if is_digits_recipe(data):
-        return parse_digits_recipe(data, source)
+    task = data.get("task", DEFAULT_TASK)
+    if not isinstance(task, str) or task not in RECIPE_TYPES:
+        close = difflib.get_close_matches(str(task), RECIPE_TYPES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{source}: unknown task {short_repr(task)}.{hint} Allowed: {', '.join(RECIPE_TYPES)}")
+    model = RECIPE_TYPES[task]
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise validation_error(err, Recipe, source, "recipe") from None
+        raise validation_error(err, model, source, "recipe") from None
+
+
+def recipe_json_schema() -> dict:
+    """The JSON Schema of every recipe: one of the task's recipe models."""
+    return TypeAdapter(Recipe).json_schema()
 
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -370,23 +509,25 @@ def resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
     def under_base(path):
         return path if path is None or Path(path).is_absolute() else base / path
 
-    recipe.model.path = under_base(recipe.model.path)
-    if recipe.data.files is not None:
+    if isinstance(recipe, _TransformersRecipe):
+        recipe.model.path = under_base(recipe.model.path)
+        for stage in recipe.pruning:
+            if stage.latency_table is not None:
+                stage.latency_table = str(under_base(stage.latency_table))
+    if isinstance(recipe, TextClassificationRecipe) and recipe.data.files is not None:
         recipe.data.files.train = under_base(recipe.data.files.train)
         recipe.data.files.dev = under_base(recipe.data.files.dev)
-    if recipe.corpus is not None:
+    if isinstance(recipe, CausalLMRecipe):
         for text in (recipe.corpus.calibration, recipe.corpus.evaluation):
             text.file = under_base(text.file)
-    for stage in recipe.pruning:
-        if stage.latency_table is not None:
-            stage.latency_table = str(under_base(stage.latency_table))
     if "output" in recipe.model_fields_set and "dir" in recipe.output.model_fields_set:
         recipe.output.dir = under_base(recipe.output.dir)
     return recipe
 
 
 def load_recipe(name: str | Path) -> Recipe:
-    """Reads (plain data only, within the limits of recipe_yaml), validates, and resolves paths relative to the recipe file."""
+    """Reads (plain data only, within the limits of recipe_yaml), validates, and resolves paths relative to the
+    recipe file."""
     path = resolve_recipe_path(name)
     try:
         data = load_recipe_yaml(path)
@@ -394,15 +535,4 @@ def load_recipe(name: str | Path) -> Recipe:
         raise RecipeError(str(err)) from None
     except OSError as err:
         raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
-    recipe = parse_recipe(data, source=str(path))
-    # other recipe kinds (e.g. the digits recipes, if parse_recipe hands them on) resolve their own paths
-    return resolve_relative_paths(recipe, path.resolve().parent) if isinstance(recipe, Recipe) else recipe
-
-
-if __name__ == "__main__":
-    # the older spelling of `python -m recipes.validate`
-    import sys
-
-    from .validate import main
-
-    sys.exit(main())
+    return resolve_relative_paths(parse_recipe(data, source=str(path)), path.resolve().parent)

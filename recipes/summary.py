@@ -4,13 +4,16 @@ from pathlib import Path
 
 from .atomic import write_text
 
-METRIC_LABELS = {"accuracy": "dev accuracy", "f1": "dev F1", "perplexity": "perplexity"}
+# {split}: the examples the task evaluates on (report["evaluated_on"]: dev sentences, test images, ...)
+METRIC_LABELS = {"accuracy": "{split} accuracy", "f1": "{split} F1", "perplexity": "perplexity"}
 
 
 def comparison_rows(report: dict) -> list[tuple[str, str, str]]:
     """(quantity, before, after) for the metrics, parameter counts and MACs of a report."""
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    rows = [(label, f"{before[key]:.4f}", f"{after[key]:.4f}") for key, label in METRIC_LABELS.items() if key in before]
+    split = report.get("evaluated_on", "dev")
+    rows = [(label.format(split=split), f"{before[key]:.4f}", f"{after[key]:.4f}")
+            for key, label in METRIC_LABELS.items() if key in before]
     params = report["parameters"]
     rows += [("parameters", f"{params['before']['total']:,}", f"{params['after']['total']:,}"),
              ("non-zero parameters", f"{params['before']['nonzero']:,}", f"{params['after']['nonzero']:,}")]
@@ -34,6 +37,10 @@ def terminal_table(report: dict) -> str:
 
 def _stage_line(stage: dict) -> str:
     settings = stage["settings"]
+    if "mode" not in stage:  # a classic method on the image task: its own procedure, settings as given
+        shown = ", ".join(f"{key} {value}" for key, value in settings.items()
+                          if key != "pruning_type" and not isinstance(value, dict))
+        return f"- `{settings['pruning_type']}`: {shown}"
     what = f"`{settings['pruning_type']}` to {settings['target_sparsity']:g}"
     if settings["pruning_type"] not in ("mask_search",):
         what += f" ({settings.get('pattern')})"

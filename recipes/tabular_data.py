@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 
+from .hub_access import import_datasets
 from .input_checks import read_text_file
 from .movie_snippets import Example
 from .schema import DataSource, RecipeError
@@ -118,8 +119,6 @@ def file_examples(data: DataSource, num_labels: int) -> tuple[list[Example], lis
 def hub_examples(data: DataSource, num_labels: int) -> tuple[list[Example], list[Example]]:
     """(train, dev) from a `datasets` hub dataset. Reachability is checked before any model is loaded
     (recipes.hub_access); this only reports what still goes wrong."""
-    from .hub_access import import_datasets
-
     datasets = import_datasets()
     hub = data.hub
     label = f"hub dataset {hub.name!r}" + (f" ({hub.config})" if hub.config else "")

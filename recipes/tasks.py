@@ -12,24 +12,27 @@ import torch
 
 import inc_plugins
 from inc_plugins.finite_checks import check_metric
-from inc_plugins.models.slimming import save_slimmed
+from inc_plugins.models.saving import save_slimmed
 from inc_plugins.post_training.data import average_sequence_length
 
 from . import finetune_cache
 from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, load_local_causal_lm
 from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
-from .pruning_stage import run_pruning_stage, prune_with_batches
-from .schema import PruningStage, Recipe, RecipeError, TextSource
+from .image_classification import ImageClassificationTask
+from .pruning_stage import prune_with_batches, run_pruning_stage
+from .report import parameter_counts
+from .schema import CausalLMRecipe, PruningStage, RecipeError, TextClassificationRecipe, TextSource
+from .shape_checks import check_pattern_fits
 from .tabular_data import file_examples, hub_examples
 from .text_classification import epochs_to_steps, evaluate, evaluated_model, tokenized_batches, train
 from .text_corpora import corpus_file_text, moby_dick_text, sotu_text, token_windows
 
-LOAD_SLIMMED = "from inc_plugins.models.slimming import load_slimmed; model = load_slimmed({path!r})"
+LOAD_SLIMMED = "from inc_plugins.models.saving import load_slimmed; model = load_slimmed({path!r})"
 MOVIE_SNIPPETS_NOTE = "movie-snippet sentiment (SST-2-like), not the official SST-2 labels or split"
 
 
-def classification_examples(recipe: Recipe):
+def classification_examples(recipe: TextClassificationRecipe):
     """(train, dev) examples of the recipe's data, and a note on what they are."""
     data, num_labels = recipe.data, recipe.model.num_labels
     if data.asset == "movie-snippets":
@@ -57,10 +60,22 @@ def _split(examples, data, what: str):
         raise RecipeError(f"data.dev_size: {err} in {what}; lower dev_size or add a dev file") from None
 
 
-class TextClassificationTask:
+class _TransformersTask:
+    """What the text tasks share: pattern checks against the model's layers, and parameter counts."""
+
+    def check_stage(self, model: torch.nn.Module, stage: PruningStage, where: str) -> None:
+        check_pattern_fits(model, stage, where)
+
+    def size(self, model: torch.nn.Module) -> dict:
+        return parameter_counts(model)
+
+
+class TextClassificationTask(_TransformersTask):
     """Single-sentence or sentence-pair classification; accuracy and F1 on the dev set."""
 
-    def __init__(self, recipe: Recipe):
+    evaluated_on = "dev"
+
+    def __init__(self, recipe: TextClassificationRecipe):
         self.recipe = recipe
 
     def load(self, timer) -> torch.nn.Module:
@@ -94,8 +109,10 @@ class TextClassificationTask:
         finetune_cache.store(key, self.model, self.tokenizer, info)
         return self.model, self.tokenizer, {**info, "cached": False}
 
-    def prune(self, model: torch.nn.Module, stage: PruningStage) -> dict:
-        return run_pruning_stage(model, stage, self.tokenizer, self.train_examples, self.recipe.data.max_length)
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, dict]:
+        """Prunes in place; returns the model and what the report says about the stage."""
+        return model, run_pruning_stage(model, stage, self.tokenizer, self.train_examples,
+                                        self.recipe.data.max_length)
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
         return evaluate(model, self.dev_batches, desc=desc)
@@ -128,10 +145,12 @@ def corpus_text(source: TextSource) -> str:
     return {"sotu": sotu_text, "moby-dick": moby_dick_text}[source.asset]()
 
 
-class CausalLMTask:
+class CausalLMTask(_TransformersTask):
     """Causal language modelling: calibration on random windows of one text, perplexity on another."""
 
-    def __init__(self, recipe: Recipe):
+    evaluated_on = "evaluation text"
+
+    def __init__(self, recipe: CausalLMRecipe):
         self.recipe = recipe
 
     def load(self, timer) -> torch.nn.Module:
@@ -157,9 +176,9 @@ class CausalLMTask:
         except ValueError as err:
             raise RecipeError(f"corpus.calibration: {err}") from None
 
-    def prune(self, model: torch.nn.Module, stage: PruningStage) -> dict:
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, dict]:
         """One-shot types calibrate on the stage's windows; training (or fine-tuning after a one-shot type) is
-        next-token prediction on the same windows, shuffled with the stage's seed."""
+        next-token prediction on the same windows, shuffled with the stage's seed. Prunes in place."""
         windows = self._windows(stage)
         order = list(range(len(windows)))
         random.Random(stage.seed).shuffle(order)
@@ -167,9 +186,9 @@ class CausalLMTask:
                     for i in range(0, len(order), stage.batch_size)]
         if inc_plugins.is_one_shot(stage.pruning_type):
             calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
-            return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
-                                      training=training)
-        return prune_with_batches(model, stage, training=training)
+            return model, prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
+                                             training=training)
+        return model, prune_with_batches(model, stage, training=training)
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
         windows = self.evaluation_windows
@@ -206,8 +225,10 @@ class CausalLMTask:
         return load
 
 
-TASKS = {"text_classification": TextClassificationTask, "causal_lm": CausalLMTask}
+TASKS = {"text_classification": TextClassificationTask, "causal_lm": CausalLMTask,
+         "image_classification": ImageClassificationTask}
 
 
-def task_for(recipe: Recipe):
+def task_for(recipe):
+    """The task object of a recipe: `load`, `check_stage`, `evaluate`, `prune`, `size`, `describe_data`, `save`."""
     return TASKS[recipe.task](recipe)

@@ -12,16 +12,16 @@ import argparse
 import json
 import sys
 
-from .schema import Recipe, RecipeError, load_recipe, resolve_recipe_path
+import inc_plugins
+
+from .schema import RecipeError, load_recipe, recipe_json_schema, resolve_recipe_path
 
 SCHEMA_ID = "https://github.com/inc-plugins/inc-plugins/recipes/recipe.schema.json"
 
 
 def json_schema() -> dict:
     """The JSON Schema of a recipe, with the pruning types INC and the plugins register as an enum."""
-    import inc_plugins
-
-    schema = Recipe.model_json_schema()
+    schema = recipe_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = SCHEMA_ID
     stage = schema["$defs"]["PruningStage"]["properties"]["pruning_type"]

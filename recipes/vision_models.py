@@ -7,17 +7,19 @@
 - ``DigitsMLP``: flatten, ``Linear(64, h1)``-ReLU-``Linear(h1, h2)``-ReLU-``Linear(h2, 10)``; with (300, 100) it
   is the LeNet-300-100 of the lottery-ticket paper, with 64 inputs instead of 784.
 
-Both are built under a seed with torch's default initialisation. ``slim_mlp_neurons`` removes an MLP's pruned
-hidden neurons physically (the CNN counterpart is ``inc_plugins.algorithms.bn_slimming.slim_cnn_channels``);
-``macs_per_image`` counts the multiply-accumulates of the Conv and Linear layers; ``save_digits_model`` /
-``load_digits_model`` keep the (possibly slimmed) sizes next to the weights.
+Both are built under a seed with torch's default initialisation. Their physical slimming is
+``inc_plugins.models.surgery_cnn`` (``slim_cnn_channels``, ``slim_mlp_neurons``); ``macs_per_image`` counts the
+multiply-accumulates of the Conv and Linear layers; ``save_digits_model`` / ``load_digits_model`` keep the
+(possibly slimmed) sizes next to the weights.
+
+They live with the recipes, not in ``inc_plugins.models``: they are the digits task's example networks, shaped by
+its data (``digits.IMAGE_SHAPE``, ``NUM_CLASSES``), and no library code needs them.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -90,33 +92,6 @@ def architecture_of(model: nn.Module) -> str:
     if isinstance(model, DigitsMLP):
         return "digits_mlp"
     raise TypeError(f"{type(model).__name__} is not one of the digits models ({', '.join(ARCHITECTURES)})")
-
-
-@torch.no_grad()
-def slim_mlp_neurons(model: DigitsMLP, keep: Mapping[str, Tensor]) -> DigitsMLP:
-    """A physically smaller copy of ``model`` without the pruned hidden neurons.
-
-    ``keep``: {Linear name: keep mask [out_features] bool} for hidden layers. A pruned neuron loses its weight row
-    and bias entry, and its column in the next Linear. With the pruned rows and biases zeroed (what
-    ``network_trimming`` does), the outputs equal the masked model's: ReLU(0) = 0 contributes nothing.
-    """
-    linears = [name for name, module in model.named_children() if isinstance(module, nn.Linear)]
-    slimmed = copy.deepcopy(model)
-    for name, mask in keep.items():
-        if name not in linears[:-1]:
-            raise ValueError(f"{name!r} is not a hidden Linear layer of the MLP; hidden layers: {linears[:-1]}")
-        index = torch.as_tensor(mask).bool().flatten().nonzero().flatten()
-        layer, following = slimmed.get_submodule(name), slimmed.get_submodule(linears[linears.index(name) + 1])
-        if len(torch.as_tensor(mask).flatten()) != layer.out_features:
-            raise ValueError(f"keep mask for {name!r} has {len(mask)} entries, the layer has {layer.out_features}")
-        if len(index) == 0:
-            raise ValueError(f"keep mask for {name!r} removes every neuron; keep at least one")
-        layer.weight = nn.Parameter(layer.weight[index].clone())
-        layer.bias = nn.Parameter(layer.bias[index].clone())
-        layer.out_features = len(index)
-        following.weight = nn.Parameter(following.weight[:, index].clone())
-        following.in_features = len(index)
-    return slimmed
 
 
 @torch.no_grad()

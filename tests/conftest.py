@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inc_plugins import assets
-from inc_plugins.testing.tiny_tokenizer import save_tiny_classifier
+from tests.fixtures.tiny_tokenizer import save_tiny_classifier
 
 
 @pytest.fixture(scope="module")

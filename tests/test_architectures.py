@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
 
 BUILDERS = [tiny_bert_classifier, tiny_llama_lm, tiny_opt_lm, tiny_gpt2_lm, tiny_cnn]
 

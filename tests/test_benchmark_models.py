@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import pruned_models
-from benchmarks.pruned_models import dense_task, pruned_variant
+from benchmarks.suites import pruned_models
+from benchmarks.suites.pruned_models import dense_task, pruned_variant
 
 
 def _encoder_linears(model: nn.Module) -> list[nn.Linear]:
@@ -88,10 +88,10 @@ def test_unknown_variant_or_scale_names_the_choices():
 
 
 def test_sparse_gpt_needs_and_gets_calibration_batches_of_one_length(one_thread):
-    from benchmarks.pruned_models import padded_to, prune
-    from benchmarks.test_pruning_cost import pruner_config
-    from inc_plugins.testing.calibration_data import token_batches
-    from inc_plugins.testing.tiny_models import tiny_bert_classifier
+    from benchmarks.suites.pruned_models import padded_to, prune
+    from benchmarks.suites.test_pruning_cost import pruner_config
+    from tests.fixtures.calibration_data import token_batches
+    from tests.fixtures.tiny_models import tiny_bert_classifier
 
     mixed = token_batches(1, 4, 20, labels="classification", seed=0) + token_batches(1, 4, 24, labels="classification", seed=1)
     with pytest.raises(RuntimeError, match="size of tensor"):  # INC 3.7.1 replays one batch's mask on the others

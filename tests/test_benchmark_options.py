@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _collect(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_inference.py", "--collect-only", "-q",
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/suites/test_inference.py", "--collect-only", "-q",
                            "-p", "no:cacheprovider", "--bench-scale", "tiny", *options],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 

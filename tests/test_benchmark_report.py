@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.hardware import amx_summary, parse_cpuinfo, parse_onednn_verbose
-from benchmarks.report import load, main, markdown
+from benchmarks.suites.report import load, main, markdown
+from inc_plugins.perf.machine import amx_summary, parse_cpuinfo
+from inc_plugins.perf.onednn import parse_onednn_verbose
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 from torch import nn
 
-from inc_plugins.calibration import (
+from inc_plugins.execution.calibration import (
     BlockInput,
     capture_block_inputs,
     first_output,
@@ -16,8 +16,8 @@ from inc_plugins.calibration import (
     sequential_blocks,
 )
 from inc_plugins.models.architectures import adapter_for
-from inc_plugins.testing.calibration_data import PAD_TOKEN_ID, image_batches, token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
+from tests.fixtures.calibration_data import PAD_TOKEN_ID, image_batches, token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
 
 
 def tiny_mpnet_classifier() -> nn.Module:

@@ -8,10 +8,13 @@ from neural_compressor.compression.pruner.pruners.base import PRUNERS
 from torch import nn
 
 import inc_plugins
-from inc_plugins.algorithms.apoz import APoZMonitor, activation_kind, apoz, channels_to_prune
-from inc_plugins.inc.classic import APoZCriterion, NetworkTrimmingPruner, NetworkTrimmingPruning
-from inc_plugins.testing.calibration_data import image_batches, token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn
+from inc_plugins.algorithms.apoz import apoz, channels_to_prune
+from inc_plugins.execution.apoz_monitor import APoZMonitor
+from inc_plugins.inc.apoz_criterion import APoZCriterion
+from inc_plugins.inc.network_trimming import NetworkTrimmingPruner, NetworkTrimmingPruning
+from inc_plugins.models.activations import activation_kind
+from tests.fixtures.calibration_data import image_batches, token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn
 
 IMAGES = image_batches(n_batches=2, batch_size=8)
 TOKENS = token_batches(n_batches=2, batch_size=4, seq_len=8)
@@ -159,19 +162,19 @@ def test_network_trimming_prunes_the_highest_apoz_channels_of_tiny_cnn():
     (pruner,) = pruning.pruners
     for i in range(3):
         name, conv, bn = f"features.{i}.0", model.features[i][0], model.features[i][1]
-        keep = pruning.keep[name]
+        keep = pruning.result.keep[name]
         assert torch.equal(keep, expected[name])
         assert int((~keep).sum()) == conv.out_channels // 2
         assert torch.equal(pruner.masks[name], conv.weight != 0)
         assert (conv.weight[~keep] == 0).all() and (bn.weight[~keep] == 0).all() and (bn.bias[~keep] == 0).all()
-        assert pruning.sites[name].batchnorms == [f"features.{i}.1"]
+        assert pruning.result.sites[name].batchnorms == [f"features.{i}.1"]
     # a pruned channel is silent after its ReLU
     outputs = {}
     handle = model.features[0][2].register_forward_hook(lambda m, a, out: outputs.setdefault("relu", out))
     with torch.no_grad():
         model(IMAGES[0][0])
     handle.remove()
-    assert (outputs["relu"][:, ~pruning.keep["features.0.0"]] == 0).all()
+    assert (outputs["relu"][:, ~pruning.result.keep["features.0.0"]] == 0).all()
 
 
 def test_network_trimming_on_tiny_bert_ffn_counts_only_real_tokens():
@@ -201,9 +204,9 @@ def test_network_trimming_on_tiny_bert_ffn_counts_only_real_tokens():
     )
     assert pruning.report is not None
     for i, name in enumerate(names):
-        assert torch.allclose(pruning.apoz[name], expected[name])
+        assert torch.allclose(pruning.result.apoz[name], expected[name])
         dense = model.bert.encoder.layer[i].intermediate.dense
-        keep = pruning.keep[name]
+        keep = pruning.result.keep[name]
         assert int((~keep).sum()) == 16
         assert (dense.weight[~keep] == 0).all() and (dense.bias[~keep] == 0).all()
         assert (dense.weight[keep] != 0).any(dim=1).all()

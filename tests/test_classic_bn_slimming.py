@@ -10,19 +10,12 @@ from neural_compressor.compression.pruner.regs import REGS
 from torch import nn
 
 import inc_plugins
-from inc_plugins.algorithms.bn_slimming import (
-    UnsupportedCNNError,
-    add_bn_l1_subgradient_,
-    bn_l1_penalty,
-    conv_bn_pairs,
-    mask_bn_channels,
-    parameter_count,
-    select_bn_channels,
-    slim_cnn_channels,
-)
-from inc_plugins.inc.classic import BNL1Regularizer, NetworkSlimmingPruner, NetworkSlimmingPruning
-from inc_plugins.testing.calibration_data import image_batches
-from inc_plugins.testing.tiny_models import tiny_cnn
+from inc_plugins.algorithms.bn_slimming import add_bn_l1_subgradient_, bn_l1_penalty, select_bn_channels
+from inc_plugins.inc.network_slimming import BNL1Regularizer, NetworkSlimmingPruner, NetworkSlimmingPruning
+from inc_plugins.models.cnn_structure import batchnorm_layers, conv_bn_pairs
+from inc_plugins.models.surgery_cnn import UnsupportedCNNError, mask_bn_channels, parameter_count, slim_cnn_channels
+from tests.fixtures.calibration_data import image_batches
+from tests.fixtures.tiny_models import tiny_cnn
 
 IMAGES = image_batches(n_batches=2, batch_size=8)
 
@@ -52,7 +45,7 @@ def two_bn_net(gammas_a, gammas_b):
 def test_l1_penalty_value_and_gradient():
     net = two_bn_net([0.5, -2.0, 0.0], [1.5, -0.25])
     lam = 1e-2
-    penalty = bn_l1_penalty(net, lam)
+    penalty = bn_l1_penalty(batchnorm_layers(net), lam)
     assert torch.isclose(penalty, torch.tensor(lam * (0.5 + 2.0 + 0.0 + 1.5 + 0.25)))
     penalty.backward()
     assert torch.equal(net[1].weight.grad, lam * torch.tensor([1.0, -1.0, 0.0]))  # sign(0) = 0
@@ -60,14 +53,22 @@ def test_l1_penalty_value_and_gradient():
     assert net[0].weight.grad is None  # only the BN scales are penalised
 
     other = two_bn_net([0.5, -2.0, 0.0], [1.5, -0.25])
-    add_bn_l1_subgradient_(other, lam)
+    add_bn_l1_subgradient_(batchnorm_layers(other).values(), lam)
     assert torch.equal(other[1].weight.grad, net[1].weight.grad)
     assert torch.equal(other[4].weight.grad, net[4].weight.grad)
 
 
 def test_penalty_needs_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm"):
-        bn_l1_penalty(nn.Sequential(nn.Linear(2, 2)), 1e-4)
+        bn_l1_penalty(batchnorm_layers(nn.Sequential(nn.Linear(2, 2))), 1e-4)
+
+
+def test_penalty_and_selection_take_batchnorm_layers_not_a_model():
+    net = two_bn_net([0.5, -2.0], [1.5])
+    for call in (lambda: bn_l1_penalty(net, 1e-4), lambda: add_bn_l1_subgradient_(net, 1e-4),
+                 lambda: select_bn_channels(net, 0.4)):
+        with pytest.raises(TypeError, match="batchnorm_layers"):
+            call()
 
 
 # --- (b) selection -------------------------------------------------------------------------------------------
@@ -75,20 +76,21 @@ def test_penalty_needs_batchnorm():
 
 def test_global_selection_picks_the_smallest_gamma_across_layers():
     net = two_bn_net([0.1, -5.0, 6.0], [0.2, -0.05, 7.0, 8.0])
-    keep = select_bn_channels(net, 3 / 7)  # int(3/7 * 7) = 3 channels: |gamma| 0.05, 0.1, 0.2
+    keep = select_bn_channels(batchnorm_layers(net), 3 / 7)  # int(3/7 * 7) = 3 channels: |gamma| 0.05, 0.1, 0.2
     assert keep["1"].tolist() == [False, True, True]
     assert keep["4"].tolist() == [False, False, True, True]
 
 
 def test_global_selection_keeps_one_channel_per_layer():
     net = two_bn_net([0.01, 0.02], [5.0, 6.0, 7.0])
-    keep = select_bn_channels(net, 0.4)  # 2 channels: both of the first layer are smallest, but one must stay
+    # 2 channels: both of the first layer are smallest, but one must stay
+    keep = select_bn_channels(batchnorm_layers(net), 0.4)
     assert keep["1"].tolist() == [False, True]
     assert keep["4"].tolist() == [False, True, True]
     with pytest.raises(ValueError, match="every channel of some layer"):
-        select_bn_channels(net, 0.8)  # 4 of 5 would leave a layer empty
+        select_bn_channels(batchnorm_layers(net), 0.8)  # 4 of 5 would leave a layer empty
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        select_bn_channels(net, 1.0)
+        select_bn_channels(batchnorm_layers(net), 1.0)
 
 
 # --- (c, d) masking and physical removal ---------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_slimmed_cnn_equals_the_masked_cnn(build):
     for module in model.modules():  # non-trivial running statistics
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(generator=torch.Generator().manual_seed(1))
-    keep = select_bn_channels(model, 0.4)
+    keep = select_bn_channels(batchnorm_layers(model), 0.4)
     slimmed = slim_cnn_channels(model, keep)
     masked = copy.deepcopy(model)
     mask_bn_channels(masked, keep)
@@ -142,22 +144,22 @@ def test_slimming_refuses_what_it_cannot_follow():
 
 def test_network_slimming_through_inc_masks_then_slims():
     model = tiny_cnn()
-    expected = select_bn_channels(model, 0.5)
+    expected = select_bn_channels(batchnorm_layers(model), 0.5)
     # selection reads only the BatchNorm scales, so no calibration data is needed
     pruning = inc_plugins.prepare_pruning(
         model, config(pruning_type="network_slimming", target_sparsity=0.5, pattern="1xchannel")
     )
     assert isinstance(pruning, NetworkSlimmingPruning) and PRUNERS["pt_network_slimming"] is NetworkSlimmingPruner
     assert pruning.report is not None
-    assert pruning.keep.keys() == expected.keys()
-    assert all(torch.equal(pruning.keep[name], expected[name]) for name in expected)
-    assert sum(int((~mask).sum()) for mask in pruning.keep.values()) == int(0.5 * (8 + 16 + 32))
+    assert pruning.result.keep.keys() == expected.keys()
+    assert all(torch.equal(pruning.result.keep[name], expected[name]) for name in expected)
+    assert sum(int((~mask).sum()) for mask in pruning.result.keep.values()) == int(0.5 * (8 + 16 + 32))
     (pruner,) = pruning.pruners
-    for conv_name, bn_name in pruning.batchnorm_of.items():
-        conv, bn, keep = model.get_submodule(conv_name), model.get_submodule(bn_name), pruning.keep[bn_name]
+    for conv_name, bn_name in pruning.result.batchnorm_of.items():
+        conv, bn, keep = model.get_submodule(conv_name), model.get_submodule(bn_name), pruning.result.keep[bn_name]
         assert torch.equal(pruner.masks[conv_name], conv.weight != 0)
         assert (conv.weight[~keep] == 0).all() and (bn.weight[~keep] == 0).all() and (bn.bias[~keep] == 0).all()
-    small = pruning.slim()
+    small = inc_plugins.slim(model, pruning.result)
     with torch.no_grad():
         assert torch.allclose(small(IMAGES[1][0]), model(IMAGES[1][0]), atol=1e-6)
     assert parameter_count(small) < parameter_count(model)

@@ -8,18 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from inc_plugins.algorithms.apoz import APoZMonitor, channels_to_prune
-from inc_plugins.algorithms.bn_slimming import batchnorm_scales, prune_lowest_channels
+from inc_plugins.algorithms.apoz import channels_to_prune
+from inc_plugins.algorithms.bn_slimming import batchnorm_scales
+from inc_plugins.algorithms.channel_selection import prune_lowest_channels
+from inc_plugins.execution.apoz_monitor import APoZMonitor
+from inc_plugins.models.cnn_structure import batchnorm_layers
+from inc_plugins.models.surgery_cnn import slim_mlp_neurons
+from benchmarks.studies.measures import interleaved_latency
 from recipes import classic_stages as cs
 from recipes.digits import labelled_batches, load_digits_split
-from recipes.vision_models import (
-    DigitsCNN,
-    build_digits_model,
-    load_digits_model,
-    macs_per_image,
-    save_digits_model,
-    slim_mlp_neurons,
-)
+from recipes.vision_models import DigitsCNN, build_digits_model, load_digits_model, macs_per_image, save_digits_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,16 +104,17 @@ def test_sparsity_training_through_inc_shrinks_the_bn_scales_by_the_l1_step():
     plain, penalised = (build_digits_model("digits_cnn", [4, 6, 8], seed=0) for _ in range(2))
     cs.sparsity_train(plain, SPLIT, settings, 0.0)
     cs.sparsity_train(penalised, SPLIT, settings, 0.5)
-    for name, scale in batchnorm_scales(penalised).items():
+    plain_scales = batchnorm_scales(batchnorm_layers(plain))
+    for name, scale in batchnorm_scales(batchnorm_layers(penalised)).items():
         # one step (a single batch holds the whole training set): the same loss gradient, plus lr * l1 * sign
-        assert torch.allclose(batchnorm_scales(plain)[name] - scale, torch.full_like(scale, 0.1 * 0.5), atol=1e-5)
+        assert torch.allclose(plain_scales[name] - scale, torch.full_like(scale, 0.1 * 0.5), atol=1e-5)
 
 
 def test_network_slimming_keeps_the_smallest_scales_out_and_the_outputs_equal():
     model = build_digits_model("digits_cnn", [8, 12, 16], seed=0)
     cs.train_digits(model, SPLIT, ONE_EPOCH)
     result = cs.slim_by_bn_scales(model, 0.4, SPLIT, scope="global")
-    expected = prune_lowest_channels(batchnorm_scales(model), 0.4, "global")
+    expected = prune_lowest_channels(batchnorm_scales(batchnorm_layers(model)), 0.4, "global")
     assert {name: mask.tolist() for name, mask in result.keep.items()} == \
         {name: mask.tolist() for name, mask in expected.items()}
     assert result.slimmed.widths() == [int(mask.sum()) for mask in expected.values()]
@@ -182,7 +181,7 @@ def test_particle_filter_then_retraining_holds_the_pattern(granularity):
 
 def test_interleaved_latency_reports_every_model():
     models = {"a": nn.Linear(4, 4), "b": nn.Linear(4, 2)}
-    timed = cs.interleaved_latency(models, torch.zeros(3, 4), repeats=4, warmup=1)
+    timed = interleaved_latency(models, torch.zeros(3, 4), repeats=4, warmup=1)
     assert set(timed) == {"a", "b"} and all(t["q1_s"] <= t["median_s"] <= t["q3_s"] for t in timed.values())
 
 

@@ -7,20 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from inc_plugins.algorithms.lottery_ticket import (
-    apply_masks,
-    dense_masks,
-    enforce_masks,
-    magnitude_prune_round,
-    prunable_layers,
-    random_reinit,
-    remaining_fraction,
-    rewind,
-    run_lottery_rounds,
-    snapshot,
-)
-from inc_plugins.inc.classic import inc_magnitude_round
-from inc_plugins.testing.tiny_models import tiny_cnn
+from inc_plugins.algorithms.lottery_ticket import apply_masks, dense_masks, magnitude_prune_round, remaining_fraction
+from inc_plugins.execution.held_masks import enforce_masks
+from inc_plugins.execution.lottery_rounds import random_reinit, rewind, run_lottery_rounds, snapshot
+from inc_plugins.inc.lottery_ticket import inc_magnitude_round
+from inc_plugins.models.cnn_structure import prunable_layers
+from tests.fixtures.tiny_models import tiny_cnn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

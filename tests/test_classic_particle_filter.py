@@ -10,14 +10,14 @@ from inc_plugins.algorithms.particle_filter import (
     ParticleFilterSettings,
     StructuredPattern,
     importance_weights,
-    misclassification_rate,
-    particle_filter_prune,
     particle_filter_search,
     systematic_resample,
 )
-from inc_plugins.inc.classic import ParticleFilterPruner, ParticleFilterPruning
-from inc_plugins.testing.calibration_data import image_batches
-from inc_plugins.testing.tiny_models import tiny_cnn
+from inc_plugins.execution.misclassification import misclassification_rate
+from inc_plugins.execution.particle_filter_search import particle_filter_prune
+from inc_plugins.inc.particle_filter import ParticleFilterPruner, ParticleFilterPruning
+from tests.fixtures.calibration_data import image_batches
+from tests.fixtures.tiny_models import tiny_cnn
 
 IMAGES = image_batches(n_batches=2, batch_size=8)
 QUICK = {"num_particles": 3, "iterations": 1}
@@ -154,7 +154,7 @@ def test_particle_filter_through_inc_on_tiny_cnn(pattern, granularity, sparsity)
     (pruner,) = pruning.pruners
     assert list(pruner.modules) == ["features.0.0", "features.1.0", "features.2.0"]
     for name, module in pruner.modules.items():
-        assert torch.equal(pruner.masks[name], pruning.results[name].mask)
+        assert torch.equal(pruner.masks[name], pruning.result.searches[name].mask)
         assert (module.weight[~pruner.masks[name]] == 0).all()
         if granularity is None:
             pruned = ~pruner.masks[name].flatten(1).any(1)

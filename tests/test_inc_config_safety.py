@@ -11,8 +11,8 @@ from inc_plugins.inc.config import restore_inc_defaults
 from inc_plugins.inc.config_checks import check_pruner_settings
 from inc_plugins.inc.one_shot import default_pattern
 from inc_plugins.models.layer_views import weight_matrix
-from inc_plugins.testing.calibration_data import token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_llama_lm
+from tests.fixtures.calibration_data import token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
 
 LM_BATCHES = token_batches(3, 2, 16, labels="lm")
 TOKENS = token_batches(2, 2, 8)
@@ -199,4 +199,4 @@ def test_a_global_plugin_key_read_by_another_entry_is_not_an_error():
     wanda, trimming = inc_plugins.prepare_pruning(model, config, dataloader=TOKENS)
     assert [p.config["pattern"] for p in wanda.pruners] == ["1x1"]
     assert [p.config["pattern"] for p in trimming.pruners] == ["1xchannel"]
-    assert all(int((~keep).sum()) == 16 for keep in trimming.keep.values())
+    assert all(int((~keep).sum()) == 16 for keep in trimming.result.keep.values())

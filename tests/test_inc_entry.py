@@ -7,12 +7,13 @@ import torch
 from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_pruning
 from neural_compressor.compression.pruner.pruning import PRUNINGS, BasicPruning, SparseGPTPruning
+from pydantic import Field
 
 import inc_plugins
 from inc_plugins.inc import one_shot
 from inc_plugins.inc.compat import IncompatibleINCError, check_inc_version
-from inc_plugins.testing.calibration_data import token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_llama_lm
+from tests.fixtures.calibration_data import token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
 
 
 def linear_sparsity(model, name_filter):
@@ -54,17 +55,16 @@ class RecordingPruning:
         RecordingPruning.calls.append({"infos": infos, "model": model, "dataloader": dataloader})
 
 
+class RecordingSettings(inc_plugins.PluginSettings):
+    flavour: str | None = Field(None, description="a key only the recording type reads")
+
+
 @pytest.fixture
 def recording_type(monkeypatch):
-    monkeypatch.setattr(one_shot, "ONE_SHOT_PRUNINGS", dict(one_shot.ONE_SHOT_PRUNINGS))
-    monkeypatch.setattr("inc_plugins.inc.entry.ONE_SHOT_PRUNINGS", one_shot.ONE_SHOT_PRUNINGS)
-    monkeypatch.setattr("inc_plugins.inc.config_checks.ONE_SHOT_PRUNINGS", one_shot.ONE_SHOT_PRUNINGS)
-    monkeypatch.setattr(one_shot, "PLUGIN_CONFIG_KEYS", set(one_shot.PLUGIN_CONFIG_KEYS))
-    monkeypatch.setattr("inc_plugins.inc.entry.PLUGIN_CONFIG_KEYS", one_shot.PLUGIN_CONFIG_KEYS)
-    monkeypatch.setattr(one_shot, "TYPE_CONFIG_KEYS", dict(one_shot.TYPE_CONFIG_KEYS))
-    monkeypatch.setattr(one_shot, "DEFAULT_PATTERNS", dict(one_shot.DEFAULT_PATTERNS))
+    for registry in ("ONE_SHOT_TYPES", "PLUGIN_SETTINGS_MODELS", "TYPE_CONFIG_KEYS", "PLUGIN_CONFIG_KEYS"):
+        monkeypatch.setattr(one_shot, registry, copy.copy(getattr(one_shot, registry)))
     monkeypatch.setitem(PRUNINGS, "recording_pruning", RecordingPruning)
-    one_shot.register_one_shot_pruning("recording", config_keys=("flavour",))(RecordingPruning)
+    one_shot.register_one_shot_pruning("recording", settings=RecordingSettings)(RecordingPruning)
     RecordingPruning.calls = []
     return "recording"
 
@@ -74,12 +74,35 @@ def test_import_registers_the_plugins_in_inc_registries():
     from neural_compressor.compression.pruner.pruners import PRUNERS
 
     assert PRUNERS["pt_wanda"].__module__ == "inc_plugins.inc.wanda"
-    assert CRITERIA["wanda_score"].__module__ == "inc_plugins.inc.wanda"
+    assert CRITERIA["wanda_score"].__module__ == "inc_plugins.inc.wanda_score_criterion"
     assert PRUNINGS["wanda_pruning"].__module__ == "inc_plugins.inc.wanda"
     assert PRUNINGS["mask_search_pruning"].__module__ == "inc_plugins.inc.mask_search"
     assert {"wanda", "mask_search", "wanda_score", "magnitude", "sparse_gpt"} <= set(inc_plugins.known_pruning_types())
     assert inc_plugins.is_one_shot("wanda") and inc_plugins.is_one_shot("mask_search")
     assert not inc_plugins.is_one_shot("wanda_score")
+
+
+def test_every_plugin_type_declares_its_keys_once_in_a_described_settings_model():
+    for pruning_type in ("wanda", "mask_search", "network_trimming", "network_slimming", "particle_filter"):
+        model = inc_plugins.plugin_settings_model(pruning_type)
+        assert issubclass(model, inc_plugins.PluginSettings) and model.model_json_schema()["properties"]
+        assert one_shot.TYPE_CONFIG_KEYS[pruning_type] == set(model.model_fields) - one_shot.INC_CONFIG_KEYS
+        for key, field in model.model_fields.items():
+            assert field.description and "\n" not in field.description, (pruning_type, key)
+    assert inc_plugins.plugin_settings_model("magnitude") is None
+    assert one_shot.PLUGIN_CONFIG_KEYS == set().union(*one_shot.TYPE_CONFIG_KEYS.values())
+
+
+@pytest.mark.parametrize("value, message", [
+    (True, r"num_particles must be a whole number in \[1, 10000\], got True"),
+    ("16", r"num_particles must be a whole number in \[1, 10000\], got '16'"),
+    (10_001, r"num_particles must be a whole number in \[1, 10000\], got 10001"),
+])
+def test_plugin_settings_are_strict_and_bounded_with_one_line_errors(value, message):
+    settings = inc_plugins.plugin_settings_model("particle_filter")
+    with pytest.raises(inc_plugins.PruningConfigError, match=message) as caught:
+        settings.from_config({"target_sparsity": 0.5, "pattern": "1xchannel", "num_particles": value})
+    assert "\n" not in str(caught.value)
 
 
 def test_registering_a_one_shot_type_puts_it_in_inc_registry(recording_type):
@@ -91,7 +114,7 @@ def test_registering_a_one_shot_type_puts_it_in_inc_registry(recording_type):
 @pytest.mark.parametrize("name", ["my_gpt", "retrain_fast", "block_x", "freebie"])
 def test_names_that_inc_dispatches_on_are_refused(name):
     with pytest.raises(ValueError, match="reserves"):
-        one_shot.register_one_shot_pruning(name)
+        one_shot.register_one_shot_pruning(name, settings=inc_plugins.PluginSettings)
 
 
 def test_routing_sends_plugin_types_to_plugin_code_and_the_rest_to_inc(recording_type):

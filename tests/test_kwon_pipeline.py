@@ -12,6 +12,7 @@ import inc_plugins
 from inc_plugins import latency_table
 from inc_plugins.algorithms.mac_cost import model_macs
 from inc_plugins.algorithms.mask_tuning import normal_equations
+from inc_plugins.inc.mask_search import MaskSearchResult
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.structure_masks import apply_structure_masks, fold_structure_masks, mask_structure
 from inc_plugins.post_training import (
@@ -24,8 +25,8 @@ from inc_plugins.post_training import (
     prune_post_training,
     tune_mask_scales,
 )
-from inc_plugins.testing.calibration_data import token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_gpt2_lm, tiny_llama_lm
+from tests.fixtures.calibration_data import token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_gpt2_lm, tiny_llama_lm
 
 HIDDEN, HEAD_DIM, N_HEADS, N_NEURONS, N_LAYERS = 32, 8, 4, 64, 2
 
@@ -301,20 +302,20 @@ def pruned_bert():
 
 def test_mask_search_through_inc_respects_the_budget_and_leaves_the_model_masked(pruned_bert):
     original, model, pruning, batches = pruned_bert
-    stored = model.inc_structure_masks
-    assert stored["scales_folded"] and torch.equal(stored["head_mask"], pruning.head_mask)
+    stored = pruning.result
+    assert isinstance(stored, MaskSearchResult) and not hasattr(model, "inc_structure_masks")  # returned, not stashed
     seq_len = average_length(batches)
     dense = model_macs(torch.ones(N_LAYERS, N_HEADS), torch.ones(N_LAYERS, N_NEURONS), seq_len, HIDDEN, HEAD_DIM)
-    assert model_macs(stored["head_mask"], stored["neuron_mask"], seq_len, HIDDEN, HEAD_DIM) <= 0.6 * dense
-    assert (stored["head_mask"] == 0).any() and (stored["neuron_mask"] == 0).any()
+    assert model_macs(stored.head_mask, stored.neuron_mask, seq_len, HIDDEN, HEAD_DIM) <= 0.6 * dense
+    assert (stored.head_mask == 0).any() and (stored.neuron_mask == 0).any()
     assert pruning.result.tuning is not None and pruning.result.tuning.stopped_at is None
 
     # the folded model computes what the original computes under the tuned masks, with no hooks left
-    with apply_structure_masks(original, stored["head_mask"], stored["neuron_mask"]):
+    with apply_structure_masks(original, stored.head_mask, stored.neuron_mask):
         expected = logits(original, batches[0])
     torch.testing.assert_close(logits(model, batches[0]), expected, rtol=1e-5, atol=1e-5)
     layer = model.bert.encoder.layer[0]
-    for head in (stored["head_mask"][0] == 0).nonzero().flatten().tolist():
+    for head in (stored.head_mask[0] == 0).nonzero().flatten().tolist():
         columns = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
         assert not layer.attention.output.dense.weight[:, columns].any()
         assert not layer.attention.self.query.weight[columns].any()
@@ -340,14 +341,14 @@ def test_mask_search_keys_given_globally_reach_the_pruning():
         pruning_configs=[{"pruning_type": "mask_search"}], target_sparsity=0.5, tune=False, seq_len=40
     )
     pruning = inc_plugins.prepare_pruning(tiny_bert_classifier(), config, dataloader=bert_batches(1))
-    assert pruning.settings.tune is False and pruning.result.tuning is None
+    assert pruning.settings[0].tune is False and pruning.result.tuning is None
     assert pruning.result.seq_len == 40 and pruning.result.cost <= 0.5 * pruning.result.dense_cost
 
 
 def test_mask_search_on_llama_prunes_whole_key_value_groups():
     model, batches = tiny_llama_lm(), llama_batches()
     pruning = inc_plugins.prepare_pruning(model, mask_search_config(target_sparsity=0.75), dataloader=batches)
-    head_mask = model.inc_structure_masks["head_mask"]
+    head_mask = pruning.result.head_mask
     assert head_mask.shape == (N_LAYERS, N_HEADS)
     groups = head_mask.reshape(N_LAYERS, 2, 2)  # [layer, key/value group, query head in group]
     assert torch.equal(groups[..., 0], groups[..., 1])
@@ -373,8 +374,8 @@ def test_mask_search_under_a_latency_table():
         mask_search_config(target_sparsity=0.5, constraint="latency", latency_table=table, tune=False),
         dataloader=batches,
     )
-    kept_heads = (pruning.head_mask != 0).sum(1)
-    kept_neurons = (pruning.neuron_mask != 0).sum(1)
+    kept_heads = (pruning.result.head_mask != 0).sum(1)
+    kept_neurons = (pruning.result.neuron_mask != 0).sum(1)
     latency = float(table.head_latency[kept_heads].sum() + table.neuron_latency[kept_neurons].sum())
     assert latency <= 0.5 * N_LAYERS * (3.5 + 6.4) + 1e-9
     assert latency == pytest.approx(pruning.result.cost)
@@ -396,10 +397,10 @@ def test_mask_search_on_llama_reads_a_saved_per_query_head_latency_table_per_gro
         mask_search_config(target_sparsity=0.3, constraint="latency", latency_table=str(saved), tune=False),
         dataloader=batches,
     )
-    groups = (model.inc_structure_masks["head_mask"] != 0).reshape(N_LAYERS, 2, 2)
+    groups = (pruning.result.head_mask != 0).reshape(N_LAYERS, 2, 2)
     assert torch.equal(groups[..., 0], groups[..., 1])
     per_group = torch.tensor([1.0, 2.0, 3.0])
-    latency = per_group[groups[..., 0].sum(1)].sum() + 0.05 * (pruning.neuron_mask != 0).sum()
+    latency = per_group[groups[..., 0].sum(1)].sum() + 0.05 * (pruning.result.neuron_mask != 0).sum()
     assert float(latency) <= 0.7 * N_LAYERS * (3.0 + 0.05 * N_NEURONS) + 1e-9
     assert float(latency) == pytest.approx(pruning.result.cost)
 
@@ -407,7 +408,7 @@ def test_mask_search_on_llama_reads_a_saved_per_query_head_latency_table_per_gro
 def test_slim_returns_a_smaller_model_with_the_same_outputs(pruned_bert):
     _, model, pruning, batches = pruned_bert
     pruned = copy.deepcopy(model)
-    slimmed = inc_plugins.slim(pruned)
+    slimmed = inc_plugins.slim(pruned, pruning.result)
     torch.testing.assert_close(logits(slimmed, batches[0]), logits(model, batches[0]), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in slimmed.parameters()) < sum(p.numel() for p in model.parameters())
 

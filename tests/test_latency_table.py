@@ -2,12 +2,14 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from inc_plugins import latency_table as lt
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_llama_lm
+from inc_plugins.perf import layer_latency, timing
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
 
 QUICK = dict(batch_size=2, seq_len=8, repeats=2, warmup=1)
 
@@ -55,14 +57,14 @@ def test_measured_tables_never_fall_as_units_are_added(bert_table):
 
 
 def test_nondecreasing_fit_is_the_least_squares_monotone_sequence():
-    assert lt.nondecreasing_fit([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
-    assert lt.nondecreasing_fit([5, 1, 3]) == [3, 3, 3]
-    assert lt.nondecreasing_fit([0, 1, 1, 2]) == [0, 1, 1, 2]
+    assert layer_latency.nondecreasing_fit([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
+    assert layer_latency.nondecreasing_fit([5, 1, 3]) == [3, 3, 3]
+    assert layer_latency.nondecreasing_fit([0, 1, 1, 2]) == [0, 1, 1, 2]
     # brute force on a grid: no nondecreasing sequence of multiples of 1/4 fits [2, 0, 3, 1] better
     import itertools
 
     values = [2, 0, 3, 1]
-    fitted = lt.nondecreasing_fit(values)
+    fitted = layer_latency.nondecreasing_fit(values)
     error = sum((f - v) ** 2 for f, v in zip(fitted, values))
     grid = [i / 4 for i in range(0, 13)]
     best = min(sum((c - v) ** 2 for c, v in zip(candidate, values))
@@ -73,7 +75,7 @@ def test_nondecreasing_fit_is_the_least_squares_monotone_sequence():
 def test_sizes_are_timed_in_rotated_interleaved_rounds():
     order = []
     calls = [lambda i=i: order.append(i) for i in range(3)]
-    lt._interleaved_median_seconds(calls, warmup=1, repeats=3)
+    timing.interleaved_median_seconds(calls, warmup=1, repeats=3)
     assert order == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
@@ -96,12 +98,12 @@ def test_gqa_table_is_measured_in_whole_kv_groups():
 
 
 def test_interpolation_and_sample_points():
-    assert lt._sample_points(10, 4) == [0, 4, 8, 10]
-    assert lt._interpolate([0, 4, 8, 10], [0.0, 4.0, 4.0, 8.0], 10) == pytest.approx(
+    assert layer_latency.sample_points(10, 4) == [0, 4, 8, 10]
+    assert layer_latency.interpolate([0, 4, 8, 10], [0.0, 4.0, 4.0, 8.0], 10) == pytest.approx(
         [0, 1, 2, 3, 4, 4, 4, 4, 4, 6, 8]
     )
     with pytest.raises(ValueError, match="step must be >= 1"):
-        lt._sample_points(10, 0)
+        layer_latency.sample_points(10, 0)
 
 
 def test_unknown_backend_is_rejected():
@@ -145,20 +147,20 @@ def _with_machine(table, **changes):
 
 
 def test_check_same_machine_flags_other_machines(bert_table):
-    lt.check_same_machine(bert_table, "eager", batch_size=2, seq_len=8)  # measured here: passes
-    with pytest.raises(lt.LatencyTableMismatch, match="cpu_model: table 'Some Other CPU'"):
-        lt.check_same_machine(_with_machine(bert_table, cpu_model="Some Other CPU"), "eager")
+    lt.check_machine(bert_table, lt.current_machine("eager", batch_size=2, seq_len=8))  # measured here: passes
+    with pytest.raises(lt.LatencyTableMismatchError, match="cpu_model: table 'Some Other CPU'"):
+        lt.check_machine(_with_machine(bert_table, cpu_model="Some Other CPU"), lt.current_machine("eager"))
     other_flags = {**bert_table.machine["cpu_flags"], "amx_bf16": not bert_table.machine["cpu_flags"]["amx_bf16"]}
-    with pytest.raises(lt.LatencyTableMismatch, match="cpu_flags"):
-        lt.check_same_machine(_with_machine(bert_table, cpu_flags=other_flags), "eager")
-    with pytest.raises(lt.LatencyTableMismatch, match="num_threads"):
-        lt.check_same_machine(_with_machine(bert_table, num_threads=64), "eager")
-    with pytest.raises(lt.LatencyTableMismatch, match="backend: table 'eager', now 'inductor'"):
-        lt.check_same_machine(bert_table, "inductor")
-    with pytest.raises(lt.LatencyTableMismatch, match="seq_len"):
-        lt.check_same_machine(bert_table, "eager", seq_len=128)
+    with pytest.raises(lt.LatencyTableMismatchError, match="cpu_flags"):
+        lt.check_machine(_with_machine(bert_table, cpu_flags=other_flags), lt.current_machine("eager"))
+    with pytest.raises(lt.LatencyTableMismatchError, match="num_threads"):
+        lt.check_machine(_with_machine(bert_table, num_threads=64), lt.current_machine("eager"))
+    with pytest.raises(lt.LatencyTableMismatchError, match="backend: table 'eager', now 'inductor'"):
+        lt.check_machine(bert_table, lt.current_machine("inductor"))
+    with pytest.raises(lt.LatencyTableMismatchError, match="seq_len"):
+        lt.check_machine(bert_table, lt.current_machine("eager", seq_len=128))
     with pytest.warns(UserWarning, match="torch 1.0"):
-        lt.check_same_machine(_with_machine(bert_table, torch_version="1.0"), "eager")
+        lt.check_machine(_with_machine(bert_table, torch_version="1.0"), lt.current_machine("eager"))
 
 
 def test_command_line_measures_and_shows(tmp_path, capsys):
@@ -169,3 +171,35 @@ def test_command_line_measures_and_shows(tmp_path, capsys):
     assert len(table.head_latency) == 5 and table.machine["seq_len"] == 4
     assert lt.main(["show", str(out)]) == 0
     assert "matches this machine" in capsys.readouterr().out
+
+
+def test_tables_written_before_the_flag_list_grew_still_load_and_match(tmp_path):
+    """Format-1 tables record five CPU flags; the description now has more. Only the recorded ones are compared."""
+    here = lt.current_machine("eager", 32, 128)
+    old_flags = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    old = {"format": 1, "head_latency": [0.001, 0.002, 0.003], "neuron_latency": [0.0, 0.001],
+           "machine": {**here, "cpu_flags": {flag: here["cpu_flags"][flag] for flag in old_flags}},
+           "model": {"model_type": "bert"}, "measured_heads": [0, 1, 2], "measured_neurons": [0, 1]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    table = lt.load_latency_table(path)
+    lt.check_machine(table, here)
+    flipped = {**table.machine["cpu_flags"], "avx512f": not table.machine["cpu_flags"]["avx512f"]}
+    with pytest.raises(lt.LatencyTableMismatchError, match="cpu_flags: table {'avx512f'"):
+        lt.check_machine(_with_machine(table, cpu_flags=flipped), here)
+    with pytest.warns(UserWarning, match="measured elsewhere"):
+        lt.check_machine(_with_machine(table, cpu_flags=flipped), here, allow_foreign=True)
+
+
+def test_the_published_minilm_table_loads():
+    table = lt.load_latency_table(Path(__file__).parent.parent / "benchmarks" / "results" / "kwon_minilm_latency_table.json")
+    assert len(table.head_latency) == 13 and table.machine["backend"] == "eager" and table.model
+
+
+def test_a_table_reads_latencies_by_kept_counts_also_from_a_tensor():
+    table = lt.LatencyTable(torch.tensor([0.0, 2.0, 3.0]), [0.0, 1.0], {"backend": "eager"})
+    assert table.head_latency == [0.0, 2.0, 3.0] and table.head_latency[1] == 2.0
+    kept = torch.tensor([2, 1, 2])  # per layer
+    assert table.head_latency[kept].tolist() == [3.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="machine and model metadata must be dicts"):
+        lt.LatencyTable([0.0, 1.0], [0.0, 1.0], machine=["not", "a", "dict"])

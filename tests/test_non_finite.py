@@ -10,8 +10,8 @@ import torch
 import inc_plugins
 from inc_plugins.finite_checks import NonFiniteError, check_model_and_calibration, first_non_finite_parameter
 from inc_plugins.inc.wanda import NonFiniteActivationError
-from inc_plugins.testing.calibration_data import image_batches, token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_llama_lm
+from tests.fixtures.calibration_data import image_batches, token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_llama_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

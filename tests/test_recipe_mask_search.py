@@ -7,10 +7,10 @@ import torch
 
 import inc_plugins
 import inc_plugins.post_training.pipeline as kwon_pipeline
-from inc_plugins.inc.mask_search import MASK_SEARCH_CONFIG_KEYS
-from inc_plugins.models.slimming import load_slimmed
+from inc_plugins.inc.one_shot import TYPE_CONFIG_KEYS
+from inc_plugins.models.saving import load_slimmed
 from recipes import apply, finetune_cache
-from recipes.schema import MASK_SEARCH_KEYS, TYPE_SPECIFIC_KEYS, WANDA_KEYS, RecipeError, load_recipe, parse_recipe
+from recipes.schema import PLUGIN_KEYS, PruningStage, RecipeError, load_recipe, parse_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,8 @@ def test_mask_search_with_slim_meets_the_budget_and_saves_a_loadable_slimmed_mod
     slimmed, fisher_sequences = [], []
     real_slim, real_gradients = inc_plugins.slim, kwon_pipeline.collect_mask_gradients
 
-    def keep_slimmed(model):
-        slimmed.append(real_slim(model))
+    def keep_slimmed(model, result):
+        slimmed.append(real_slim(model, result))
         return slimmed[-1]
 
     def count_fisher_sequences(model, batches, *args, **kwargs):
@@ -78,11 +78,14 @@ def test_mask_search_keys_reach_the_inc_config_entry_only_when_set(tmp_path):
     assert not {"rearrange", "damp", "num_samples", "comparison_group"} & set(settings)
 
 
-def test_schema_knows_exactly_the_plugins_keys():
-    assert set(MASK_SEARCH_KEYS) == set(MASK_SEARCH_CONFIG_KEYS)
-    schema_keys = {key for keys in TYPE_SPECIFIC_KEYS.values() for key in keys} | {"seed"}  # seed: the stage's own
-    assert schema_keys == set(inc_plugins.inc.one_shot.PLUGIN_CONFIG_KEYS)
-    assert set(WANDA_KEYS) <= schema_keys
+def test_the_stage_takes_the_plugins_keys_from_their_settings_models():
+    # seed is the stage's own key (it draws the calibration samples), handed to particle_filter's search too
+    assert set(PLUGIN_KEYS) | {"seed"} == set(inc_plugins.inc.one_shot.PLUGIN_CONFIG_KEYS)
+    for pruning_type, keys in TYPE_CONFIG_KEYS.items():
+        settings_model = inc_plugins.plugin_settings_model(pruning_type)
+        for key in keys - {"seed"}:
+            assert PruningStage.model_fields[key].description == (
+                f"{pruning_type}: {settings_model.model_fields[key].description}")
 
 
 def test_calibration_samples_default_to_the_papers_2048_for_mask_search(tmp_path):

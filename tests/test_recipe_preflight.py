@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from inc_plugins import assets
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_llama_lm
-from inc_plugins.testing.tiny_tokenizer import SPECIAL, WORDS, save_tiny_classifier, tiny_tokenizer
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
+from tests.fixtures.tiny_tokenizer import SPECIAL, WORDS, save_tiny_classifier, tiny_tokenizer
 from recipes import model_sources, tasks
 from recipes.input_checks import check_model_dir, check_tokenizer, read_text_file
 from recipes.model_sources import load_classifier

@@ -15,7 +15,7 @@ import yaml
 from recipes import apply
 from recipes.recipe_yaml import MAX_DEPTH, load_recipe_yaml_text
 from recipes.run_dir import RUN_MARKER, STAGING_MARKER, remove_stale_staging
-from recipes.schema import RecipeError, load_recipe, parse_recipe
+from recipes.schema import RecipeError, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,10 @@ def inside_tmp_path(tmp_path, monkeypatch):
 
 def digits_recipe(**train):
     """A digits MLP recipe of a few seconds (network trimming, one iteration)."""
-    return {"name": "digits-quick", "task": "digits_classification",
+    return {"name": "digits-quick", "task": "image_classification",
             "model": {"architecture": "digits_mlp", "widths": [32, 16]},
             "train": {"epochs": 2, "batch_size": 64, **train},
-            "pruning": [{"pruning_type": "network_trimming", "target_sparsity": 0.25, "finetune": {"epochs": 1}}]}
+            "pruning": [{"pruning_type": "network_trimming", "target_sparsity": 0.25, "retrain": {"epochs": 1}}]}
 
 
 def text_recipe(**stage):

@@ -3,13 +3,15 @@ that do not fit a layer; the validate command, the JSON Schema file, and a fuzz 
 
 import json
 
+import jsonschema
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inc_plugins.testing.tiny_models import tiny_bert_classifier
+from tests.fixtures.tiny_models import tiny_bert_classifier
 from recipes import validate
+from recipes.recipe_yaml import load_recipe_yaml
 from recipes.schema import RECIPES_DIR, RecipeError, load_recipe, parse_recipe
 from recipes.shape_checks import check_pattern_fits
 
@@ -17,6 +19,11 @@ from recipes.shape_checks import check_pattern_fits
 def recipe(**stage):
     return {"name": "r", "model": {"asset": "minilm-l6"},
             "pruning": [{"pruning_type": "wanda", "pattern": "1x1", "target_sparsity": 0.5, **stage}]}
+
+
+def block_recipe(**stage):
+    """A stage of a pruner that takes any block pattern (INC's magnitude, training-aware)."""
+    return recipe(pruning_type="magnitude", training_steps=10, **stage)
 
 
 def refused(data) -> str:
@@ -90,21 +97,21 @@ def test_training_aware_pruners_need_a_step_budget():
 ])
 def test_a_pattern_that_does_not_tile_a_layer_is_refused_naming_layer_shape_and_pattern(pattern, layer, shape):
     model = tiny_bert_classifier()  # hidden 32, FFN 64
-    stage = parse_recipe(recipe(pattern=pattern, target_sparsity=0.3, op_names=["bert.encoder"])).pruning[0]
+    stage = parse_recipe(block_recipe(pattern=pattern, target_sparsity=0.3, op_names=["bert.encoder"])).pruning[0]
     with pytest.raises(RecipeError) as caught:
-        check_pattern_fits(model, stage, "pruning stage 0 (wanda)")
+        check_pattern_fits(model, stage, "pruning stage 0 (magnitude)")
     message = str(caught.value)
     assert f"pattern {pattern!r} does not fit layer {layer!r} with weight shape {shape}" in message
-    assert message.startswith("pruning stage 0 (wanda): ")
+    assert message.startswith("pruning stage 0 (magnitude): ")
 
 
 def test_patterns_that_tile_every_selected_layer_pass():
     model = tiny_bert_classifier()
     for pattern in ("1x1", "4x1", "1x16", "2:4", "4:8", "channelx1"):
-        stage = parse_recipe(recipe(pattern=pattern, target_sparsity=0.3, op_names=["bert.encoder"])).pruning[0]
+        stage = parse_recipe(block_recipe(pattern=pattern, target_sparsity=0.3, op_names=["bert.encoder"])).pruning[0]
         check_pattern_fits(model, stage, "stage")
     # the task head (2 outputs) is kept dense by every pruner, so a 4x1 pattern need not tile it
-    stage = parse_recipe(recipe(pattern="4x1", target_sparsity=0.3)).pruning[0]
+    stage = parse_recipe(block_recipe(pattern="4x1", target_sparsity=0.3)).pruning[0]
     check_pattern_fits(model, stage, "stage")
 
 
@@ -123,13 +130,30 @@ def test_validate_reports_each_bad_file_and_exits_non_zero(tmp_path, capsys):
     assert f"ok: r ({good})" in out and "Did you mean 'target_sparsity'?" in err
 
 
+@pytest.mark.parametrize("shipped", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates_against_the_exported_json_schema(shipped):
+    schema = json.loads((RECIPES_DIR / "recipe.schema.json").read_text())
+    jsonschema.validate(load_recipe_yaml(shipped), schema)  # editors check recipes with this schema
+
+
+def test_the_json_schema_refuses_what_the_validator_refuses():
+    schema = json.loads((RECIPES_DIR / "recipe.schema.json").read_text())
+    for bad in ({**recipe(), "pruneing": []}, {**recipe(), "task": "image_classification"},
+                recipe(target_sparsity=True), recipe(calibration_samples=10**12)):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
 def test_the_checked_in_json_schema_is_current():
     checked_in = (RECIPES_DIR / "recipe.schema.json").read_text()
     assert checked_in == validate.json_schema_text(), (
         "recipes/recipe.schema.json is stale: python -m recipes.validate --json-schema > recipes/recipe.schema.json")
     schema = json.loads(checked_in)
     assert "wanda" in schema["$defs"]["PruningStage"]["properties"]["pruning_type"]["enum"]
-    assert schema["additionalProperties"] is False
+    members = [schema["$defs"][ref["$ref"].rsplit("/", 1)[1]] for ref in schema["anyOf"]]
+    assert {member["properties"]["task"]["const"] for member in members} == {
+        "text_classification", "causal_lm", "image_classification"}
+    assert all(member["additionalProperties"] is False for member in members)
 
 
 def test_recipes_are_read_with_safe_load(tmp_path):

@@ -18,11 +18,12 @@ from transformers.pytorch_utils import Conv1D
 import inc_plugins
 from inc_plugins.algorithms.wanda import InputFeatureNorms, global_masks, per_output_mask, wanda_scores
 from inc_plugins.finite_checks import NonFiniteError
-from inc_plugins.inc.wanda import WandaPruner, WandaPruning, WandaScoreCriterion
+from inc_plugins.inc.wanda import WandaPruner, WandaPruning
+from inc_plugins.inc.wanda_score_criterion import WandaScoreCriterion
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
-from inc_plugins.testing.calibration_data import image_batches, token_batches
-from inc_plugins.testing.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
+from tests.fixtures.calibration_data import image_batches, token_batches
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_gpt2_lm, tiny_llama_lm, tiny_opt_lm
 
 TOKENS = token_batches(n_batches=2, batch_size=2, seq_len=8)
 IMAGES = image_batches(n_batches=2, batch_size=4)

@@ -12,9 +12,10 @@ the network classifies with that pattern. Three sparsity patterns for a Conv2d w
   checkerboard). All kernels that read the same input channel share that channel's offset, the constraint
   that lets convolution lowering (im2col) drop the corresponding rows of the lowered input matrix.
 
-The search (sequential importance resampling): ``num_particles`` random patterns with the target number of
-pruned units; each iteration evaluates every particle's misclassification rate (MCR) on the labelled
-evaluation batches, weights it by ``1 - MCR`` (``weighting="linear"``, the paper's importance weight) or
+The search (sequential importance resampling, ``particle_filter_search``): ``num_particles`` random patterns with
+the target number of pruned units; each iteration evaluates every particle's misclassification rate (MCR, from a
+callable: ``inc_plugins.execution.particle_filter_search`` measures it on labelled evaluation batches, one layer
+of a model at a time), weights it by ``1 - MCR`` (``weighting="linear"``, the paper's importance weight) or
 ``exp(-MCR / temperature)`` (``"exp"``, sharper), resamples particles in proportion to their weights
 (systematic resampling), and perturbs each resampled particle (swaps pruned and kept units, or changes
 offsets); with ``keep_best`` (default) the generation's best particle replaces one of them unperturbed. The best
@@ -44,13 +45,11 @@ Simplifications and choices (the paper's full text leaves several details open):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
-
-from inc_plugins.finite_checks import check_batch, check_parameters, check_tensor
+from torch import Tensor
 
 GRANULARITIES = ("channel", "kernel", "intra_kernel")
 WEIGHTINGS = ("linear", "exp")
@@ -260,126 +259,3 @@ def particle_filter_search(
     error, state = best
     return SearchResult(pattern.mask(state), state, error, len(cache), history)
 
-
-# --- evaluation ----------------------------------------------------------------------------------------------
-
-
-def _logits(output) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
-def split_labelled_batch(batch) -> tuple[tuple, dict, Tensor]:
-    """(args, kwargs, labels) of an ``(inputs, labels)`` pair or a dict batch with ``"labels"``.
-
-    Raises ValueError for unlabelled batches.
-    """
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise ValueError(f"a dict batch needs 'labels' to measure misclassification; it has {sorted(batch)}")
-        return (), {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
-        return (batch[0],), {}, batch[1]
-    raise ValueError(
-        f"misclassification needs labelled batches: (inputs, labels) pairs or dicts with 'labels', got "
-        f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
-
-
-@torch.no_grad()
-def misclassification_rate(model: nn.Module, batches: Iterable) -> float:
-    """Fraction of examples whose argmax logit differs from the label, over all batches (model in eval mode).
-
-    Raises NonFiniteError when the logits hold NaN or Inf (argmax would rank them silently)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    wrong = total = 0
-    try:
-        for index, batch in enumerate(batches):
-            args, kwargs, labels = split_labelled_batch(batch)
-            args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
-            kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-            logits = _logits(model(*args, **kwargs))
-            check_tensor(logits, None, "the model's output (logits)", f"misclassification rate on batch {index}")
-            predictions = logits.argmax(dim=-1)
-            labels = labels.to(predictions.device)
-            wrong += int((predictions != labels).sum())
-            total += labels.numel()
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("no labelled examples to evaluate")
-    return wrong / total
-
-
-# --- the layer-by-layer driver -------------------------------------------------------------------------------
-
-
-def particle_filter_prune(
-    model: nn.Module,
-    layers: Mapping[str, nn.Conv2d],
-    batches: Iterable,
-    target_sparsity: float,
-    granularity: str,
-    settings: ParticleFilterSettings = ParticleFilterSettings(),
-    companions: Mapping[str, nn.Module] | None = None,
-) -> dict[str, SearchResult]:
-    """Prune ``layers`` ({name: Conv2d} of ``model``, searched in the given order) in place; {name: result}.
-
-    ``batches``: labelled evaluation batches (materialised once). ``companions``: {conv name: the BatchNorm that
-    follows it}, whose scale and shift are zeroed with pruned output channels. With ``"channel"`` the conv's bias
-    is zeroed for pruned output channels too; kernel-level patterns leave biases and BatchNorm alone.
-    Raises NonFiniteError, before pruning anything, when a parameter of ``model`` or a batch holds NaN or Inf, and
-    when the logits of a candidate pattern do (an overflow inside the model).
-    """
-    batches = list(batches)
-    if not batches:
-        raise ValueError("particle-filter pruning needs labelled evaluation batches, got none")
-    for batch in batches[:1]:
-        split_labelled_batch(batch)
-    check_parameters(model, "particle filter")
-    for index, batch in enumerate(batches):
-        check_batch(batch, index, "particle filter")
-    generator = torch.Generator().manual_seed(settings.seed)
-    companions = dict(companions or {}) if granularity == "channel" else {}
-    results = {}
-    for name, conv in layers.items():
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-            raise TypeError(f"{name!r}: particle-filter patterns are for Conv2d layers with groups=1")
-        pattern = StructuredPattern(conv.weight.shape, granularity, target_sparsity, settings.stride)
-        original = conv.weight.detach().clone()
-        bias = conv.bias.detach().clone() if conv.bias is not None else None
-        companion = companions.get(name)
-        bn_state = None
-        if companion is not None:
-            bn_state = (companion.weight.detach().clone(),
-                        companion.bias.detach().clone() if companion.bias is not None else None)
-
-        def set_mask(mask: Tensor) -> None:
-            with torch.no_grad():
-                conv.weight.copy_(original * mask.to(original.device, original.dtype))
-                if granularity != "channel":
-                    return
-                channel_kept = mask.reshape(mask.shape[0], -1).any(dim=1).to(original.device, original.dtype)
-                if bias is not None:
-                    conv.bias.copy_(bias * channel_kept)
-                if companion is not None:
-                    companion.weight.copy_(bn_state[0] * channel_kept.to(bn_state[0].device))
-                    if bn_state[1] is not None:
-                        companion.bias.copy_(bn_state[1] * channel_kept.to(bn_state[1].device))
-
-        def error_of_mask(mask: Tensor) -> float:
-            set_mask(mask)
-            return misclassification_rate(model, batches)
-
-        result = particle_filter_search(error_of_mask, pattern, settings, generator)
-        set_mask(result.mask)
-        results[name] = result
-    return results

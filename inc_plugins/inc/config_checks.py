@@ -1,16 +1,19 @@
 """Clear errors for pruning settings, raised before INC's bare assertions can fire."""
 
 import difflib
-import inspect
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner.criteria import CRITERIA
 
+from inc_plugins.plugin_settings import PruningConfigError
+
 from . import one_shot
-from .one_shot import ONE_SHOT_PRUNINGS, default_pattern  # noqa: F401  (default_pattern: re-exported)
+from .one_shot import INC_CONFIG_KEYS, default_pattern
+
+__all__ = ["ALLOWED_PATTERNS", "INC_CONFIG_KEYS", "PruningConfigError", "check_pruner_settings", "default_pattern",
+           "known_pruning_types", "pattern_name", "require_pattern"]
 
 # INC reads patterns loosely: it drops everything up to the last "_", runs any string with "x" as NxM (so
 # "4x1x2" is 4x1), and "0x4" / "1x0" pass its checks and divide by zero later. Only what its pattern classes
@@ -24,24 +27,25 @@ ALLOWED_PATTERNS = (
     "'1xchannel'), 'N:M' with 0 < N < M (N of every M weights pruned, e.g. '2:4') or 'mha' (attention heads)"
 )
 
-# The keys INC 3.7.1 knows (for others its process_config logs "<key> is not supported for config"):
-# WeightPruningConfig's settings plus the ones process_config fills in itself.
-INC_CONFIG_KEYS = frozenset(
-    name for name, p in inspect.signature(WeightPruningConfig).parameters.items()
-    if p.kind is not p.VAR_KEYWORD and name not in ("pruning_configs", "backend")
-) | {"criterion_type", "resume_from_pruned_checkpoint", "reg_type", "criterion_reduce_type", "parameters", "reg_coeff"}
-
-
-class PruningConfigError(ValueError):
-    """A pruning setting that no pruner can run."""
-
 
 def known_pruning_types() -> list[str]:
     """Every pruning type reachable through `inc_plugins.prepare_pruning`: INC's and the plugins'."""
     inc_types = {"pattern_lock", "sparse_gpt"}
     for criterion in CRITERIA:
         inc_types |= {criterion, f"{criterion}_progressive"}
-    return sorted(inc_types | set(ONE_SHOT_PRUNINGS))
+    return sorted(inc_types | set(one_shot.ONE_SHOT_TYPES))
+
+
+def pattern_name(pattern: Any) -> str:
+    """A pattern as INC's pattern classes read it: what follows the last "_"."""
+    return str(pattern).split("_")[-1]
+
+
+def require_pattern(pattern: Any, pruning_type: str, allowed: str, why: str) -> str:
+    """`pattern` if INC reads it as `allowed`, else PruningConfigError saying why `pruning_type` needs it."""
+    if pattern_name(pattern) != allowed:
+        raise PruningConfigError(f"pruning_type {pruning_type!r} {why}: set pattern {allowed!r} (got {pattern!r})")
+    return pattern
 
 
 def _nearest(name: str, choices: Iterable[str]) -> str:
@@ -88,6 +92,7 @@ def check_pruner_settings(settings: Mapping[str, Any]) -> None:
     """Raise PruningConfigError naming the bad key, the given value and what is allowed.
 
     `settings` is one pruner's resolved settings; with no "pattern" (or None) the pruning type's default applies.
+    The values of a plugin type's own keys are checked by its settings model when it prunes.
     """
     pruning_type = settings.get("pruning_type")
     allowed = known_pruning_types()

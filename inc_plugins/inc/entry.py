@@ -14,18 +14,10 @@ from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_
 from neural_compressor.compression.pruner.utils import process_config
 
 from ..finite_checks import check_model_and_calibration
+from . import one_shot
 from .config import inc_defaults_restored, private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
 from .decoder_outputs import tuple_layer_outputs
-from .one_shot import (
-    DATA_FREE_TYPES,
-    INC_DEFAULT_PATTERN,
-    ONE_SHOT_PRUNINGS,
-    PLUGIN_CONFIG_KEYS,
-    default_pattern,
-    one_shot_pruning_class,
-    plugin_keys_read_by,
-)
 
 
 def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -39,17 +31,17 @@ def _give_type_default_patterns(config: WeightPruningConfig) -> None:
     """An entry with no pattern gets its pruning type's default, unless the user set a global pattern: INC would
     give it the global default "4x1", which e.g. Wanda and the channel pruners cannot run. (A global "4x1" set
     on purpose cannot be told from INC's default; the plugin types that refuse it lose nothing.)"""
-    if config.weight_compression["pattern"] != INC_DEFAULT_PATTERN:
+    if config.weight_compression["pattern"] != one_shot.INC_DEFAULT_PATTERN:
         return
     for entry in config.pruning_configs:
         if entry.get("pattern") is None:
-            entry["pattern"] = default_pattern(entry.get("pruning_type") or config.weight_compression["pruning_type"])
+            entry["pattern"] = one_shot.default_pattern(entry.get("pruning_type") or config.weight_compression["pruning_type"])
 
 
 def _check_entries(config: WeightPruningConfig, settings: list[dict]) -> None:
     """Check each pruner's settings. A plugin key set globally is inherited by every entry; it is not an error
     for an entry whose type does not read it when another entry's type does."""
-    read_by = [plugin_keys_read_by(entry["pruning_type"]) for entry in settings]
+    read_by = [one_shot.plugin_keys_read_by(entry["pruning_type"]) for entry in settings]
     for index, (local, entry) in enumerate(zip(config.pruning_configs, settings)):
         for_others = set().union(*(keys for other, keys in enumerate(read_by) if other != index))
         inherited = (set(config.weight_compression) - set(local)) & (for_others - read_by[index])
@@ -62,7 +54,7 @@ def _sub_config(config: WeightPruningConfig, local_entries: list[dict]) -> Weigh
 
 def _with_plugin_keys(config: WeightPruningConfig, local_entries: list[dict]) -> list[dict]:
     """Local entries that inherit the plugins' extra keys given globally: INC only propagates its own keys."""
-    extra = {k: v for k, v in config.weight_compression.items() if k in PLUGIN_CONFIG_KEYS}
+    extra = {k: v for k, v in config.weight_compression.items() if k in one_shot.PLUGIN_CONFIG_KEYS}
     return [{**extra, **entry} for entry in local_entries]
 
 
@@ -71,7 +63,7 @@ class _QuietAboutPluginKeys(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(message == f"{key} is not supported for config" for key in PLUGIN_CONFIG_KEYS)
+        return not any(message == f"{key} is not supported for config" for key in one_shot.PLUGIN_CONFIG_KEYS)
 
 
 @contextlib.contextmanager
@@ -97,7 +89,8 @@ def prepare_pruning(
     The config is rebuilt first from a private copy of the caller's values (see `private_copy`): INC writes
     resolved settings into configs and into its own default lists, which would leak into later configs. Entries
     without a pattern get their pruning type's default (`one_shot.default_pattern`). Returns one pruning object,
-    or a list when several flows were started.
+    or a list when several flows were started; a plugin type's pruning object holds what it found in `.result`
+    (see `one_shot_base.PruningResult`).
     """
     if not isinstance(config, WeightPruningConfig):
         raise PruningConfigError(f"config must be a neural_compressor.WeightPruningConfig, got {type(config).__name__}")
@@ -107,7 +100,7 @@ def prepare_pruning(
     _check_entries(config, settings)
 
     local_entries = config.pruning_configs or [{}]
-    is_plugin = [entry["pruning_type"] in ONE_SHOT_PRUNINGS for entry in settings]
+    is_plugin = [one_shot.is_plugin_type(entry["pruning_type"]) for entry in settings]
     prunings = []
     if not all(is_plugin):
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys
@@ -122,7 +115,8 @@ def prepare_pruning(
         prunings.extend(started if isinstance(started, list) else [started])
 
     if any(is_plugin):
-        needing_data = sorted({e["pruning_type"] for e, p in zip(settings, is_plugin) if p} - DATA_FREE_TYPES)
+        plugin_types = {e["pruning_type"] for e, p in zip(settings, is_plugin) if p}
+        needing_data = sorted(t for t in plugin_types if one_shot.needs_data(t))
         if dataloader is None and needing_data:
             raise PruningConfigError(f"pruning types {needing_data} prune one-shot from calibration data: pass dataloader=")
         plugin_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if p])
@@ -132,7 +126,7 @@ def prepare_pruning(
         for info in plugin_infos:
             by_type.setdefault(info["pruning_type"], []).append(info)
         for pruning_type, infos in by_type.items():
-            prunings.append(one_shot_pruning_class(pruning_type)(infos, model, dataloader, loss_func, device))
+            prunings.append(one_shot.one_shot_pruning_class(pruning_type)(infos, model, dataloader, loss_func, device))
 
     return prunings[0] if len(prunings) == 1 else prunings
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
+
 from .config_checks import PruningConfigError
 
 EXAMPLE_NAMES = 6  # how many layer names an error message shows
@@ -19,6 +21,16 @@ def as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """Task heads to keep dense: the model family's (``lm_head``, ``classifier``, ...); for models no adapter
+    knows, the last Linear, as INC does."""
+    try:
+        return adapter_for(model).head_names(model)
+    except UnsupportedModelError:
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return linears[-1:]
 
 
 def compiled(patterns: Sequence[str], key: str) -> list[re.Pattern]:

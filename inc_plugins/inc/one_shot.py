@@ -1,13 +1,20 @@
 """Registry of the project's one-shot pruning types, which INC's own `prepare_pruning` cannot route.
 
-INC 3.7.1 sends a config to a one-shot flow only when its pruning type contains "gpt" or "retrain". Each
-project pruning class registered here also goes into INC's `PRUNINGS` registry, beside INC's own flows.
+INC 3.7.1 sends a config to a one-shot flow only when its pruning type contains "gpt" or "retrain". Each project
+pruning class registered here also goes into INC's `PRUNINGS` registry (and its INC pruner into `PRUNERS`), beside
+INC's own flows. The config keys each type accepts are the fields of its settings model (`PluginSettings`).
 """
 
+from __future__ import annotations
+
 import inspect
+from dataclasses import dataclass
 
 from neural_compressor import WeightPruningConfig
-from neural_compressor.compression.pruner.pruning import PRUNINGS, register_pruning
+from neural_compressor.compression.pruner.pruners.base import register_pruner
+from neural_compressor.compression.pruner.pruning import register_pruning
+
+from inc_plugins.plugin_settings import PluginSettings
 
 # Substrings that INC's dispatch treats specially ("gpt", "retrain") or that change which pruner it builds.
 RESERVED_SUBSTRINGS = ("gpt", "retrain", "block", "free", "progressive")
@@ -15,52 +22,87 @@ RESERVED_SUBSTRINGS = ("gpt", "retrain", "block", "free", "progressive")
 # INC's global default pattern ("4x1"), which every INC pruning type gets when no pattern is set
 INC_DEFAULT_PATTERN: str = inspect.signature(WeightPruningConfig).parameters["pattern"].default
 
-# pruning_type -> key of its pruning class in INC's PRUNINGS
-ONE_SHOT_PRUNINGS: dict[str, str] = {}
-# config keys that plugin pruners read beyond INC's own (INC would drop them from global settings)
-PLUGIN_CONFIG_KEYS: set[str] = set()
-# pruning_type -> the config keys its class reads beyond INC's own
+# The keys INC 3.7.1 knows (for others its process_config logs "<key> is not supported for config"):
+# WeightPruningConfig's settings plus the ones process_config fills in itself.
+INC_CONFIG_KEYS = frozenset(
+    name for name, p in inspect.signature(WeightPruningConfig).parameters.items()
+    if p.kind is not p.VAR_KEYWORD and name not in ("pruning_configs", "backend")
+) | {"criterion_type", "resume_from_pruned_checkpoint", "reg_type", "criterion_reduce_type", "parameters", "reg_coeff"}
+
+
+@dataclass(frozen=True)
+class OneShotType:
+    """How `inc_plugins.prepare_pruning` runs one plugin pruning type."""
+
+    pruning_class: type  # built as pruning_class(pruner_infos, model, dataloader, loss_func, device); prunes at once
+    settings: type[PluginSettings]  # its config keys (INC's own keys among them, e.g. target_sparsity, are INC's)
+    needs_data: bool  # False: it prunes from the weights alone and `dataloader=` may be omitted
+    default_pattern: str  # the pattern of config entries that set none (INC's "4x1" is wrong for most plugins)
+
+
+# pruning_type -> how to run it
+ONE_SHOT_TYPES: dict[str, OneShotType] = {}
+# pruning_type -> its settings model (the recipe schema and the README's key table are derived from these)
+PLUGIN_SETTINGS_MODELS: dict[str, type[PluginSettings]] = {}
+# pruning_type -> the config keys its settings model declares beyond INC's own
 TYPE_CONFIG_KEYS: dict[str, frozenset[str]] = {}
-# pruning_type -> the pattern it gets when the config sets none (INC's "4x1" is wrong for most plugin types)
-DEFAULT_PATTERNS: dict[str, str] = {}
-# one-shot types that prune from the weights alone, so `dataloader=` may be omitted
-DATA_FREE_TYPES: set[str] = set()
+# every plugin type's own config keys (INC would drop them from global settings)
+PLUGIN_CONFIG_KEYS: set[str] = set()
 
 
-def register_one_shot_pruning(pruning_type: str, config_keys: tuple[str, ...] = (), needs_data: bool = True,
+def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSettings], needs_data: bool = True,
                               default_pattern: str = INC_DEFAULT_PATTERN):
-    """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS.
+    """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS as
+    "<pruning_type>_pruning"; its `pruner_class` (if it has one) becomes INC's PRUNERS["pt_<pruning_type>"].
 
-    The class is built as `cls(pruner_infos, model, dataloader, loss_func, device)` and prunes at construction,
-    like INC's `SparseGPTPruning`. `config_keys` names the extra per-config keys the class reads (any other key
-    besides INC's is refused); `needs_data=False` lets callers omit the dataloader (it is then None);
-    `default_pattern` is the pattern of config entries that set none.
+    `settings`: the type's settings model; its fields that INC does not know are the type's own config keys (any
+    other key besides INC's is refused). The class gets `pruning_type`, `settings_model` and `needs_data` as
+    class attributes. `needs_data=False` lets callers omit the dataloader (it is then None).
     """
     clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
     if clashes:
         raise ValueError(f"pruning type {pruning_type!r} contains {clashes}, which INC's dispatch reserves")
+    if not (isinstance(settings, type) and issubclass(settings, PluginSettings)):
+        raise TypeError(f"settings of {pruning_type!r} must be a PluginSettings subclass, got {settings!r}")
 
     def register(cls):
-        key = f"{pruning_type}_pruning"
-        register_pruning(key)(cls)
-        ONE_SHOT_PRUNINGS[pruning_type] = key
-        PLUGIN_CONFIG_KEYS.update(config_keys)
-        TYPE_CONFIG_KEYS[pruning_type] = frozenset(config_keys)
-        DEFAULT_PATTERNS[pruning_type] = default_pattern
-        if not needs_data:
-            DATA_FREE_TYPES.add(pruning_type)
+        register_pruning(f"{pruning_type}_pruning")(cls)
+        pruner_class = getattr(cls, "pruner_class", None)
+        if pruner_class is not None:
+            register_pruner(f"pt_{pruning_type}")(pruner_class)
+        cls.pruning_type, cls.settings_model, cls.needs_data = pruning_type, settings, needs_data
+        ONE_SHOT_TYPES[pruning_type] = OneShotType(cls, settings, needs_data, default_pattern)
+        PLUGIN_SETTINGS_MODELS[pruning_type] = settings
+        own = frozenset(settings.model_fields) - INC_CONFIG_KEYS
+        TYPE_CONFIG_KEYS[pruning_type] = own
+        PLUGIN_CONFIG_KEYS.update(own)
         return cls
 
     return register
 
 
-def one_shot_pruning_class(pruning_type: str):
-    return PRUNINGS[ONE_SHOT_PRUNINGS[pruning_type]]
+def is_plugin_type(pruning_type: str) -> bool:
+    return pruning_type in ONE_SHOT_TYPES
+
+
+def one_shot_pruning_class(pruning_type: str) -> type:
+    return ONE_SHOT_TYPES[pruning_type].pruning_class
+
+
+def plugin_settings_model(pruning_type: str) -> type[PluginSettings] | None:
+    """The settings model of a plugin pruning type; None for INC's own types."""
+    return PLUGIN_SETTINGS_MODELS.get(pruning_type)
+
+
+def needs_data(pruning_type: str) -> bool:
+    """Whether a plugin one-shot type prunes from calibration data (so `dataloader=` is required)."""
+    return ONE_SHOT_TYPES[pruning_type].needs_data
 
 
 def default_pattern(pruning_type: str) -> str:
     """The pattern a config entry of this type gets when it sets none: the plugin's own, else INC's "4x1"."""
-    return DEFAULT_PATTERNS.get(pruning_type, INC_DEFAULT_PATTERN)
+    registered = ONE_SHOT_TYPES.get(pruning_type)
+    return registered.default_pattern if registered is not None else INC_DEFAULT_PATTERN
 
 
 def plugin_keys_read_by(pruning_type: str) -> frozenset[str]:
@@ -71,4 +113,4 @@ def plugin_keys_read_by(pruning_type: str) -> frozenset[str]:
 
 def is_one_shot(pruning_type: str) -> bool:
     """True for types that prune at once from a dataloader; False for INC's training-aware types."""
-    return pruning_type in ONE_SHOT_PRUNINGS or "gpt" in pruning_type or "retrain" in pruning_type
+    return pruning_type in ONE_SHOT_TYPES or "gpt" in pruning_type or "retrain" in pruning_type

@@ -1,1 +1,3 @@
-"""How to find blocks, heads, neurons and channels in each model family."""
+"""What each model family looks like (blocks, heads, key/value groups, FFN neurons, channels, activations), how to
+cut pruned units out of it (``surgery_transformers``, ``surgery_cnn``) and how to save and load the cut models
+(``saving``)."""

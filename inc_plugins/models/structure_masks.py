@@ -11,8 +11,9 @@ transformers 5 removed the ``head_mask=`` arguments, so the masks are applied he
 read the mask tensors at call time: a mask that requires grad receives gradients (Fisher importance), and a mask
 changed in place takes effect on the next forward pass (layer-wise tuning).
 
-Mask convention (shared with ``inc_plugins.models.slimming``): float tensors ``head_mask [n_layers, n_heads]`` and
-``neuron_mask [n_layers, n_neurons]``; 0 = pruned, any other value = the unit's scale (1.0 = untouched).
+Mask convention (shared with ``inc_plugins.models.surgery_transformers``): float tensors
+``head_mask [n_layers, n_heads]`` and ``neuron_mask [n_layers, n_neurons]``; 0 = pruned, any other value = the
+unit's scale (1.0 = untouched).
 
 Grouped-query attention (Llama-like decoders with ``num_kv_heads < num_heads``): the prunable unit is a key/value
 group, because a key/value head can only be removed together with every query head that reads it. Hooks accept

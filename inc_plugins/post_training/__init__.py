@@ -17,7 +17,7 @@ from .latency_budget import (
 )
 from .mask_gradients import MaskGradients, collect_mask_gradients
 from .mask_tuning import TuningResult, ffn_normal_equations, head_normal_equations, tune_mask_scales
-from .pipeline import CONSTRAINTS, KwonResult, KwonSettings, prune_post_training, settings_from_config
+from .pipeline import CONSTRAINTS, KwonResult, KwonSettings, prune_post_training
 
 __all__ = [
     "CONSTRAINTS",
@@ -37,7 +37,6 @@ __all__ = [
     "masked_macs",
     "prune_post_training",
     "search_masks_under_flops",
-    "settings_from_config",
     "tune_mask_scales",
     "unit_costs",
     "unit_latency_table",

@@ -1,7 +1,7 @@
 """Calibration batches for the post-training pipeline: sampling, sequence lengths, labels, model calls.
 
 Batches are dicts of tensors as transformers models take them (``input_ids``, ``attention_mask``, ``labels``, ...),
-e.g. ``inc_plugins.testing.calibration_data.token_batches`` or a ``DataLoader`` with a padding collator.
+e.g. ``inc_plugins.perf.synthetic.synthetic_token_batches`` or a ``DataLoader`` with a padding collator.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.mask_tuning import normal_equations, solve_mask_scales
-from inc_plugins.calibration import BlockInput, capture_block_inputs, first_output
+from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.structure_masks import MaskHooks, MaskStructure, group_head_mask, mask_structure
 

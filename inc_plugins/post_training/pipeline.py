@@ -9,18 +9,20 @@ and leaves the model's weights as they were; ``inc_plugins.models.structure_mask
 
 from __future__ import annotations
 
-import difflib
 import logging
+import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, WithJsonSchema, model_validator
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
 from inc_plugins.algorithms.rearrange import rearrange_mask
 from inc_plugins.finite_checks import check_batch, check_parameters
 from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
+from inc_plugins.plugin_settings import PluginSettings
 
 from .data import average_sequence_length, require_labels, take_samples
 from .flops_budget import flops_budget, masked_macs, search_masks_under_flops, unit_costs
@@ -35,85 +37,70 @@ from .latency_budget import (
 from .mask_gradients import MaskGradients, collect_mask_gradients
 from .mask_tuning import TuningResult, tune_mask_scales
 
-__all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "settings_from_config", "prune_post_training"]
+__all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "prune_post_training"]
 
 logger = logging.getLogger(__name__)
 
-CONSTRAINTS = ("flops", "latency")
+Constraint = Literal["flops", "latency"]
+CONSTRAINTS = typing.get_args(Constraint)
 
 
-def _nearest(value: Any, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+# tables are read from files a person names; the JSON form of latency_table is such a path
+_LatencyTableSetting = Annotated[Any, WithJsonSchema({"type": "string", "maxLength": 4096})]
 
 
-@dataclass(frozen=True)
-class KwonSettings:
-    """What to prune and how; the keys of a ``mask_search`` config entry.
+class KwonSettings(PluginSettings):
+    """What to prune and how: the keys of a ``mask_search`` config entry, and the settings of
+    ``prune_post_training``. ``KwonSettings(0.4, tune=False)``: the target may be given positionally."""
 
-    - ``target_sparsity``: fraction of the dense cost to REMOVE, in [0, 1): FLOPs of attention units and FFN
-      neurons (``constraint="flops"``) or table latency of the blocks (``"latency"``).
-    - ``constraint``: "flops" (default) or "latency" (needs ``latency_table``: a path that
-      ``inc_plugins.latency_table.load_latency_table`` reads, or an object/dict with ``head_latency``,
-      ``neuron_latency`` and ``machine``).
-    - ``seq_len``: tokens per sequence for FLOPs; None = average non-padding length of the calibration samples.
-    - ``num_samples``: calibration sequences used (the first ones); None = all the dataloader yields.
-    - ``rearrange`` / ``tune``: run mask rearrangement / mask tuning (both default True).
-    - ``per_sample_fisher``: one gradient per sequence (the paper's definition) instead of per batch (reference).
-    - ``latency_backend``: the backend the table's latencies are for, compared with the table's metadata;
-      ``allow_foreign_latency_table``: use a table from another machine with a warning instead of refusing it.
-    - ``damp`` / ``max_abs_scale``: least-squares damping and the largest accepted |scale| in mask tuning.
-    """
+    target_sparsity: float = Field(description=(
+        "fraction of the dense cost to REMOVE, in [0, 1): FLOPs of attention units and FFN neurons (constraint "
+        "'flops') or table latency of the blocks ('latency')"))
+    constraint: Constraint = Field(
+        "flops", description="what target_sparsity counts: 'flops' (MACs per sequence) or 'latency' (seconds, from "
+                             "latency_table)")
+    seq_len: Annotated[int, Field(ge=1, le=8192)] | None = Field(
+        None, description="tokens per sequence the FLOPs are counted at; null: the average non-padding length of "
+                          "the calibration samples")
+    num_samples: Annotated[int, Field(ge=1, le=65_536)] | None = Field(
+        None, description="calibration sequences used (the first ones); null: all that the dataloader yields")
+    rearrange: bool = Field(True, description="run mask rearrangement (the paper's section 4.2)")
+    tune: bool = Field(True, description="run mask tuning: least-squares scales of the kept units (section 4.3)")
+    per_sample_fisher: bool = Field(
+        False, description="one Fisher gradient per sequence (the paper's definition) instead of one per batch "
+                           "(the reference code)")
+    latency_table: _LatencyTableSetting = Field(
+        None, description="the latency table for constraint 'latency': a file written by inc_plugins.latency_table "
+                          "(in Python also a LatencyTable or a dict with head_latency, neuron_latency, machine)")
+    latency_backend: Annotated[str, Field(max_length=100)] = Field(
+        "eager", description="the inference backend the table's latencies are for, checked against its metadata")
+    allow_foreign_latency_table: bool = Field(
+        False, description="use a table measured on another machine with a warning instead of refusing it")
+    damp: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        1.0, description="damping added to the least-squares normal equations of mask tuning")
+    max_abs_scale: Annotated[float, Field(gt=0, le=1e6)] = Field(
+        10.0, description="the largest |scale| mask tuning accepts; a block with a larger one stops tuning")
 
-    target_sparsity: float
-    constraint: str = "flops"
-    seq_len: int | None = None
-    num_samples: int | None = None
-    rearrange: bool = True
-    tune: bool = True
-    per_sample_fisher: bool = False
-    latency_table: Any = None
-    latency_backend: str = "eager"
-    allow_foreign_latency_table: bool = False
-    damp: float = 1.0
-    max_abs_scale: float = 10.0
+    def __init__(self, *target_sparsity: float, **settings: Any):
+        if len(target_sparsity) > 1:
+            raise TypeError(f"KwonSettings takes target_sparsity as its only positional argument, got "
+                            f"{target_sparsity}")
+        super().__init__(**dict(zip(["target_sparsity"], target_sparsity)), **settings)
 
-    def __post_init__(self) -> None:
-        sparsity = self.target_sparsity
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+    @model_validator(mode="after")
+    def _reachable(self) -> KwonSettings:
+        if not 0 <= self.target_sparsity < 1:
             raise ValueError(
-                f"target_sparsity={sparsity!r} cannot be met: it is the fraction of head+FFN "
+                f"target_sparsity={self.target_sparsity!r} cannot be met: it is the fraction of head+FFN "
                 f"{'FLOPs' if self.constraint != 'latency' else 'latency'} to remove and must be in [0, 1) "
                 f"(1 would remove every attention head and FFN neuron)"
             )
-        if self.constraint not in CONSTRAINTS:
-            raise ValueError(
-                f"constraint {self.constraint!r} is not one of {', '.join(map(repr, CONSTRAINTS))}."
-                f"{_nearest(self.constraint, CONSTRAINTS)}"
-            )
-        for key in ("seq_len", "num_samples"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive int or None, got {value!r}")
-        for key in ("rearrange", "tune", "per_sample_fisher", "allow_foreign_latency_table"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not self.damp >= 0:
-            raise ValueError(f"damp must be a number >= 0, got {self.damp!r}")
-        if not isinstance(self.max_abs_scale, (int, float)) or isinstance(self.max_abs_scale, bool) or not self.max_abs_scale > 0:
-            raise ValueError(f"max_abs_scale must be a number > 0, got {self.max_abs_scale!r}")
         if self.constraint == "latency" and self.latency_table is None:
             raise ValueError("constraint 'latency' needs latency_table: a table path, or an object with "
                              "head_latency, neuron_latency and machine")
         if self.constraint == "flops" and self.latency_table is not None:
             logger.warning("latency_table is ignored with constraint 'flops'")
-
-
-def settings_from_config(entry: Mapping[str, Any]) -> KwonSettings:
-    """``KwonSettings`` from a config entry (e.g. INC's processed dict); keys that are absent or None take their
-    defaults, keys that are not settings (INC's own) are ignored."""
-    names = {f.name for f in fields(KwonSettings)}
-    return KwonSettings(**{key: entry[key] for key in names if key in entry and entry[key] is not None})
+        return self
 
 
 @dataclass(frozen=True)

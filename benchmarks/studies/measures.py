@@ -1,0 +1,70 @@
+"""What the studies measure besides accuracy: latency of several models side by side, and whole-model MACs.
+
+Latency goes through the interleaved timer (``inc_plugins.perf.timing``): after warm-up, every round times every
+model once, in an order that rotates each round, so slow phases of a shared machine hit all models alike.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from inc_plugins.perf.timing import interleaved_seconds, seconds_of, summary
+
+
+def compile_limits_for(n_models: int) -> None:
+    """Raise dynamo's recompile limits so that `n_models` compiled forwards of one code object all compile
+    (past the limit dynamo silently falls back to eager, and an inductor label would time eager)."""
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 4 * n_models))
+
+
+@torch.no_grad()
+def time_models(models: dict[str, nn.Module], backend: str, inputs: dict, warmup: int, repeats: int) -> dict:
+    """{name: {median_ms, min_ms, max_ms, q1_ms, q3_ms, repeats, first_call_s, max_abs_logit_difference_vs_eager}}
+    for each model on `backend` ("eager", or "inductor": one ``torch.compile`` per model, compiled by its first
+    call, which is not timed in the rounds)."""
+    runners, results = {}, {}
+    for name, model in models.items():
+        runner = model if backend == "eager" else torch.compile(model, backend="inductor")
+        reference = model(**inputs).logits
+        outputs = []
+        first_call = seconds_of(lambda: outputs.append(runner(**inputs).logits))  # compiles on the first call
+        results[name] = {"first_call_s": round(first_call, 3),
+                         "max_abs_logit_difference_vs_eager": (outputs[0] - reference).abs().max().item()}
+        runners[name] = runner
+    samples = interleaved_seconds([lambda runner=runner: runner(**inputs) for runner in runners.values()], warmup,
+                                  repeats)
+    for name, seconds in zip(runners, samples):
+        timed = summary(seconds)
+        results[name].update(median_ms=1000 * timed["median_s"], min_ms=1000 * timed["min_s"],
+                             max_ms=1000 * timed["max_s"], q1_ms=1000 * timed["q1_s"], q3_ms=1000 * timed["q3_s"],
+                             repeats=timed["repeats"])
+    return results
+
+
+@torch.inference_mode()
+def interleaved_latency(models: dict[str, nn.Module], batch: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """{name: {median_s, min_s, max_s, q1_s, q3_s, repeats}} of one forward pass of `batch` through each model (in
+    eval mode), by the interleaved timer."""
+    for model in models.values():
+        model.eval()
+    samples = interleaved_seconds([lambda model=model: model(batch) for model in models.values()], warmup, repeats)
+    return {name: summary(seconds) for name, seconds in zip(models, samples)}
+
+
+def whole_model_macs(model: nn.Module, seq_len: int) -> int:
+    """MACs of one sequence through the whole model (every matmul: encoder or decoder, pooler, heads), counted by
+    torch's FlopCounterMode on an eager-attention copy (it does not see inside CPU scaled_dot_product_attention)."""
+    counted = copy.deepcopy(model)
+    counted.set_attn_implementation("eager")
+    inputs = {"input_ids": torch.ones(1, seq_len, dtype=torch.long),
+              "attention_mask": torch.ones(1, seq_len, dtype=torch.long)}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        counted(**inputs)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,34 @@
+"""Everything the plugins add to INC 3.7.1's registries, in one place. ``import inc_plugins`` runs it.
+
+A new one-shot pruning type is one file in this package (a ``PluginSettings`` model and a ``OneShotPruning``
+subclass with a ``prune`` method) and one ``register_one_shot_pruning`` line below. Names must avoid the
+substrings INC dispatches on ("gpt", "retrain", "block", "free", "progressive").
+"""
+
+from neural_compressor.compression.pruner.criteria import register_criterion
+from neural_compressor.compression.pruner.regs import register_reg
+
+from .apoz_criterion import APoZCriterion
+from .mask_search import MaskSearchPruning, MaskSearchSettings
+from .network_slimming import BNL1Regularizer, NetworkSlimmingPruning, NetworkSlimmingSettings
+from .network_trimming import NetworkTrimmingPruning, NetworkTrimmingSettings
+from .one_shot import register_one_shot_pruning
+from .particle_filter import ParticleFilterPruning, ParticleFilterSettings
+from .wanda import WandaPruning, WandaSettings
+from .wanda_score_criterion import WandaScoreCriterion
+
+# one-shot types: PRUNINGS["<type>_pruning"], PRUNERS["pt_<type>"], routed by inc_plugins.prepare_pruning
+register_one_shot_pruning("wanda", settings=WandaSettings, default_pattern="1x1")(WandaPruning)
+register_one_shot_pruning("mask_search", settings=MaskSearchSettings, default_pattern="1xchannel")(MaskSearchPruning)
+register_one_shot_pruning("network_trimming", settings=NetworkTrimmingSettings,
+                          default_pattern="1xchannel")(NetworkTrimmingPruning)
+register_one_shot_pruning("network_slimming", settings=NetworkSlimmingSettings, needs_data=False,
+                          default_pattern="1xchannel")(NetworkSlimmingPruning)
+# the default granularity is "channel"; "kernel" / "intra_kernel" need pattern "1x1" set explicitly
+register_one_shot_pruning("particle_filter", settings=ParticleFilterSettings,
+                          default_pattern="1xchannel")(ParticleFilterPruning)
+
+# criteria and regularizers for INC's training-aware flow (prepare_pruning(..., optimizer=...))
+register_criterion("wanda_score")(WandaScoreCriterion)
+register_criterion("apoz")(APoZCriterion)
+register_reg("bn_l1")(BNL1Regularizer)

@@ -1,0 +1,44 @@
+"""How one calibration batch becomes one model call, for every kind of batch the pruners accept.
+
+A batch is a dict (keyword arguments; ``labels`` is left out), an ``(inputs, labels)`` tuple or list (the inputs
+go in positionally), or a bare tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["batch_inputs", "model_call"]
+
+
+def batch_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) of one batch, as given: a dict without its ``labels``, the first element of a tuple or list
+    batch, or a bare tensor. Raises TypeError for other batches."""
+    if isinstance(batch, Mapping):
+        return (), {key: value for key, value in batch.items() if key != "labels"}
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],), {}
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    raise TypeError(
+        f"calibration batches must be dicts, (inputs, labels) tuples/lists or tensors, got {type(batch).__name__}"
+    )
+
+
+def model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) to call ``model`` with on one batch (``batch_inputs``), tensors on the model's device.
+
+    The KV cache is switched off whenever the model's ``forward`` takes ``use_cache``: pruners run each batch once
+    for statistics, and a cache would only cost memory (or, replayed, hand stale keys to later calls).
+    """
+    device = next(model.parameters()).device
+    args, kwargs = batch_inputs(batch)
+    args = tuple(value.to(device) if isinstance(value, Tensor) else value for value in args)
+    kwargs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in kwargs.items()}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return args, kwargs

@@ -1,1 +1,0 @@
-"""Tiny, seeded models and calibration batches for tests and quick benchmarks (synthetic, no downloads)."""
