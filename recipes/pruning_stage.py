@@ -31,7 +31,7 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
     stage's seed; training (or fine-tuning) batches are all of them, shuffled with it."""
     one_shot = inc_plugins.is_one_shot(stage.pruning_type)
     training = None
-    if not one_shot or stage.finetune_steps:
+    if not one_shot or stage.retrain_steps:
         training = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
     if not one_shot:
         return prune_with_batches(model, stage, training=training)
@@ -43,7 +43,7 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
                        n_calibration: int | None = None, training: list | None = None) -> dict:
     """Prunes `model` in place through `inc_plugins.prepare_pruning`: one-shot types from the `calibration`
-    batches (`n_calibration` samples in all), then fine-tuned on `training` for the stage's `finetune_steps`;
+    batches (`n_calibration` samples in all), then fine-tuned on `training` for the stage's `retrain_steps`;
     training-aware ones while training on (cycled) `training` batches for the stage's `training_steps`. Returns
     what the report should say about how the stage was driven.
 
@@ -61,8 +61,8 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
             report["result"] = pruning.result  # for slimming and MACs: the caller takes it out of the report
-        if stage.finetune_steps:
-            report["finetune"] = finetune_holding_zeros(model, training, stage.finetune_steps, stage.learning_rate,
+        if stage.retrain_steps:
+            report["retrain"] = finetune_holding_zeros(model, training, stage.retrain_steps, stage.learning_rate,
                                                         stage.seed, desc=f"fine-tune after {stage.pruning_type}")
         return report
 

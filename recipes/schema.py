@@ -132,7 +132,7 @@ class _StageCommon(Strict):
     """One INC `WeightPruningConfig` entry, plus how the recipe drives it.
 
     One-shot types (sparse_gpt and the plugins') prune from `calibration_samples` training examples (default 2048
-    for mask_search, as in Kwon et al. 2022, else 128); with `finetune_steps` the pruned model is then fine-tuned
+    for mask_search, as in Kwon et al. 2022, else 128); with `retrain_steps` the pruned model is then retrained
     with every weight that pruning zeroed held at zero (a prune / fine-tune iteration, as network trimming does).
     Training-aware types (magnitude, snip_momentum, ...) prune through INC's callbacks while training for
     `training_steps` steps.
@@ -154,7 +154,7 @@ class _StageCommon(Strict):
     pruning_frequency: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sparsity_decay_type: Literal["exp", "cos", "linear", "cube"] = "exp"
     training_steps: Steps = 0
-    finetune_steps: Steps = 0  # one-shot types: fine-tune after pruning, zeros held
+    retrain_steps: Steps = 0  # one-shot types: retrain after pruning, zeros held (`finetune` is before pruning)
     learning_rate: LearningRate = 5e-5
     batch_size: BatchSize = 32
     calibration_samples: CalibrationSamples | None = None
@@ -200,8 +200,8 @@ class _StageCommon(Strict):
             raise ValueError(
                 f"pruning_type {self.pruning_type!r} prunes during training: set training_steps >= 1 in its stage"
             )
-        if self.finetune_steps and not one_shot_type:
-            raise ValueError(f"finetune_steps is for one-shot pruning types; {self.pruning_type!r} already trains "
+        if self.retrain_steps and not one_shot_type:
+            raise ValueError(f"retrain_steps is for one-shot pruning types; {self.pruning_type!r} already trains "
                              f"while it prunes: raise training_steps instead")
         return self
 

@@ -47,9 +47,9 @@ def _stage_line(stage: dict) -> str:
     how = (f"{stage['calibration_samples']} calibration samples" if stage["mode"] == "one-shot"
            else f"{stage['training_steps']} training steps")
     line = f"- {what}, {stage['mode']}, {how}, {stage['prune_seconds']:.1f} s"
-    if "finetune" in stage:
-        tuned = stage["finetune"]
-        line += f"; then fine-tuned {tuned['steps']} steps with the pruned weights held at zero, {tuned['seconds']:.1f} s"
+    if "retrain" in stage:
+        tuned = stage["retrain"]
+        line += f"; then retrained {tuned['steps']} steps with the pruned weights held at zero, {tuned['seconds']:.1f} s"
     return line
 
 

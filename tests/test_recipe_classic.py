@@ -36,7 +36,7 @@ def test_minilm_trimming_recipe_iterates_with_a_gelu_threshold():
         settings = stage.inc_settings()
         assert settings["pruning_type"] == "network_trimming" and settings["apoz_threshold"] == 0.05
         assert settings["pattern"] == "1xchannel" and settings["op_names"] == ["intermediate\\.dense$"]
-        assert stage.finetune_steps == 100
+        assert stage.retrain_steps == 100
 
 
 def test_random_control_keeps_earlier_prunes_and_reaches_the_count():

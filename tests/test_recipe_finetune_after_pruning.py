@@ -1,4 +1,4 @@
-"""`finetune_steps` of a one-shot stage: fine-tuning after pruning holds the pruned weights at zero, and stages in a
+"""`retrain_steps` of a one-shot stage: fine-tuning after pruning holds the pruned weights at zero, and stages in a
 row make the prune / fine-tune iterations of network trimming. Synthetic tiny BERT, real movie-snippet slice."""
 
 import json
@@ -48,10 +48,10 @@ def run_and_load(tmp_path, model_dir, stages, name):
 def test_finetuning_after_wanda_keeps_its_zeros_and_changes_the_rest(workspace):
     tmp_path, model_dir = workspace
     _, pruned = run_and_load(tmp_path, model_dir, [wanda()], "pruned")
-    report, tuned = run_and_load(tmp_path, model_dir, [wanda(finetune_steps=4)], "tuned")
+    report, tuned = run_and_load(tmp_path, model_dir, [wanda(retrain_steps=4)], "tuned")
 
     stage = report["pruning_stages"][0]
-    assert stage["finetune"]["steps"] == 4 and stage["finetune"]["zeros_held"] > 0
+    assert stage["retrain"]["steps"] == 4 and stage["retrain"]["zeros_held"] > 0
     for name, weight in pruned.items():
         if name.startswith("bert.encoder") and weight.dim() == 2:
             # the same calibration gives the same mask; fine-tuning kept exactly those zeros
@@ -59,25 +59,25 @@ def test_finetuning_after_wanda_keeps_its_zeros_and_changes_the_rest(workspace):
             assert (weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
     changed = [name for name in pruned if not torch.equal(pruned[name], tuned[name])]
     assert any(name.startswith("bert.encoder") for name in changed), "fine-tuning changed no weight"
-    assert "fine-tuned 4 steps" in (tmp_path / "runs" / "tuned" / "summary.md").read_text()
+    assert "retrained 4 steps" in (tmp_path / "runs" / "tuned" / "summary.md").read_text()
 
 
 def test_trimming_iterations_prune_further_from_the_finetuned_model(workspace):
     tmp_path, model_dir = workspace
-    report, model = run_and_load(tmp_path, model_dir, [trimming(0.25, finetune_steps=3),
-                                                       trimming(0.5, finetune_steps=3)], "iterated")
-    assert [stage["finetune"]["steps"] for stage in report["pruning_stages"]] == [3, 3]
+    report, model = run_and_load(tmp_path, model_dir, [trimming(0.25, retrain_steps=3),
+                                                       trimming(0.5, retrain_steps=3)], "iterated")
+    assert [stage["retrain"]["steps"] for stage in report["pruning_stages"]] == [3, 3]
     ffn_rows = {name: weight for name, weight in model.items() if name.endswith("intermediate.dense.weight")}
     assert ffn_rows
     for name, weight in ffn_rows.items():
         pruned_rows = (weight == 0).all(dim=1)
         assert pruned_rows.float().mean() == pytest.approx(0.5, abs=1 / len(pruned_rows)), name
         assert (model[name.replace("weight", "bias")][pruned_rows] == 0).all(), name
-    zeros = [stage["finetune"]["zeros_held"] for stage in report["pruning_stages"]]
+    zeros = [stage["retrain"]["zeros_held"] for stage in report["pruning_stages"]]
     assert zeros[1] > zeros[0]  # the second iteration pruned more rows, and the first one's stayed pruned
 
 
-def test_finetune_steps_on_a_training_aware_type_is_refused(tmp_path):
-    stage = {"pruning_type": "magnitude", "target_sparsity": 0.5, "training_steps": 5, "finetune_steps": 5}
-    with pytest.raises(RecipeError, match="finetune_steps is for one-shot pruning types; 'magnitude' already trains"):
+def test_retrain_steps_on_a_training_aware_type_is_refused(tmp_path):
+    stage = {"pruning_type": "magnitude", "target_sparsity": 0.5, "training_steps": 5, "retrain_steps": 5}
+    with pytest.raises(RecipeError, match="retrain_steps is for one-shot pruning types; 'magnitude' already trains"):
         recipe(tmp_path, tmp_path, [stage])

@@ -504,7 +504,7 @@ def run_minilm_trimming(s: dict, quick: bool) -> dict:
     stages = recipe.pruning  # Hu et al.'s iterations: each stage trims further from the previous fine-tuned model
     first = stages[0]
     return trimming_on_minilm(fractions=s.get("fractions", [stage.target_sparsity for stage in stages]),
-                              finetune_steps=s.get("finetune_steps", first.finetune_steps),
+                              finetune_steps=s.get("finetune_steps", first.retrain_steps),
                               calibration_samples=s.get("calibration_samples", first.calibration_samples),
                               dev_size=s["dev_size"], threshold=first.apoz_threshold, quick=quick, seed=first.seed,
                               batch_size=first.batch_size, learning_rate=first.learning_rate)
