@@ -49,6 +49,18 @@ def check_prune_fraction(value: float, what: str) -> None:
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
 
 
+def check_round_scope(layers: Mapping[str, object], scope: str, layer_fractions: Mapping[str, float] | None) -> None:
+    """ValueError unless ``scope`` is "global" or "layer" and ``layer_fractions`` (per-layer rates, "layer" scope
+    only) names pruned layers: the arguments every pruning round takes."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if layer_fractions and scope != "layer":
+        raise ValueError("layer_fractions sets per-layer rates, which only apply with scope='layer'")
+    unknown = sorted(set(layer_fractions or {}) - set(layers))
+    if unknown:
+        raise ValueError(f"layer_fractions names layers that are not pruned: {unknown}")
+
+
 def magnitude_prune_round(
     layers: Mapping[str, nn.Module],
     masks: Mapping[str, Tensor],
@@ -63,13 +75,7 @@ def magnitude_prune_round(
     Already-pruned weights stay pruned. ``masks`` are not modified.
     """
     check_prune_fraction(fraction, "prune fraction")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if layer_fractions and scope != "layer":
-        raise ValueError("layer_fractions sets per-layer rates, which only apply with scope='layer'")
-    unknown = sorted(set(layer_fractions or {}) - set(layers))
-    if unknown:
-        raise ValueError(f"layer_fractions names layers that are not pruned: {unknown}")
+    check_round_scope(layers, scope, layer_fractions)
     new = {name: mask.bool().clone(memory_format=torch.contiguous_format) for name, mask in masks.items()}
     if scope == "layer":
         for name, layer in layers.items():

@@ -10,8 +10,7 @@ one block's inputs for the calibration batches, never the activations of every l
         # on the next iteration, `inputs` hold the pruned block's outputs
 """
 
-import inspect
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from inc_plugins.finite_checks import check_batch, check_parameters, check_tensor
 from inc_plugins.models.architectures import adapter_for
+from inc_plugins.models.batch_inputs import model_call
 
 CALIBRATION = "block-by-block calibration"
 
@@ -55,26 +55,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(args, kwargs) to call `model` with: a dict batch without its labels, the first element of a tuple or
-    list batch (the inputs of an (inputs, labels) pair), or a bare tensor. Tensors go to the model's device.
-
-    The KV cache is switched off for every kind of batch: a captured cache would be handed to the block on each
-    replay, so the block would append to it and attend to the keys of earlier replays (stale, unpruned ones).
-    """
-    device = next(model.parameters()).device
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    if isinstance(batch, Mapping):
-        kwargs |= {key: value.to(device) if isinstance(value, Tensor) else value
-                   for key, value in batch.items() if key not in ("labels", "use_cache")}
-        return (), kwargs
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, Tensor):
-        return (batch.to(device),), kwargs
-    raise TypeError(f"calibration batches must be dicts, tuples, lists or tensors, got {type(batch).__name__}")
-
-
 def _module_name(model: nn.Module, module: nn.Module, fallback: str) -> str:
     return next((name for name, candidate in model.named_modules() if candidate is module), fallback)
 
@@ -106,7 +86,7 @@ def capture_block_inputs(
         with _eval_mode(model):
             for index, batch in enumerate(batches):
                 check_batch(batch, index, during)
-                args, kwargs = _model_call(model, batch)
+                args, kwargs = model_call(model, batch)
                 try:
                     model(*args, **kwargs)
                 except _StopForward:

@@ -16,7 +16,7 @@ from neural_compressor.compression.pruner.utils import process_config
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
-from inc_plugins.algorithms.lottery_ticket import Masks, apply_masks
+from inc_plugins.algorithms.lottery_ticket import Masks, apply_masks, check_round_scope
 
 from .config import pruning_config
 
@@ -51,13 +51,7 @@ def inc_magnitude_round(
     the pruned weights are also zeroed in place (INC's ``mask_weights``). ``layer_fractions`` ({layer: rate},
     ``scope="layer"`` only) overrides the rate of some layers, e.g. the paper's half rate for the output layer.
     """
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if layer_fractions and scope != "layer":
-        raise ValueError("layer_fractions sets per-layer rates, which only apply with scope='layer'")
-    unknown = sorted(set(layer_fractions or {}) - set(layers))
-    if unknown:
-        raise ValueError(f"layer_fractions names layers that are not pruned: {unknown}")
+    check_round_scope(layers, scope, layer_fractions)
     for name, rate in {"": fraction, **(layer_fractions or {})}.items():
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"fraction{f' of {name!r}' if name else ''} must be in [0, 1), got {rate!r}")

@@ -16,14 +16,14 @@ __all__ = ["batch_inputs", "model_call"]
 
 
 def batch_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(args, kwargs) of one batch, as given: a dict without its ``labels``, the first element of a tuple or list
-    batch, or a bare tensor. Raises TypeError for other batches."""
+    """(args, kwargs) of one batch, as given: a dict without its ``labels`` (and ``use_cache``: the cache is the
+    pruner's choice, see ``model_call``), the first element of a tuple or list batch (a tensor), or a bare tensor.
+    Raises TypeError for other batches."""
     if isinstance(batch, Mapping):
-        return (), {key: value for key, value in batch.items() if key != "labels"}
-    if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0],), {}
-    if isinstance(batch, Tensor):
-        return (batch,), {}
+        return (), {key: value for key, value in batch.items() if key not in ("labels", "use_cache")}
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
     raise TypeError(
         f"calibration batches must be dicts, (inputs, labels) tuples/lists or tensors, got {type(batch).__name__}"
     )
@@ -33,7 +33,8 @@ def model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str,
     """(args, kwargs) to call ``model`` with on one batch (``batch_inputs``), tensors on the model's device.
 
     The KV cache is switched off whenever the model's ``forward`` takes ``use_cache``: pruners run each batch once
-    for statistics, and a cache would only cost memory (or, replayed, hand stale keys to later calls).
+    for statistics, and a cache would only cost memory (or, replayed block by block, hand the stale keys of earlier
+    replays to later calls).
     """
     device = next(model.parameters()).device
     args, kwargs = batch_inputs(batch)
