@@ -49,6 +49,27 @@ def study_parser(study: str, doc: str, epilog: str | None = None) -> argparse.Ar
     return parser
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, study: str, measured: str) -> None:
+    """``--models-dir`` and ``--step``, for studies that prune (and measure ``measured``) in one step and time the
+    saved models in another, so the timing can run alone on a quiet machine."""
+    parser.add_argument("--models-dir", type=Path,
+                        help=f"where the prune step saves the slimmed models for the latency step (default "
+                             f"runs/{study}_models; --quick: a temporary directory)")
+    parser.add_argument("--step", choices=("all", "prune", "latency"), default="all",
+                        help=f"prune: pruning and {measured} only (run it under nice); latency: time the models the "
+                             f"prune step saved (reads its JSON); all: both in one process")
+
+
+def check_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.quick and args.step != "all" and args.models_dir is None:
+        parser.error("--quick with --step prune/latency needs --models-dir (the default is a temporary directory)")
+
+
+def steps_models_dir(args: argparse.Namespace, study: str, temporary: str) -> Path:
+    """Where the slimmed models of ``add_step_arguments``' steps live."""
+    return args.models_dir or (Path(temporary) if args.quick else Path(f"runs/{study}_models"))
+
+
 def study_settings(study: str, quick: bool) -> dict:
     """The study's section of settings.yaml: its ``full`` values, overridden by its ``quick`` values with --quick."""
     sections = yaml.safe_load(SETTINGS_FILE.read_text())

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 import inc_plugins
-from benchmarks.studies.common import StudyRun, machine_line, study_parser, study_settings
+from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
+                                       steps_models_dir, study_parser, study_settings)
 from benchmarks.studies.measures import time_models
 from benchmarks.studies.sources import text_classification_task
 from inc_plugins.models.saving import load_slimmed, save_slimmed
@@ -127,17 +128,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-flops-comparison", action="store_true", help="skip the FLOPs-constrained search")
     parser.add_argument("--warmup", type=int, help="default: settings.yaml")
     parser.add_argument("--repeats", type=int, help="default: settings.yaml")
-    parser.add_argument("--models-dir", type=Path,
-                        help="where the prune step saves the slimmed models for the latency step (default "
-                             "runs/kwon_minilm_latency_models; --quick: a temporary directory)")
-    parser.add_argument("--step", choices=("all", "prune", "latency"), default="all",
-                        help="prune: pruning and accuracy only (run it under nice); latency: time the models the "
-                             "prune step saved (reads its JSON); all: both in one process")
+    add_step_arguments(parser, STUDY, "accuracy")
     args = parser.parse_args(argv)
     if args.latency_table is None and not args.quick:
         parser.error("--latency-table is required (measure one with python -m inc_plugins.latency_table measure)")
-    if args.quick and args.step != "all" and args.models_dir is None:
-        parser.error("--quick with --step prune/latency needs --models-dir (the default is a temporary directory)")
+    check_step_arguments(parser, args)
     recipe = load_recipe(RECIPE)
     template = recipe.pruning[0]
     settings = {"target": template.target_sparsity, "calibration_samples": template.calibration_samples,
@@ -157,7 +152,7 @@ def main(argv=None) -> int:
     dev_examples = dev_examples[: settings["dev_examples"]] if settings["dev_examples"] else dev_examples
     dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, recipe.data.max_length)
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}-models-") as temporary:
-        models_dir = args.models_dir or (Path(temporary) if args.quick else Path(f"runs/{STUDY}_models"))
+        models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
             results = json.loads(run.stem.with_suffix(".json").read_text())
             if "prune_seconds" not in results:

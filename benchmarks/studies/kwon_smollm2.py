@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from benchmarks.studies.common import StudyRun, machine_line, study_parser, study_settings
+from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
+                                       steps_models_dir, study_parser, study_settings)
 from benchmarks.studies.measures import compile_limits_for, time_models, whole_model_macs
 from benchmarks.studies.sources import CausalLMSource, causal_lm
 from inc_plugins.models.saving import load_slimmed, save_slimmed
@@ -275,16 +276,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", choices=("eager", "inductor"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
-    parser.add_argument("--models-dir", type=Path,
-                        help="where the prune step saves the slimmed models for the latency step (default "
-                             "runs/kwon_smollm2_models; --quick: a temporary directory)")
-    parser.add_argument("--step", choices=("all", "prune", "latency"), default="all",
-                        help="prune: pruning and perplexity only (run it under nice); latency: time the models the "
-                             "prune step saved (reads its JSON); all: both in one process")
+    add_step_arguments(parser, STUDY, "perplexity")
     args = parser.parse_args(argv)
     quick = args.quick
-    if quick and args.step != "all" and args.models_dir is None:
-        parser.error("--quick with --step prune/latency needs --models-dir (the default is a temporary directory)")
+    check_step_arguments(parser, args)
     recipe = load_recipe(RECIPE)
     corpus = recipe.corpus
     settings = {"calibration_len": corpus.calibration_seq_len, "eval_windows": corpus.evaluation_windows,
@@ -306,7 +301,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     run = StudyRun(STUDY, quick, args.out, argv)
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}-models-") as temporary:
-        models_dir = args.models_dir or (Path(temporary) if quick else Path(f"runs/{STUDY}_models"))
+        models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
             results = json.loads(run.stem.with_suffix(".json").read_text())
             if not results.get("fractions"):
