@@ -186,11 +186,12 @@ class _StageCommon(Strict):
     @model_validator(mode="after")
     def _runnable_by_a_pruner(self):
         """The pruner name, pattern, sparsity and settings checks of inc_plugins, before any model is loaded."""
+        settings = self.inc_settings()
         try:
-            check_pruner_settings(self.inc_settings())
+            check_pruner_settings(settings)
             settings_model = plugin_settings_model(self.pruning_type)
             if settings_model is not None:
-                settings_model.from_config(self.inc_settings())
+                settings_model.from_config(settings)
             compiled(self.op_names, "op_names")  # INC reads them as regular expressions
             compiled(self.excluded_op_names, "excluded_op_names")
         except inc_plugins.PruningConfigError as err:
