@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The IPEX environment lives in the asset cache, outside any clone, so CI runs and clean clones reuse it.
 IPEX_VENV ?= $(HOME)/.cache/inc-plugins/venv-ipex
-RECIPE ?= minilm_mask_search_wanda.yaml
+RECIPE ?= minilm_mask_search.yaml
 PYTEST_ARGS ?=
 
 .PHONY: install assets demo test validate openvino bench-smoke bench ipex-env clean clean-ipex

@@ -11,6 +11,7 @@ import copy
 import logging
 import signal
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backen
 from .hub_access import require_hub_if_needed
 from .preflight import check_inputs
 from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
-from .report import environment, layer_sparsity
+from .report import environment, layer_sparsity, weights_bytes
 from .run_dir import Terminated, check_run_dir, fresh_path, remove_stale_staging, staged_run
 from .schema import Recipe, RecipeError, TextClassificationRecipe, load_recipe
 from .summary import terminal_table, write_summary
@@ -69,6 +70,12 @@ def _last_mask_search(recipe: Recipe) -> int | None:
     return indices[-1] if indices else None
 
 
+def _dense_weights_bytes(task, dense) -> int:
+    with tempfile.TemporaryDirectory(prefix="inc-plugins-dense-") as directory:
+        task.save(dense, Path(directory), False, Path(directory))
+        return weights_bytes(Path(directory))
+
+
 def default_run_dir(recipe: Recipe, started: datetime) -> Path:
     return fresh_path(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
 
@@ -85,14 +92,14 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())
-    check_inputs(recipe)  # every file the recipe names is readable, before any stage runs
+    examples = check_inputs(recipe)  # every file the recipe names is readable, before any stage runs
     require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
     # only the transformers tasks have these sections; the image task neither slims nor benchmarks
     benchmark, slim = getattr(recipe, "benchmark", None), getattr(recipe, "slim", False)
     if benchmark is not None:
         select_benchmark_backends(benchmark.backends)  # a misspelt backend fails now, not after pruning
 
-    task = task_for(recipe)
+    task = task_for(recipe, examples)
     with staged_run(run_dir, overwrite) as staged:
         timer = StageTimer(on_start=lambda name: setattr(staged, "current_stage", name))
         report = staged.report
@@ -122,9 +129,10 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
             name = f"prune_{index}_{stage.pruning_type}"
             with timer(name):
                 task.check_stage(model, stage, f"pruning stage {index} ({stage.pruning_type})")
-                model, stage_report = task.prune(model, stage)
-                searched = stage_report.pop("result", searched)
-                stages.append({"settings": stage.model_dump(mode="json", exclude_none=True), **stage_report})
+                model, outcome = task.prune(model, stage)
+                if stage.pruning_type == "mask_search":
+                    searched = outcome.result
+                stages.append({"settings": stage.model_dump(mode="json", exclude_none=True), **outcome.report})
             staged.stage_done(name)
             if index == slim_after:
                 with timer("slim"):
@@ -155,6 +163,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
 
         with timer("save"):
             load = task.save(model, staged.path / "model", slimming is not None, run_dir / "model")
+            if dense is not None:  # what pruning buys: the size the dense model would take, saved the same way
+                report["weights_on_disk_bytes"] = {"before": _dense_weights_bytes(task, dense),
+                                                   "after": weights_bytes(staged.path / "model")}
             report["model"] = {"slimmed": slimming is not None, "load": load,
                                **({"slimming_check": slimming} if slimming else {})}
             write_summary(report, staged.path)

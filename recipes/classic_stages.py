@@ -7,7 +7,8 @@ around it (sparsity training, fine-tuning, lottery rounds, retraining) is driven
   physical removal (``slim_cnn_channels``); fine-tuning of the smaller network.
 - ``network_trimming``: Hu et al. 2016. Repeatedly: ``network_trimming`` one-shot (APoZ on validation images)
   prunes a fraction of the remaining channels/neurons, they are removed physically, and the smaller network is
-  fine-tuned from its surviving weights (the pre-pruning weights are the initialisation).
+  fine-tuned from its surviving weights (the pre-pruning weights are the initialisation); the random control prunes
+  the same counts at random, in the same run (``inc_plugins.execution.trimming_iterations``).
 - ``lottery_ticket``: Frankle and Carbin 2019. ``run_lottery_rounds`` with each round's weights chosen by INC's
   ``magnitude`` pruner (``inc_magnitude_round``), rewinding to the initial weights or to step k, and the random
   re-initialisation control with the same masks in the same run.
@@ -34,6 +35,7 @@ import inc_plugins
 from inc_plugins.algorithms.particle_filter import StructuredPattern
 from inc_plugins.execution.held_masks import enforce_masks
 from inc_plugins.execution.lottery_rounds import run_lottery_rounds
+from inc_plugins.execution.trimming_iterations import Pruned, TrimmingIteration, random_keep, run_trimming_iterations
 from inc_plugins.finite_checks import check_outputs, check_trained_weights, check_training_loss
 from inc_plugins.inc.lottery_ticket import inc_magnitude_round
 from inc_plugins.models.cnn_structure import conv_bn_pairs
@@ -241,46 +243,73 @@ def trim_once(model: nn.Module, fraction: float, split: DigitsSplit, scope: str 
     return _slim_kept(masked, pruning.result.keep), dict(pruning.result.keep), dict(pruning.result.apoz)
 
 
-def _random_keep(model: nn.Module, fraction: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """The random control of ``trim_once``: the same number of channels per layer, chosen at random."""
+def _hidden_layers(model: nn.Module) -> dict[str, int]:
+    """{layer trimming prunes: its width}, in the model's order: the hidden Linears of the MLP (not the output
+    layer), the convolutions (through their BatchNorm) of the CNN."""
     if isinstance(model, DigitsMLP):
         layers = {name: m.out_features for name, m in model.named_children() if isinstance(m, nn.Linear)}
         layers.pop(list(layers)[-1])
-    else:
-        layers = {name: model.get_submodule(name).out_channels for name in conv_bn_pairs(model)}
-    keep = {}
-    for name, width in layers.items():
-        mask = torch.ones(width, dtype=torch.bool)
-        mask[torch.randperm(width, generator=generator)[:min(int(fraction * width), width - 1)]] = False
-        keep[name] = mask
-    return keep
+        return layers
+    return {name: model.get_submodule(name).out_channels for name in conv_bn_pairs(model)}
+
+
+@dataclass(frozen=True)
+class TrimmingChains:
+    """``iterative_trimming``'s two chains: the steps and final (physically smaller) network of the APoZ chain and
+    of the random control."""
+
+    apoz: list[TrimmingStep]
+    random: list[TrimmingStep]
+    apoz_model: nn.Module
+    random_model: nn.Module
 
 
 def iterative_trimming(model: nn.Module, split: DigitsSplit, fraction: float, iterations: int,
-                       finetune: TrainSettings, threshold: float | None = None,
-                       control: str = "apoz") -> tuple[list[TrimmingStep], nn.Module]:
-    """Network trimming's loop: prune ``fraction`` of the remaining channels of every hidden layer, fine-tune the
-    smaller network from its surviving weights, repeat ``iterations`` times. ``control="random"`` chooses the
-    channels at random instead of by APoZ (same counts, same fine-tuning): the baseline APoZ must beat.
-    Returns the steps and the final (physically smaller) network; ``model`` is not modified."""
-    if control not in ("apoz", "random"):
-        raise ValueError(f"control must be 'apoz' or 'random', got {control!r}")
+                       finetune: TrainSettings, threshold: float | None = None) -> TrimmingChains:
+    """Network trimming's loop (``inc_plugins.execution.trimming_iterations``): prune ``fraction`` of the remaining
+    channels of every hidden layer by APoZ (``trim_once``, per iteration: a fraction of what remains), remove them,
+    fine-tune the smaller network from its surviving weights (seed ``finetune.seed + iteration``), repeat
+    ``iterations`` times. The random control removes the same number of channels per layer at random (one generator
+    seeded ``finetune.seed + 7`` for all its iterations), same fine-tuning: the baseline APoZ must beat. ``model``
+    is not modified."""
     dense_width = sum(hidden_widths(model))
+
+    def prune(current: nn.Module, step_fraction: float, _previous) -> Pruned:
+        slimmed, keep, apoz = trim_once(current, step_fraction, split, threshold=threshold)
+        return Pruned(slimmed, keep, apoz)
+
+    def prune_randomly(current: nn.Module, counts: dict[str, int], generator: torch.Generator, _previous) -> Pruned:
+        layers = _hidden_layers(current)
+        if set(layers) != set(counts):
+            raise RuntimeError(f"the APoZ step pruned layers {sorted(counts)}, the random control has {sorted(layers)}")
+        keep = random_keep({name: torch.ones(width, dtype=torch.bool) for name, width in layers.items()}, counts,
+                           generator)
+        return Pruned(_slim_kept(current, keep), keep)
+
+    def measure(trimmed: nn.Module) -> dict:
+        return {"widths": hidden_widths(trimmed), "parameters": sum(p.numel() for p in trimmed.parameters()),
+                "macs_per_image": macs_per_image(trimmed)}
+
+    def fine_tune(trimmed: nn.Module, iteration: int, _label: str) -> None:
+        train_digits(trimmed, split, replace(finetune, seed=finetune.seed + iteration))
+
     generator = torch.Generator().manual_seed(finetune.seed + 7)
-    steps = []
-    for iteration in range(1, iterations + 1):
-        if control == "apoz":
-            model, keep, apoz = trim_once(model, fraction, split, threshold=threshold)
-            pruned_apoz = torch.cat([apoz[name][~keep[name]] for name in keep])
+    chains = run_trimming_iterations(
+        model, [fraction] * iterations, prune, prune_randomly, generator_for=lambda _iteration: generator,
+        evaluate=lambda trimmed, _label: accuracy_on_test(trimmed, split), finetune=fine_tune, measure=measure)
+
+    def step(row: TrimmingIteration) -> TrimmingStep:
+        mean_apoz = None
+        if row.apoz is not None:
+            pruned_apoz = torch.cat([row.apoz[name][~row.keep[name]] for name in row.keep])
             mean_apoz = float(pruned_apoz.mean()) if len(pruned_apoz) else None
-        else:
-            model, mean_apoz = _slim_kept(model, _random_keep(model, fraction, generator)), None
-        pruned_accuracy = accuracy_on_test(model, split)
-        train_digits(model, split, replace(finetune, seed=finetune.seed + iteration))
-        steps.append(TrimmingStep(iteration, hidden_widths(model), sum(hidden_widths(model)) / dense_width,
-                                  pruned_accuracy, accuracy_on_test(model, split),
-                                  sum(p.numel() for p in model.parameters()), macs_per_image(model), mean_apoz))
-    return steps, model
+        widths = row.measures["widths"]
+        return TrimmingStep(row.iteration, widths, sum(widths) / dense_width, row.accuracy_pruned,
+                            row.accuracy_finetuned, row.measures["parameters"], row.measures["macs_per_image"],
+                            mean_apoz)
+
+    return TrimmingChains([step(row) for row in chains["apoz"].rows], [step(row) for row in chains["random"].rows],
+                          chains["apoz"].model, chains["random"].model)
 
 
 # ----------------------------------------------------------------------------------------------- lottery tickets

@@ -16,16 +16,13 @@ from inc_plugins.assets import cache_root
 from .schema import DataSource, FineTune, ModelSource
 from .model_sources import source_fingerprint
 
-CACHE_FORMAT = 1
-
-
-# The data keys of cache format 1; keys added since count only when set, so earlier cache entries stay valid.
-FORMAT_1_DATA_KEYS = ("asset", "max_length", "dev_size", "max_train_samples", "seed")
+# Format 2: the new task head is drawn from the fine-tune's seed (format 1 drew it from whatever state torch's
+# global RNG was in), so no format-1 entry is the fine-tune a recipe now asks for.
+CACHE_FORMAT = 2
 
 
 def _data_identity(data: DataSource) -> dict:
-    dumped = data.model_dump(mode="json")
-    identity = {key: value for key, value in dumped.items() if key in FORMAT_1_DATA_KEYS or value is not None}
+    identity = data.model_dump(mode="json")
     if data.files is not None:  # the content, not just the name, shapes the weights
         files = [data.files.train] + ([data.files.dev] if data.files.dev is not None else [])
         identity["files_sha256"] = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]

@@ -17,6 +17,7 @@ from inc_plugins.models.cnn_structure import prunable_layers
 
 from . import classic_stages as cs
 from .digits import load_digits_split
+from .pruning_stage import StageOutcome
 from .report import parameter_counts
 from .schema import ImageClassificationRecipe, ImageStage, Training
 from .vision_models import build_digits_model, macs_per_image, save_digits_model
@@ -75,9 +76,13 @@ class ImageClassificationTask:
     def size(self, model: torch.nn.Module) -> dict:
         return {**parameter_counts(model), "widths": list(model.widths()), "macs_per_image": macs_per_image(model)}
 
-    def prune(self, model: torch.nn.Module, stage: ImageStage) -> tuple[torch.nn.Module, dict]:
+    def prune(self, model: torch.nn.Module, stage: ImageStage) -> tuple[torch.nn.Module, StageOutcome]:
         """Runs one stage; returns the pruned (and retrained) network, often a physically smaller one, and what
         the report says about the stage."""
+        model, report = self._prune(model, stage)
+        return model, StageOutcome(report)
+
+    def _prune(self, model: torch.nn.Module, stage: ImageStage) -> tuple[torch.nn.Module, dict]:
         report: dict = {}
         if stage.pruning_type == "network_slimming":
             report["bn_scales"] = cs.bn_scale_summary(model)

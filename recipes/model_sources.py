@@ -69,12 +69,17 @@ def _from_pretrained(source: ModelSource, load):
     return model.eval(), tokenizer
 
 
-def load_classifier(source: ModelSource):
-    """(model, tokenizer) for sequence classification with `num_labels` outputs, in eval mode."""
+def load_classifier(source: ModelSource, head_seed: int = 0):
+    """(model, tokenizer) for sequence classification with `num_labels` outputs, in eval mode.
+
+    A checkpoint without a task head gets a new one, drawn from torch's RNG: seeded with `head_seed` inside
+    `fork_rng`, so the head (and everything fine-tuned from it) is the same on every run, whatever ran before."""
     def load(where, kwargs):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         check_tokenizer(tokenizer, where)  # before the model load: a tokenizer built from nothing fails at once
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=source.num_labels, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed)
+            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=source.num_labels, **kwargs)
         return model, tokenizer
 
     return _from_pretrained(source, load)

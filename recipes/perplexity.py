@@ -3,7 +3,8 @@
 import math
 
 import torch
-from tqdm.auto import tqdm
+
+from inc_plugins.progress import progress
 
 
 @torch.no_grad()
@@ -11,7 +12,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     """exp of the mean next-token negative log-likelihood over every predicted token of `windows` [n, seq_len]."""
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", leave=False):
+    for start in progress(range(0, len(windows), batch_size), desc="perplexity", unit="batch"):
         batch = windows[start : start + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]

@@ -87,14 +87,19 @@ def check_latency_tables(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: {named} (write one with python -m inc_plugins.latency_table)") from None
 
 
-def check_inputs(recipe) -> None:
+def check_inputs(recipe):
     """Runs every check that needs no model load; raises RecipeError (one line, naming the file) at the first
-    problem. Recipes of other kinds (the digits recipes read scikit-learn's bundled data) have nothing to check."""
+    problem. Recipes of other kinds (the digits recipes read scikit-learn's bundled data) have nothing to check.
+
+    Returns the (train, dev, note) examples of a text-classification recipe with local data, read and validated in
+    full here, so the run uses them instead of reading the files again; else None."""
     if isinstance(recipe, ImageClassificationRecipe):
-        return
+        return None
     check_model(recipe)
+    examples = None
     if recipe.task == "causal_lm":
         check_corpus(recipe.corpus)
     elif recipe.data.hub is None:
-        classification_examples(recipe)  # reads, parses and validates every row; the hub is never contacted here
+        examples = classification_examples(recipe)  # every row parsed and validated; the hub is never contacted
     check_latency_tables(recipe)
+    return examples

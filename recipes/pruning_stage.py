@@ -3,13 +3,14 @@ mask_search-pruned model, and counts the attention-head and FFN MACs a model sti
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import inc_plugins
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.surgery_transformers import slimmed_sizes
+from inc_plugins.inc.one_shot_base import PruningResult
 from inc_plugins.models.structure_masks import MaskStructure, mask_structure
 from inc_plugins.post_training import masked_macs
 
@@ -18,15 +19,17 @@ from .schema import PruningStage, RecipeError
 from .text_classification import tokenized_batches, train
 
 
-class CalibrationBatches(list):
-    """Calibration batches that show a progress bar whenever a pruner reads through them."""
+@dataclass
+class StageOutcome:
+    """What one pruning stage gives back besides the model it pruned in place: what the report says about how the
+    stage was driven, and the pruner's returned result (mask_search's masks, for slimming and MACs), if any."""
 
-    def __iter__(self):
-        return iter(tqdm(list.__iter__(self), total=len(self), desc="calibrate", unit="batch", leave=False))
+    report: dict
+    result: PruningResult | None = None
 
 
 def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, train_examples: list[Example],
-                      max_length: int) -> dict:
+                      max_length: int) -> StageOutcome:
     """`prune_with_batches` for text classification: calibration samples are drawn from `train_examples` with the
     stage's seed; training (or fine-tuning) batches are all of them, shuffled with it."""
     one_shot = inc_plugins.is_one_shot(stage.pruning_type)
@@ -41,11 +44,10 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
 
 
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
-                       n_calibration: int | None = None, training: list | None = None) -> dict:
+                       n_calibration: int | None = None, training: list | None = None) -> StageOutcome:
     """Prunes `model` in place through `inc_plugins.prepare_pruning`: one-shot types from the `calibration`
     batches (`n_calibration` samples in all), then fine-tuned on `training` for the stage's `retrain_steps`;
-    training-aware ones while training on (cycled) `training` batches for the stage's `training_steps`. Returns
-    what the report should say about how the stage was driven.
+    training-aware ones while training on (cycled) `training` batches for the stage's `training_steps`.
 
     `prune_seconds` is the wall time of the pruning call alone (no tokenization, no evaluation, no fine-tuning)."""
     settings = stage.inc_settings()
@@ -55,16 +57,15 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
             settings["num_samples"] = n_calibration
         config = inc_plugins.pruning_config(pruning_configs=[settings])
         start = time.perf_counter()
-        pruning = inc_plugins.prepare_pruning(model, config, dataloader=CalibrationBatches(calibration))
+        pruning = inc_plugins.prepare_pruning(model, config, dataloader=calibration)
         report = {"mode": "one-shot", "calibration_samples": n_calibration,
                   "prune_seconds": round(time.perf_counter() - start, 3)}
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
-            report["result"] = pruning.result  # for slimming and MACs: the caller takes it out of the report
         if stage.retrain_steps:
             report["retrain"] = finetune_holding_zeros(model, training, stage.retrain_steps, stage.learning_rate,
                                                         stage.seed, desc=f"fine-tune after {stage.pruning_type}")
-        return report
+        return StageOutcome(report, pruning.result)
 
     if stage.training_steps < 1:
         raise RecipeError(
@@ -80,8 +81,8 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
                    optimizer=optimizer, after_step=lambda _: pruning.on_step_end())
     pruning.on_train_end()
     inc_plugins.complete_pruning(model, optimizer)
-    return {"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1],
-            "prune_seconds": round(time.perf_counter() - start, 3)}
+    return StageOutcome({"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1],
+                         "prune_seconds": round(time.perf_counter() - start, 3)})
 
 
 def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, learning_rate: float, seed: int,
@@ -119,10 +120,23 @@ def mask_search_summary(pruning) -> dict:
         "removed_fraction": 1 - result.cost / result.dense_cost,
         "kept_heads": (result.head_mask != 0).sum(dim=1).tolist(),
         "kept_neurons": (result.neuron_mask != 0).sum(dim=1).tolist(),
+        "heads_per_layer": result.head_mask.shape[1],
+        "neurons_per_layer": result.neuron_mask.shape[1],
         "fisher_gradient_vectors": int(result.gradients.head.shape[0]),
         "per_sample_fisher": result.gradients.per_sample,
-        "tuning_stopped_at_block": None if result.tuning is None else result.tuning.stopped_at,
+        "phase_seconds": result.phase_seconds,
+        "tuning": None if result.tuning is None else tuning_summary(result.tuning),
     }
+
+
+def tuning_summary(tuning) -> dict:
+    """Each sub-layer's mask-tuning decision: scales kept or not, why not, and its held-out errors."""
+    return {"heldout_samples": tuning.heldout_samples,
+            "accepted": sum(entry.accepted for entry in tuning.log), "fits": len(tuning.log),
+            "sublayers": [{"block": entry.layer, "part": entry.part, "kept_units": entry.n_kept,
+                           "accepted": entry.accepted, "reason": entry.reason or None,
+                           "heldout_error_untuned": entry.heldout_error_untuned,
+                           "heldout_error_tuned": entry.heldout_error_tuned} for entry in tuning.log]}
 
 
 # ------------------------------------------------------------------------------------------------ slimming, MACs

@@ -1,5 +1,7 @@
 """What a run reports: per-layer sparsity, parameter counts, versions and CPU features."""
 
+from pathlib import Path
+
 import neural_compressor
 import torch
 import transformers
@@ -22,6 +24,14 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     return {"total": total, "nonzero": nonzero}
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes of the weight files a saved model directory holds (config and tokenizer files not counted)."""
+    return sum(path.stat().st_size for pattern in WEIGHT_FILES for path in Path(directory).glob(pattern))
 
 
 def environment() -> dict:

@@ -120,7 +120,7 @@ class FineTune(Strict):
     epochs: Annotated[float, Field(gt=0, le=20)] = 1.0
     batch_size: BatchSize = 32
     learning_rate: LearningRate = 1e-4
-    seed: Seed = 0
+    seed: Seed = 0  # draws the new task head and the dropout masks, and shuffles the training order
 
 
 # Kwon et al. (2022) calibrate with 2048 samples on GLUE; the other one-shot pruners need far fewer.

@@ -20,9 +20,15 @@ def comparison_rows(report: dict) -> list[tuple[str, str, str]]:
     if report.get("macs"):
         macs = report["macs"]
         rows.append((f"head+FFN MACs @{macs['seq_len']} tok", f"{macs['before']:,}", f"{macs['after']:,}"))
-    for backend, timing in (report.get("benchmark") or {}).get("backends", {}).items():
+    if report.get("weights_on_disk_bytes"):
+        size = report["weights_on_disk_bytes"]
+        rows.append(("weights on disk (MB)", f"{size['before'] / 1e6:.1f}", f"{size['after'] / 1e6:.1f}"))
+    benchmark = report.get("benchmark") or {}
+    shape = benchmark.get("inputs", {})
+    for backend, timing in benchmark.get("backends", {}).items():
         if timing["available"]:
-            rows.append((f"{backend} ms/batch ({timing['speedup']:.2f}x)", f"{1000 * timing['dense_seconds']:.1f}",
+            rows.append((f"{backend} ms/batch of {shape['batch_size']}x{shape['seq_len']} "
+                         f"({timing['speedup']:.2f}x faster)", f"{1000 * timing['dense_seconds']:.1f}",
                          f"{1000 * timing['pruned_seconds']:.1f}"))
     return rows
 
@@ -71,30 +77,60 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
         values = list(sparsity.values())
         lines += ["", f"Per-layer sparsity over {len(values)} layers: min {min(values):.3f}, "
                       f"mean {sum(values) / len(values):.3f}, max {max(values):.3f}."]
+    benchmark = report.get("benchmark")
+    if benchmark:
+        shape = benchmark["inputs"]
+        lines += ["", f"Latency: median of {benchmark['rounds']} rounds that time dense and pruned alternately, "
+                      f"{benchmark['threads']} threads, a batch of {shape['batch_size']} x {shape['seq_len']} random "
+                      f"token ids (seeded)."]
     if plot_name:
-        lines += ["", f"![per-layer sparsity]({plot_name})"]
+        lines += ["", f"![heads and neurons kept, per-layer sparsity]({plot_name})"]
     seconds = report["stage_seconds"]
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
     lines += ["", "## Load the model", "", "```python", report["model"]["load"], "```", ""]
     return "\n".join(lines)
 
 
-def plot_layer_sparsity(sparsity: dict[str, float], path: Path, title: str) -> None:
-    """A horizontal bar per layer, in model order; written atomically as a PNG."""
+def _searched_structure(report: dict) -> dict | None:
+    """The last mask_search stage's summary (kept heads and neurons per layer), or None."""
+    searched = [stage["mask_search"] for stage in report["pruning_stages"] if stage.get("mask_search")]
+    return searched[-1] if searched else None
+
+
+def plot_run(report: dict, path: Path) -> None:
+    """Per-layer sparsity (a horizontal bar per layer, in model order) and, after a mask_search stage, the
+    attention heads and FFN neurons kept in each block next to it; written atomically as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file only
     import matplotlib.pyplot as plt
 
+    sparsity, structure = report["layer_sparsity"], _searched_structure(report)
     names, values = list(sparsity), list(sparsity.values())
     height = min(60.0, max(3.0, 0.16 * len(names) + 1.2))
-    figure, axes = plt.subplots(figsize=(8, height))
+    if structure is None:
+        figure, axes = plt.subplots(figsize=(8, height))
+    else:
+        figure, (heads, neurons, axes) = plt.subplots(
+            1, 3, figsize=(14, max(height, 4.0)), gridspec_kw={"width_ratios": [1, 1, 2]})
+        for panel, kept, total, what in ((heads, structure["kept_heads"], structure["heads_per_layer"], "heads"),
+                                         (neurons, structure["kept_neurons"], structure["neurons_per_layer"],
+                                          "FFN neurons")):
+            blocks = range(len(kept))
+            panel.barh(blocks, [total] * len(kept), color="lightgray", label="removed")
+            panel.barh(blocks, kept, color="tab:green", label="kept")
+            panel.set_yticks(list(blocks), [f"block {b}" for b in blocks])
+            panel.invert_yaxis()
+            panel.set_xlim(0, total)
+            panel.set_xlabel(f"{what} kept of {total}")
+            panel.set_title(f"mask_search: {what}")
+        heads.legend(loc="lower right", fontsize=7)
     axes.barh(range(len(names)), values, color="tab:blue")
     axes.set_yticks(range(len(names)), names, fontsize=max(3, min(8, 400 / max(1, len(names)))))
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
     axes.set_xlabel("fraction of zero weights")
-    axes.set_title(title)
+    axes.set_title(f"{report['recipe']}: per-layer sparsity")
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.partial.png")
@@ -107,5 +143,5 @@ def write_summary(report: dict, directory: Path) -> None:
     """summary.md and sparsity.png into `directory`."""
     plot = "sparsity.png" if report["layer_sparsity"] else None
     if plot:
-        plot_layer_sparsity(report["layer_sparsity"], directory / plot, f"{report['recipe']}: per-layer sparsity")
+        plot_run(report, directory / plot)
     write_text(directory / "summary.md", markdown_summary(report, plot))

@@ -20,7 +20,7 @@ from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, load_loc
 from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
 from .image_classification import ImageClassificationTask
-from .pruning_stage import prune_with_batches, run_pruning_stage
+from .pruning_stage import StageOutcome, prune_with_batches, run_pruning_stage
 from .report import parameter_counts
 from .schema import CausalLMRecipe, PruningStage, RecipeError, TextClassificationRecipe, TextSource
 from .shape_checks import check_pattern_fits
@@ -75,15 +75,19 @@ class TextClassificationTask(_TransformersTask):
 
     evaluated_on = "dev"
 
-    def __init__(self, recipe: TextClassificationRecipe):
+    def __init__(self, recipe: TextClassificationRecipe, examples: tuple | None = None):
         self.recipe = recipe
+        self._read_examples = examples  # (train, dev, note) that the pre-flight check already read, or None
 
     def load(self, timer) -> torch.nn.Module:
         """Loads the model and data, and fine-tunes when the recipe says so (cached by content hash)."""
         recipe = self.recipe
         with timer("load"):
-            self.model, self.tokenizer = load_classifier(recipe.model)
-            self.train_examples, self.dev_examples, self.data_note = classification_examples(recipe)
+            # the fine-tune's seed also draws the new head, so the cached fine-tune is a function of the recipe
+            head_seed = recipe.finetune.seed if recipe.finetune is not None else 0
+            self.model, self.tokenizer = load_classifier(recipe.model, head_seed)
+            self.train_examples, self.dev_examples, self.data_note = (self._read_examples
+                                                                      or classification_examples(recipe))
         self.finetune_info = None
         if recipe.finetune is not None:
             self.model, self.tokenizer, self.finetune_info = self._finetuned(timer)
@@ -99,8 +103,8 @@ class TextClassificationTask(_TransformersTask):
             print(f"  reusing cached fine-tuned model {finetune_cache.cached_dir(key)}")
             model, tokenizer, info = cached
             return model, tokenizer, {**info, "cached": True}
-        with timer("finetune"):
-            torch.manual_seed(recipe.finetune.seed)
+        with timer("finetune"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.finetune.seed)  # dropout masks
             batches = tokenized_batches(self.tokenizer, self.train_examples, recipe.finetune.batch_size,
                                         recipe.data.max_length, shuffle_seed=recipe.finetune.seed)
             steps = epochs_to_steps(recipe.finetune.epochs, len(batches))
@@ -109,8 +113,8 @@ class TextClassificationTask(_TransformersTask):
         finetune_cache.store(key, self.model, self.tokenizer, info)
         return self.model, self.tokenizer, {**info, "cached": False}
 
-    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, dict]:
-        """Prunes in place; returns the model and what the report says about the stage."""
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, StageOutcome]:
+        """Prunes in place; returns the model, what the report says about the stage, and the pruner's result."""
         return model, run_pruning_stage(model, stage, self.tokenizer, self.train_examples,
                                         self.recipe.data.max_length)
 
@@ -176,7 +180,7 @@ class CausalLMTask(_TransformersTask):
         except ValueError as err:
             raise RecipeError(f"corpus.calibration: {err}") from None
 
-    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, dict]:
+    def prune(self, model: torch.nn.Module, stage: PruningStage) -> tuple[torch.nn.Module, StageOutcome]:
         """One-shot types calibrate on the stage's windows; training (or fine-tuning after a one-shot type) is
         next-token prediction on the same windows, shuffled with the stage's seed. Prunes in place."""
         windows = self._windows(stage)
@@ -229,6 +233,9 @@ TASKS = {"text_classification": TextClassificationTask, "causal_lm": CausalLMTas
          "image_classification": ImageClassificationTask}
 
 
-def task_for(recipe):
-    """The task object of a recipe: `load`, `check_stage`, `evaluate`, `prune`, `size`, `describe_data`, `save`."""
+def task_for(recipe, examples: tuple | None = None):
+    """The task object of a recipe: `load`, `check_stage`, `evaluate`, `prune`, `size`, `describe_data`, `save`.
+    `examples`: the text-classification examples `preflight.check_inputs` already read."""
+    if examples is not None:
+        return TextClassificationTask(recipe, examples)
     return TASKS[recipe.task](recipe)

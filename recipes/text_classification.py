@@ -5,9 +5,9 @@ import random
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from inc_plugins.finite_checks import check_outputs, check_trained_weights, check_training_loss
+from inc_plugins.progress import progress
 
 from .movie_snippets import Example
 
@@ -46,8 +46,8 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
     losses = []
-    progress = tqdm(range(steps), desc=desc, unit="step")
-    for step, batch in zip(progress, cycle(batches)):
+    steps_done = progress(range(steps), desc=desc, unit="step", leave=True)
+    for step, batch in zip(steps_done, cycle(batches)):
         loss = model(**batch).loss
         losses.append(loss.item())
         check_training_loss(model, losses[-1], step + 1, desc)  # before the update spreads NaN to every weight
@@ -57,7 +57,7 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate
         schedule.step()
         if after_step is not None:
             after_step(step)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        steps_done.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     check_trained_weights(model, steps, desc)
     model.eval()
     return losses
@@ -78,7 +78,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate"
     (argmax would rank them silently)."""
     model.eval()
     predictions, labels = [], []
-    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+    for index, batch in enumerate(progress(batches, desc=desc, unit="batch")):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits
         check_outputs(model, logits, "logits", evaluated_model(desc), index)

@@ -98,7 +98,7 @@ def test_sparse_gpt_needs_and_gets_calibration_batches_of_one_length(one_thread)
         prune(tiny_bert_classifier(), pruner_config("sparse_gpt", "bert.encoder.layer"), mixed)
     padded = [padded_to(batch, 24, pad_token_id=0) for batch in mixed]
     assert padded[0]["attention_mask"][:, 20:].eq(0).all() and padded[0]["labels"] is mixed[0]["labels"]
-    model = prune(tiny_bert_classifier(), pruner_config("sparse_gpt", "bert.encoder.layer"), padded)
+    model, _ = prune(tiny_bert_classifier(), pruner_config("sparse_gpt", "bert.encoder.layer"), padded)
     assert sum(int((m.weight == 0).sum()) for m in _encoder_linears(model)) > 0
     with pytest.raises(ValueError, match="more than the length 16"):
         padded_to(mixed[1], 16, pad_token_id=0)

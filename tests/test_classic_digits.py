@@ -142,13 +142,15 @@ def test_trim_once_prunes_the_highest_apoz_and_removes_them(architecture, widths
 def test_iterative_trimming_shrinks_every_iteration_and_has_a_random_control():
     model = build_digits_model("digits_mlp", [40, 20], seed=0)
     cs.train_digits(model, SPLIT, ONE_EPOCH)
-    steps, final = cs.iterative_trimming(model, SPLIT, 0.5, 2, ONE_EPOCH)
-    assert final.widths() == [10, 5]
+    chains = cs.iterative_trimming(model, SPLIT, 0.5, 2, ONE_EPOCH)
+    steps = chains.apoz
+    assert chains.apoz_model.widths() == [10, 5]
     assert [s.widths for s in steps] == [[20, 10], [10, 5]]
     assert steps[-1].remaining_fraction == pytest.approx(15 / 60)
     assert all(s.mean_apoz_pruned is not None for s in steps)
-    control, _ = cs.iterative_trimming(model, SPLIT, 0.5, 2, ONE_EPOCH, control="random")
+    control = chains.random
     assert [s.widths for s in control] == [[20, 10], [10, 5]] and control[0].mean_apoz_pruned is None
+    assert chains.random_model.widths() == [10, 5]
     assert model.widths() == [40, 20]
 
 

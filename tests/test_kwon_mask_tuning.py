@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from inc_plugins.algorithms.mask_tuning import normal_equations, solve_mask_scales
+from inc_plugins.algorithms.mask_tuning import (choose_mask_scales, normal_equations, residual_sum_of_squares,
+                                                solve_mask_scales)
 
 
 def contributions(n_kept=5, n_outputs=300, seed=0):
@@ -48,6 +49,33 @@ def test_non_converged_solve_is_rejected():
     assert not solution.accepted and solution.lsmr_istop == 7
     assert "did not converge (istop=7)" in solution.reason
     assert torch.equal(solution.scales, torch.ones(6, dtype=torch.float64))
+
+
+def test_residual_sum_of_squares_from_normal_equations_matches_the_explicit_residual():
+    a, b = contributions(n_kept=4), contributions(n_kept=1, seed=9)[0]
+    scales = torch.tensor([0.3, 1.7, -0.4, 1.0], dtype=torch.float64)
+    gram, rhs = normal_equations(a, b)
+    explicit = float((scales @ a - b).square().sum())
+    assert residual_sum_of_squares(gram, rhs, float(b.square().sum()), scales) == pytest.approx(explicit, rel=1e-9)
+
+
+def test_held_out_samples_keep_scales_that_transfer_and_refuse_those_that_do_not():
+    fit_a, held_a = contributions(seed=1), contributions(seed=2)
+    true_scales = torch.tensor([1.5, 0.5, 1.0, 2.0, 0.8], dtype=torch.float64)
+    fit = normal_equations(fit_a, true_scales @ fit_a)
+
+    def heldout(scales):
+        target = scales @ held_a
+        return (*normal_equations(held_a, target), float(target.square().sum()))
+
+    transfers = choose_mask_scales(fit, heldout(true_scales))
+    assert transfers.accepted and transfers.heldout_error_tuned < 1e-6 < transfers.heldout_error_untuned
+    # held-out samples that the untuned mask already reconstructs: the fitted scales only make them worse
+    overfits = choose_mask_scales(fit, heldout(torch.ones(5, dtype=torch.float64)))
+    assert not overfits.accepted and overfits.reason.startswith("held-out error would rise: ")
+    assert torch.equal(overfits.scales, torch.ones(5, dtype=torch.float64))
+    # without held-out samples the safeguards alone decide
+    assert choose_mask_scales(fit, None).accepted and choose_mask_scales(fit, None).heldout_error_untuned is None
 
 
 @pytest.mark.parametrize(

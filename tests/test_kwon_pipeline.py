@@ -22,6 +22,7 @@ from inc_plugins.post_training import (
     collect_mask_gradients,
     current_machine,
     ffn_normal_equations,
+    head_normal_equations,
     prune_post_training,
     tune_mask_scales,
 )
@@ -233,6 +234,23 @@ def test_ffn_normal_equations_equal_the_explicit_contributions():
     torch.testing.assert_close(rhs, expected_rhs)
 
 
+def test_head_normal_equations_equal_the_explicit_contributions_in_float64_and_float32():
+    generator = torch.Generator().manual_seed(1)
+    context = torch.randn(9, 4 * 3, generator=generator, dtype=torch.float64)  # 4 units of width 3
+    weight = torch.randn(5, 4 * 3, generator=generator, dtype=torch.float64)
+    target, kept = torch.randn(9, 5, generator=generator, dtype=torch.float64), torch.tensor([0, 2, 3])
+    explicit = torch.stack([(context[:, 3 * u : 3 * u + 3] @ weight[:, 3 * u : 3 * u + 3].T).flatten() for u in kept])
+    expected_gram, expected_rhs = normal_equations(explicit, target.flatten())
+    gram, rhs = head_normal_equations(context, weight, kept, target, unit_width=3)
+    torch.testing.assert_close(gram, expected_gram)
+    torch.testing.assert_close(rhs, expected_rhs)
+    # float32 activations: float32 products, float64 results, within float32 rounding
+    gram32, rhs32 = head_normal_equations(context.float(), weight.float(), kept, target.float(), unit_width=3)
+    assert gram32.dtype == rhs32.dtype == torch.float64
+    torch.testing.assert_close(gram32, expected_gram, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rhs32, expected_rhs, rtol=1e-5, atol=1e-4)
+
+
 def known_scale_masks(structure, seed=0):
     generator = torch.Generator().manual_seed(seed)
     keep_heads = torch.ones(structure.n_layers, structure.n_head_units)
@@ -255,7 +273,7 @@ def test_tuning_recovers_known_scales(build, labels):
         teacher_head_mask=head_scales, teacher_neuron_mask=neuron_scales, damp=0.0,
         first_token_only_last_ffn=False,
     )
-    assert result.stopped_at is None and all(entry.accepted for entry in result.log) and len(result.log) == 4
+    assert not result.rejected and len(result.log) == 4
     torch.testing.assert_close(result.unit_head_mask, head_scales.float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(result.neuron_mask, neuron_scales.float(), rtol=1e-3, atol=1e-3)
 
@@ -269,24 +287,40 @@ def test_tuning_recovers_known_scales_around_fully_pruned_llama_sublayers():
     keep_heads[1], head_scales[1] = 0, 0
     result = tune_mask_scales(model, keep_heads, keep_neurons, batches, teacher_head_mask=head_scales,
                               teacher_neuron_mask=neuron_scales, damp=0.0)
-    assert result.stopped_at is None and [(e.layer, e.part) for e in result.log] == [(0, "attention"), (1, "ffn")]
+    assert not result.rejected and [(e.layer, e.part) for e in result.log] == [(0, "attention"), (1, "ffn")]
     torch.testing.assert_close(result.unit_head_mask, head_scales.float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(result.neuron_mask, neuron_scales.float(), rtol=1e-3, atol=1e-3)
 
 
-def test_tuning_stops_after_the_first_rejected_fit():
-    model, batches = tiny_bert_classifier().double(), bert_batches()
+def test_a_rejected_fit_keeps_scales_of_one_for_its_sublayer_and_tuning_goes_on():
+    """Block 0's attention must be scaled by 3 to match the teacher, beyond max_abs_scale 2.5: it keeps scales of
+    1, and the later sub-layers are still fitted (the reference stops at the first rejection and leaves them all
+    untuned). Block 1's attention, fitted on what the untuned block 0 produces, is tuned."""
+    model, batches = tiny_bert_classifier().double(), token_batches(3, 4, 12, labels="classification")
     structure = mask_structure(model)
     keep_heads, keep_neurons, head_scales, neuron_scales = known_scale_masks(structure)
-    result = tune_mask_scales(
-        model, keep_heads, keep_neurons, batches,
-        teacher_head_mask=head_scales, teacher_neuron_mask=neuron_scales, damp=0.0, max_abs_scale=1.0001,
-    )
-    # every true scale above 1 is out of range: the first fit is rejected and nothing later is tuned
-    assert result.stopped_at == 0 and len(result.log) == 1 and not result.log[0].accepted
-    assert "out of range" in result.log[0].reason
-    torch.testing.assert_close(result.unit_head_mask, keep_heads)
-    torch.testing.assert_close(result.neuron_mask, keep_neurons)
+    head_scales[0] = keep_heads[0] * 3.0
+    result = tune_mask_scales(model, keep_heads, keep_neurons, batches, teacher_head_mask=head_scales,
+                              teacher_neuron_mask=neuron_scales, damp=0.0, max_abs_scale=2.5)
+    assert [(e.layer, e.part) for e in result.log] == [(0, "attention"), (0, "ffn"), (1, "attention"), (1, "ffn")]
+    assert not result.log[0].accepted and result.log[0].reason == "scales out of range: max |scale| 3 > 2.5"
+    torch.testing.assert_close(result.unit_head_mask[0], keep_heads[0])
+    assert result.log[2].accepted
+    kept = keep_heads[1] != 0
+    assert not torch.allclose(result.unit_head_mask[1][kept], keep_heads[1][kept])
+    # 12 samples: sample 7 is held out, and the kept fit lowered the error there
+    assert result.heldout_samples == 1 and result.log[2].heldout_error_tuned < result.log[2].heldout_error_untuned
+
+
+def test_every_eighth_sample_judges_the_fits_and_fewer_than_eight_samples_hold_none_out():
+    model = tiny_bert_classifier().double()
+    structure = mask_structure(model)
+    keep_heads, keep_neurons, _, _ = known_scale_masks(structure)
+    many = tune_mask_scales(model, keep_heads, keep_neurons, token_batches(4, 5, 12, labels="classification"))
+    assert many.heldout_samples == 2  # samples 7 and 15 of 20
+    assert all(entry.heldout_error_untuned is not None for entry in many.log)
+    few = tune_mask_scales(model, keep_heads, keep_neurons, token_batches(1, 7, 12, labels="classification"))
+    assert few.heldout_samples == 0 and all(entry.heldout_error_untuned is None for entry in few.log)
 
 
 # --- INC: pruning_type "mask_search" -------------------------------------------------------------------------
@@ -308,7 +342,7 @@ def test_mask_search_through_inc_respects_the_budget_and_leaves_the_model_masked
     dense = model_macs(torch.ones(N_LAYERS, N_HEADS), torch.ones(N_LAYERS, N_NEURONS), seq_len, HIDDEN, HEAD_DIM)
     assert model_macs(stored.head_mask, stored.neuron_mask, seq_len, HIDDEN, HEAD_DIM) <= 0.6 * dense
     assert (stored.head_mask == 0).any() and (stored.neuron_mask == 0).any()
-    assert pruning.result.tuning is not None and pruning.result.tuning.stopped_at is None
+    assert pruning.result.tuning is not None and len(pruning.result.tuning.log) == 2 * N_LAYERS
 
     # the folded model computes what the original computes under the tuned masks, with no hooks left
     with apply_structure_masks(original, stored.head_mask, stored.neuron_mask):

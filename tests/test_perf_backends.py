@@ -1,6 +1,7 @@
 """Inference backends (inc_plugins.perf.backends): availability is reported with a reason, and an unavailable
 backend never runs or passes."""
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def test_bf16_needs_native_support():
     assert "emulated" in native_bf16({}).reason
     assert native_bf16({"avx512_bf16": True}).available
     assert "amx_bf16" in native_bf16({"avx512_bf16": False, "amx_bf16": True}).reason
+
+
+def test_fastest_is_the_first_available_of_openvino_bf16_eager_bf16_eager_fp32(monkeypatch):
+    def only(*available):
+        monkeypatch.setattr(backends, "BACKENDS", {
+            name: dataclasses.replace(b, check=lambda name=name: Availability(name in available, "test"))
+            for name, b in BACKENDS.items()})
+
+    only("eager-fp32", "eager-bf16", "openvino-fp32")
+    assert [b.id for b in select_backends("fastest")] == ["eager-bf16"]
+    only("eager-fp32", "openvino-bf16", "eager-bf16")
+    assert [b.id for b in select_backends("fastest")] == ["openvino-bf16"]
+    only("eager-fp32")
+    assert [b.id for b in select_backends("fastest, eager-fp32")] == ["eager-fp32"]
 
 
 def test_select_backends_keeps_registry_order_and_names_the_choices_on_error():

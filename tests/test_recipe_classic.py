@@ -4,13 +4,11 @@ digits recipe runs end to end through `python -m recipes.apply`."""
 import json
 
 import pytest
-import torch
 import yaml
 
 from recipes import apply
 from recipes.classic_stages import accuracy_on_test
 from recipes.digits import load_digits_split
-from recipes.minilm_trimming import random_keep
 from recipes.schema import RECIPES_DIR, ImageClassificationRecipe, RecipeError, load_recipe, parse_recipe
 from recipes.vision_models import load_digits_model
 
@@ -37,14 +35,6 @@ def test_minilm_trimming_recipe_iterates_with_a_gelu_threshold():
         assert settings["pruning_type"] == "network_trimming" and settings["apoz_threshold"] == 0.05
         assert settings["pattern"] == "1xchannel" and settings["op_names"] == ["intermediate\\.dense$"]
         assert stage.retrain_steps == 100
-
-
-def test_random_control_keeps_earlier_prunes_and_reaches_the_count():
-    previous = {"a": torch.tensor([True, False, True, True, False, True, True, True])}
-    new = random_keep(previous, {"a": 5}, seed=3)["a"]
-    assert int((~new).sum()) == 5
-    assert not new[~previous["a"]].any()  # what the previous iteration pruned stays pruned
-    assert torch.equal(random_keep(previous, {"a": 5}, seed=3)["a"], new)  # seeded
 
 
 def _recipe_data(name: str) -> dict:

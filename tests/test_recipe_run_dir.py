@@ -63,7 +63,7 @@ def test_two_stages_slim_in_between_and_the_report_matches_the_saved_weights(wor
     assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
 
     summary = (run_dir / "summary.md").read_text()
-    assert "| dev accuracy |" in summary and "![per-layer sparsity](sparsity.png)" in summary
+    assert "| dev accuracy |" in summary and "![heads and neurons kept, per-layer sparsity](sparsity.png)" in summary
     assert (run_dir / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,10 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from recipes import finetune_cache
-from recipes.schema import load_recipe
+from inc_plugins.perf.synthetic import NUM_LAYERS
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_KEYS = {"study", "command", "quick", "started", "seconds", "machine", "versions", "load_average"}
@@ -92,10 +89,63 @@ def test_classic_methods_on_digits_quick(tmp_path):
 
 
 def test_classic_minilm_trimming_quick(tmp_path):
-    recipe = load_recipe("minilm_sentiment.yaml")
-    cached = finetune_cache.cached_dir(finetune_cache.finetune_key(recipe.model, recipe.data, recipe.finetune))
-    if not (cached / "finetune.json").is_file():
-        pytest.skip("needs the cached fine-tuned MiniLM (make demo): recipes.minilm_trimming.trimming_on_minilm loads "
-                    "the model itself, so this study has no synthetic stand-in yet")
+    """The quick path runs on the synthetic tiny BERT and sentences: no fine-tune cache needed."""
     run_study("classic_methods", "minilm_trimming", out=tmp_path)
-    results(tmp_path / "classic_minilm_trimming_quick.json", "method", "minilm")
+    minilm = results(tmp_path / "classic_minilm_trimming_quick.json", "method", "minilm")["minilm"]
+    rows = minilm["rows"]
+    assert [row["iteration"] for row in rows] == [1, 2] and [row["fraction"] for row in rows] == [0.3, 0.5]
+    for chain in ("apoz", "random"):
+        pruned = [row[chain]["neurons_pruned"] for row in rows]
+        assert 0 < pruned[0] < pruned[1]  # cumulative: every iteration prunes more
+        for row in rows:
+            assert 0 <= row[chain]["accuracy_pruned"] <= 1 and 0 <= row[chain]["accuracy_finetuned"] <= 1
+    # 2 layers of 64 FFN neurons, int(fraction * 64) pruned in each; the random control prunes the same counts
+    assert [row["apoz"]["neurons_pruned"] for row in rows] == [2 * 19, 2 * 32]
+    assert all(row["apoz"]["neurons_pruned"] == row["random"]["neurons_pruned"] for row in rows)
+    assert 0 <= minilm["dense_accuracy"] <= 1 and len(minilm["apoz_quantiles"]) == 3
+    assert minilm["settings"]["finetune_steps"] == 3
+    assert (tmp_path / "classic_minilm_trimming_quick.md").is_file()
+    assert (tmp_path / "classic_minilm_trimming_quick.png").is_file()
+
+
+def test_kwon_minilm_seeds_quick(tmp_path):
+    """A row per fine-tune seed (quick: synthetic BERTs drawn with each seed), each with dense, search-only and full
+    accuracies and the full method's mask-tuning decisions: one fit per sub-layer (attention and FFN of each block)."""
+    run_study("kwon_minilm_seeds", out=tmp_path)
+    data = results(tmp_path / "kwon_minilm_seeds_quick.json", "settings", "seeds", "criteria")
+    rows = data["seeds"]
+    assert [row["seed"] for row in rows] == data["settings"]["finetune_seeds"] == [0, 1]
+    assert data["settings"]["calibration_samples"] == 64 and data["settings"]["dev_examples"] == 32
+    for row in rows:
+        for name in ("dense", "search_only", "full"):
+            assert 0 <= row[name]["accuracy"] <= 1 and row[name]["examples"] == 32
+            assert row[name]["correct"] == round(32 * row[name]["accuracy"])
+        # in points, exact: from the counts of correct examples
+        assert row["full_minus_dense"] == 100 * (row["full"]["correct"] - row["dense"]["correct"]) / 32
+        assert row["full_minus_search_only"] == 100 * (row["full"]["correct"] - row["search_only"]["correct"]) / 32
+        assert row["criteria"]["within_1pt_of_dense"] == (row["full_minus_dense"] >= -1)
+        assert row["criteria"]["not_below_search_only"] == (row["full_minus_search_only"] >= -0.2)
+        assert row["search_only"]["search"]["tuning"] is None  # tune=False: no tuning report
+        tuning = row["full"]["search"]["tuning"]
+        assert row["n_layers"] == NUM_LAYERS and tuning["fits"] == 2 * NUM_LAYERS == len(tuning["sublayers"])
+        assert tuning["accepted"] == sum(entry["accepted"] for entry in tuning["sublayers"])
+        assert {(entry["block"], entry["part"]) for entry in tuning["sublayers"]} == {
+            (block, part) for block in range(NUM_LAYERS) for part in ("attention", "ffn")}
+        assert all(entry["accepted"] or entry["reason"] for entry in tuning["sublayers"])
+        assert set(row["criteria"]) == {"within_1pt_of_dense", "not_below_search_only"}
+    # the seeds draw different models: their masks or their dense outputs differ
+    assert rows[0]["dense"] != rows[1]["dense"] or rows[0]["full"]["search"] != rows[1]["full"]["search"]
+    markdown = (tmp_path / "kwon_minilm_seeds_quick.md").read_text()
+    assert "QUICK SMOKE RUN" in markdown and ("PASS" in markdown or "FAIL" in markdown)
+    assert (tmp_path / "kwon_minilm_seeds_quick.png").is_file()
+
+
+def test_mask_search_time_quick(tmp_path):
+    run_study("mask_search_time", out=tmp_path)
+    data = results(tmp_path / "mask_search_time_quick.json", "settings", "runs", "median", "mask_hashes")
+    assert len(data["runs"]) == 2 and set(data["median"]) == {"fisher", "search", "rearrange", "tune", "total"}
+    for seconds in data["runs"]:
+        assert all(seconds[phase] >= 0 for phase in seconds)
+        assert seconds["total"] >= seconds["fisher"] + seconds["tune"]
+    assert data["same_masks"] is True  # the same model and samples give the same masks every run
+    assert (tmp_path / "mask_search_time_quick.md").is_file()

@@ -14,9 +14,10 @@ recipe (``recipes/digits_*.yaml``, ``recipes/minilm_network_trimming.yaml``) and
 iterations, rounds, seeds) from settings.yaml. Digits: one stratified split (seed 0: 1,079 train / 359 validation /
 359 test images); the validation images feed APoZ and the particle filter's misclassification rate, test accuracy
 is reported. Each digits method runs over ``--seeds`` (model initialisation and training order) and reports the mean
-and the range, because one test image is 0.28 points. ``--quick`` replaces the digits by 64/32/32 random images
-(``minilm_trimming --quick`` still needs the cached fine-tuned MiniLM of ``make demo``: its procedure,
-``recipes.minilm_trimming.trimming_on_minilm``, loads the model itself).
+and the range, because one test image is 0.28 points. ``--quick`` replaces the digits by 64/32/32 random images.
+MiniLM trimming (``benchmarks/studies/minilm_trimming.py``) runs on the cached fine-tuned MiniLM of ``make demo``
+(fine-tuned first when the cache is empty); with ``--quick`` on the synthetic tiny BERT, a synthetic tokenizer and
+random labelled sentences, so it needs no cache.
 
 Writes <out>/classic_<method>.{json,md,png} (``--quick``: classic_<method>_quick.*).
 """
@@ -32,10 +33,10 @@ import torch
 
 from benchmarks.studies.common import StudyRun, figure, machine_line, save_figure, study_parser, study_settings
 from benchmarks.studies.measures import interleaved_latency
-from benchmarks.studies.sources import digits_split
+from benchmarks.studies.minilm_trimming import trimming_on_ffn
+from benchmarks.studies.sources import digits_split, text_classification_task
 from recipes import classic_stages as cs
 from recipes.image_classification import train_settings
-from recipes.minilm_trimming import trimming_on_minilm
 from recipes.schema import load_recipe
 from recipes.vision_models import build_digits_model, macs_per_image
 
@@ -68,7 +69,8 @@ def pct(x: float) -> str:
 def header(title: str, results: dict) -> list[str]:
     metric = ("" if results["method"] == "minilm_trimming" else
               f" Test accuracy on {results['split']['test']} digits images: mean [min, max] over seeds.")
-    quick = "**QUICK SMOKE RUN: tiny synthetic images, not a measurement.** " if results["run"]["quick"] else ""
+    data = "model and data" if results["method"] == "minilm_trimming" else "images"
+    quick = f"**QUICK SMOKE RUN: tiny synthetic {data}, not a measurement.** " if results["run"]["quick"] else ""
     return [f"# {title}", "", f"{quick}`{results['run']['command']}` ({results['run']['seconds']:.0f} s). Seeds "
             f"{results['seeds']}. {machine_line(results)}{metric}", ""]
 
@@ -245,18 +247,19 @@ def run_trimming(seeds: list[int], s: dict, quick: bool) -> dict:
             run = {"architecture": architecture, "seed": seed, "dense_widths": dense.widths(),
                    "dense_accuracy": cs.accuracy_on_test(dense, split),
                    "dense_parameters": sum(p.numel() for p in dense.parameters())}
-            for control in ("apoz", "random"):
-                steps, final = cs.iterative_trimming(dense, split, fraction, iterations,
-                                                     replace(finetune, seed=finetune.seed + seed), control=control)
+            chains = cs.iterative_trimming(dense, split, fraction, iterations,
+                                           replace(finetune, seed=finetune.seed + seed))
+            for control, steps in (("apoz", chains.apoz), ("random", chains.random)):
                 run[control] = [asdict(step) for step in steps]
-                if seed == seeds[0] and control == "apoz":  # the trimmed network is physically smaller: time it
-                    timed = one_thread_latency({"dense": dense, "trimmed": final}, batch, s["latency_repeats"])
-                    latency[architecture] = {"dense": timed["dense"], "trimmed": timed["trimmed"],
-                                             "widths": final.widths(), "macs_ratio": macs_per_image(dense) /
-                                             macs_per_image(final),
-                                             "speedup": timed["dense"]["median_s"] / timed["trimmed"]["median_s"]}
                 print(f"{architecture} seed {seed} {control}: " + ", ".join(
                     f"{step.widths} {step.accuracy_pruned:.3f}->{step.accuracy_finetuned:.3f}" for step in steps), flush=True)
+            if seed == seeds[0]:  # the trimmed network is physically smaller: time it
+                final = chains.apoz_model
+                timed = one_thread_latency({"dense": dense, "trimmed": final}, batch, s["latency_repeats"])
+                latency[architecture] = {"dense": timed["dense"], "trimmed": timed["trimmed"],
+                                         "widths": final.widths(), "macs_ratio": macs_per_image(dense) /
+                                         macs_per_image(final),
+                                         "speedup": timed["dense"]["median_s"] / timed["trimmed"]["median_s"]}
             runs.append(run)
     return {"settings": {"recipe": RECIPES["trimming"], "fraction_per_iteration": fraction, "iterations": iterations,
                          "train": {k: asdict(v[0]) for k, v in settings.items()},
@@ -500,21 +503,28 @@ def pf_plot(results: dict, path: Path) -> None:
 
 
 def run_minilm_trimming(s: dict, quick: bool) -> dict:
+    """The fine-tuned MiniLM of ``minilm_sentiment.yaml`` from the fine-tune cache (fine-tuned first when it is
+    empty); ``quick``: the synthetic tiny BERT, tokenizer and sentences of ``sources.text_classification_task``."""
     recipe = load_recipe(RECIPES["minilm_trimming"])
     stages = recipe.pruning  # Hu et al.'s iterations: each stage trims further from the previous fine-tuned model
     first = stages[0]
-    return trimming_on_minilm(fractions=s.get("fractions", [stage.target_sparsity for stage in stages]),
-                              finetune_steps=s.get("finetune_steps", first.retrain_steps),
-                              calibration_samples=s.get("calibration_samples", first.calibration_samples),
-                              dev_size=s["dev_size"], threshold=first.apoz_threshold, quick=quick, seed=first.seed,
-                              batch_size=first.batch_size, learning_rate=first.learning_rate)
+    task = load_recipe("minilm_sentiment.yaml")  # the model, data and fine-tune the trimming recipe shares
+    model, tokenizer, train_examples, dev_examples = text_classification_task(task, quick)
+    return trimming_on_ffn(model, tokenizer, train_examples, dev_examples,
+                           fractions=s.get("fractions", [stage.target_sparsity for stage in stages]),
+                           finetune_steps=s.get("finetune_steps", first.retrain_steps),
+                           calibration_samples=s.get("calibration_samples", first.calibration_samples),
+                           dev_size=s["dev_size"], threshold=first.apoz_threshold, max_length=task.data.max_length,
+                           seed=first.seed, batch_size=first.batch_size, learning_rate=first.learning_rate)
 
 
-def minilm_lines(result: dict) -> list[str]:
+def minilm_lines(result: dict, quick: bool = False) -> list[str]:
     s = result["settings"]
+    model = ("The synthetic tiny BERT (random weights) on random synthetic sentences" if quick else
+             "The fine-tuned MiniLM sentiment classifier (the `make demo` model)")
     lines = [f"## Transformer variant: MiniLM-L6 FFN neurons (GELU, APoZ threshold {s['threshold']}: an extension "
              f"of the paper)", "",
-             f"The fine-tuned MiniLM sentiment classifier (the `make demo` model); APoZ counts |GELU output| <= "
+             f"{model}; APoZ counts |GELU output| <= "
              f"{s['threshold']} as zero, over the real tokens of {s['calibration_samples']} training sentences. Hu et "
              f"al.'s iterations: each one, INC `network_trimming` prunes the FFN neurons (`intermediate.dense` rows) "
              f"with the highest APoZ in every layer of the previous iteration's fine-tuned model, up to the cumulative "
@@ -566,7 +576,8 @@ RUNNERS = {
 
 
 def minilm_markdown(results: dict) -> str:
-    return "\n".join(header("Network trimming of MiniLM's FFN", results) + minilm_lines(results["minilm"]))
+    return "\n".join(header("Network trimming of MiniLM's FFN", results)
+                     + minilm_lines(results["minilm"], results["run"]["quick"]))
 
 
 def main(argv=None) -> int:

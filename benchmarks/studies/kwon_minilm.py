@@ -241,13 +241,14 @@ def main(argv=None) -> int:
                                                 "calibration_samples": n_calibration})
             model = copy.deepcopy(dense)
             # the recipe's stage runner, i.e. the product's path: inc_plugins.prepare_pruning with mask_search
-            info = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)
+            outcome = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)
+            info = outcome.report
             searched = info["mask_search"]
             row["variants"][name] = {**evaluate(model, dev, desc=name), "prune_seconds": info["prune_seconds"],
                                      "flops_removed": searched["removed_fraction"], "search": searched}
             print(f"{fraction:.0%} {name}: accuracy {row['variants'][name]['accuracy']:.4f}, "
                   f"{info['prune_seconds']:.1f} s", flush=True)
-            full, full_result = model, info["result"]
+            full, full_result = model, outcome.result
         searched = row["variants"]["full"]["search"]
         ffn_fraction = 1 - sum(searched["kept_neurons"]) / (structure.n_layers * structure.n_neurons)
         try:

@@ -220,11 +220,12 @@ def prune(table_path, table, settings: dict, recipe, dense, tokenizer, train_exa
                                             "calibration_samples": settings["calibration_samples"],
                                             "rearrange": True, "tune": True, **update})
         model = copy.deepcopy(dense)
-        info = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
+        outcome = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
+        info, result = outcome.report, outcome.result
         searched = info["mask_search"]
         heads, neurons = searched["kept_heads"], searched["kept_neurons"]
         # FLOPs at the timed shape's length, for both constraints alike
-        kept_macs = masked_macs(structure, info["result"].head_mask, info["result"].neuron_mask, seq_len)
+        kept_macs = masked_macs(structure, result.head_mask, result.neuron_mask, seq_len)
         results["runs"][name] = {
             **evaluate(model, dev, desc=name), "prune_seconds": info["prune_seconds"], "kept_heads": heads,
             "kept_neurons": neurons, "table_latency_s": table_latency(table, heads, neurons),
@@ -232,7 +233,7 @@ def prune(table_path, table, settings: dict, recipe, dense, tokenizer, train_exa
             "search": searched,
         }
         print(f"{name}: accuracy {results['runs'][name]['accuracy']:.4f}, heads {heads}, neurons {neurons}", flush=True)
-        slimmed[name] = inc_plugins.slim(model, info["result"])
+        slimmed[name] = inc_plugins.slim(model, result)
     results["prune_seconds"] = round(time.perf_counter() - wall, 1)  # the whole step: evaluations included
     return results, slimmed
 

@@ -72,9 +72,8 @@ def summary(result, structure) -> dict:
         "kept_neurons": int(neurons.sum()), "total_neurons": neurons.numel(),
         "kept_kv_groups_per_layer": units.sum(dim=1).tolist(), "kept_neurons_per_layer": neurons.sum(dim=1).tolist(),
         "tuning": None if result.tuning is None else {
-            "stopped_at_block": result.tuning.stopped_at,
             "fits": len(result.tuning.log), "rejected": [f"block {e.layer} {e.part}: {e.reason}"
-                                                          for e in result.tuning.log if not e.accepted],
+                                                          for e in result.tuning.rejected],
             "scale_range": [float(result.neuron_mask[neurons].min()), float(result.neuron_mask[neurons].max())],
         },
     }
@@ -118,8 +117,9 @@ def markdown(results: dict) -> str:
     tuning = []
     for row in results["fractions"]:
         t = row["variants"]["full"]["search"]["tuning"]
-        status = (f"all {t['fits']} fits accepted" if t["stopped_at_block"] is None
-                  else f"stopped at block {t['stopped_at_block']} ({'; '.join(t['rejected'])}), later blocks untuned")
+        status = (f"all {t['fits']} fits accepted" if not t["rejected"]
+                  else f"{t['fits'] - len(t['rejected'])} of {t['fits']} fits accepted (kept scales of 1: "
+                       f"{'; '.join(t['rejected'])})")
         tuning.append(f"{100 * row['target']:.0f}%: {status}, neuron scales {t['scale_range'][0]:.2f}..{t['scale_range'][1]:.2f}")
     lines += ["", "Mask tuning: " + "; ".join(tuning) + "."]
     lines += ["", "## Pruning wall time (s): the shared Fisher pass + each search call", "",

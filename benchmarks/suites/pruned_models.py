@@ -60,7 +60,8 @@ from recipes.text_corpora import sotu_text, token_windows
 SCALES = ("tiny", "tiny-llama", "minilm", "smollm2")
 TINY_SCALES = ("tiny", "tiny-llama")  # 64 positions: the grid's sequence lengths are scaled down
 VARIANTS = ("dense", "slim40", "wanda50", "wanda2:4")
-CACHE_FORMAT = 1
+# 2: mask tuning decides per sub-layer on held-out samples, so format-1 slim40 models are other masks
+CACHE_FORMAT = 2
 BERT_BLOCKS, LLAMA_BLOCKS = "bert.encoder.layer", "model.layers"  # module paths of the blocks every variant prunes
 
 MINILM_RECIPE = "minilm_mask_search.yaml"
@@ -183,12 +184,14 @@ def padded_to(batch: dict, length: int, pad_token_id: int) -> dict:
             for name, tensor in batch.items()}
 
 
-def prune(model: nn.Module, settings: dict, calibration: list[dict]) -> nn.Module:
-    """`model` pruned in place by one INC config through `inc_plugins.prepare_pruning`; mask_search results are
-    slimmed, so the returned model is a different, smaller one."""
+def prune(model: nn.Module, settings: dict, calibration: list[dict]) -> tuple[nn.Module, object]:
+    """(`model` pruned in place by one INC config through `inc_plugins.prepare_pruning`, the pruner's result);
+    mask_search results are slimmed, so the returned model is a different, smaller one."""
     pruning = inc_plugins.prepare_pruning(model, inc_plugins.pruning_config(pruning_configs=[dict(settings)]),
                                           dataloader=calibration)
-    return inc_plugins.slim(model, pruning.result) if settings["pruning_type"] == "mask_search" else model
+    if settings["pruning_type"] == "mask_search":
+        return inc_plugins.slim(model, pruning.result), pruning.result
+    return model, getattr(pruning, "result", None)
 
 
 def _content_key(model: nn.Module, settings: dict, calibration: list[dict]) -> str:
@@ -236,12 +239,12 @@ def pruned_variant(task: DenseTask, variant: str) -> tuple[nn.Module, dict]:
     samples = sum(batch["input_ids"].shape[0] for batch in calibration)
     description = {"variant": variant, "pruning": settings, "calibration_samples": samples}
     if not task.cache_pruned:
-        model = prune(copy.deepcopy(task.model), settings, calibration).eval()
+        model = prune(copy.deepcopy(task.model), settings, calibration)[0].eval()
         return model, {**description, **_size(model, task.blocks)}
     key = _content_key(task.model, settings, calibration)
     final = cache_dir() / f"{variant.replace(':', 'of')}-{key}"
     if not final.is_dir():
-        model = prune(copy.deepcopy(task.model), settings, calibration).eval()
+        model = prune(copy.deepcopy(task.model), settings, calibration)[0].eval()
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:

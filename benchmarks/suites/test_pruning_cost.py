@@ -30,15 +30,19 @@ def pruner_config(pruner: str, blocks: str) -> dict | None:
 def test_pruning_cost(benchmark, pruner, settings, model_variants):
     task = model_variants.task
     config = pruner_config(pruner, task.blocks)
-    peaks, measures = [], set()
+    peaks, measures, phases = [], set(), []
 
     def fresh_copy():
         return (copy.deepcopy(task.model),), {}
 
     def prune_once(model):
         with PeakRss() as peak:
-            pruned = (magnitude_per_output(model, task.blocks) if config is None
-                      else prune(model, config, task.cost_calibration))
+            if config is None:
+                pruned = magnitude_per_output(model, task.blocks)
+            else:
+                pruned, result = prune(model, config, task.cost_calibration)
+                if pruner == "mask_search":  # where the time goes: Fisher pass, search, rearrangement, tuning
+                    phases.append(result.phase_seconds)
         peaks.append(peak.increase_mb)
         measures.add(peak.method)
         return pruned
@@ -54,6 +58,7 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
         "calibration_samples": 0 if config is None else samples, "model": task.provenance["model"],
         "peak_rss_increase_mb": max(peaks), "torch_threads": torch.get_num_threads(),
         "parameters_after": sum(p.numel() for p in pruned.parameters()),
+        **({"phase_seconds": phases} if phases else {}),
     })
     dense_parameters = sum(p.numel() for p in task.model.parameters())
     if pruner == "mask_search":

@@ -24,29 +24,40 @@ Safeguards, as in the reference (``prune/rescale.py`` and ``utils/linalg.py``):
    huge scales mean the least-squares problem is ill-posed and the fit would not transfer beyond the sample.
 
 A rejected solve returns scales of 1.0 (the mask unchanged). The reference also stops tuning every later layer
-after the first rejection, because later layers are tuned on inputs produced by the earlier tuned ones; that loop
-belongs to the caller, which can read ``ScaleSolution.accepted``.
+after the first rejection; the caller decides that, reading ``ScaleSolution.accepted``.
+
+4. (Not in the reference.) ``choose_mask_scales`` also asks held-out calibration samples, which the fit never saw:
+   the scales are kept only when they lower the layer's reconstruction error there. A fit that lowers the error
+   only on the samples it was fitted to does not transfer, so the layer keeps scales of 1. The error of scales s
+   follows from the held-out normal equations alone: ``|A^T s - b|^2 = s^T G s - 2 s^T r + |b|^2``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import lsmr
 
-__all__ = ["ScaleSolution", "normal_equations", "solve_mask_scales"]
+__all__ = ["ScaleSolution", "choose_mask_scales", "normal_equations", "residual_sum_of_squares", "solve_mask_scales"]
 
 _CONVERGED_ISTOP = frozenset({0, 1, 2, 4, 5})
+# A sub-layer the mask already reconstructs (nothing of it pruned) has a held-out error at rounding level both
+# untuned and tuned; which one rounding makes larger decides nothing. Relative errors, so a fraction of |b|^2.
+RISE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
 class ScaleSolution:
-    """``scales``: [n_kept] float64 (all 1.0 when rejected); ``reason`` says why a solve was rejected."""
+    """``scales``: [n_kept] float64 (all 1.0 when rejected); ``reason`` says why a solve was rejected;
+    ``heldout_error_untuned`` / ``_tuned``: the relative reconstruction error ``|A^T s - b|^2 / |b|^2`` on held-out
+    samples at scales of 1 and at the solved scales (None when there were no held-out samples or no valid solve)."""
 
     scales: torch.Tensor
     accepted: bool
     reason: str
     lsmr_istop: int
+    heldout_error_untuned: float | None = None
+    heldout_error_tuned: float | None = None
 
 
 def normal_equations(contributions: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,3 +122,36 @@ def solve_mask_scales(
             istop,
         )
     return ScaleSolution(scales, True, "", istop)
+
+
+def residual_sum_of_squares(gram: torch.Tensor, rhs: torch.Tensor, target_sq: float, scales: torch.Tensor) -> float:
+    """``|A^T s - b|^2`` from the normal equations ``gram = A A^T`` [n_kept, n_kept], ``rhs = A b`` [n_kept] and
+    ``target_sq = |b|^2``, for scales s [n_kept]."""
+    s = scales.detach().double().to(gram.device)
+    return float(s @ gram.double() @ s - 2 * s @ rhs.double() + target_sq)
+
+
+def choose_mask_scales(
+    fit: tuple[torch.Tensor, torch.Tensor],
+    heldout: tuple[torch.Tensor, torch.Tensor, float] | None,
+    damp: float = 1.0,
+    max_abs_scale: float = 10.0,
+    max_iter: int = 100_000,
+) -> ScaleSolution:
+    """``solve_mask_scales`` on the ``fit`` normal equations (gram, rhs), kept only when the scales also lower the
+    reconstruction error on the ``heldout`` samples' (gram, rhs, |b|^2); else scales of 1 and the reason.
+    ``heldout`` None (too few samples to hold any out): the safeguards alone decide."""
+    solution = solve_mask_scales(*fit, damp=damp, max_abs_scale=max_abs_scale, max_iter=max_iter)
+    if heldout is None:
+        return solution
+    gram, rhs, target_sq = heldout
+    scale = max(target_sq, 1e-300)  # relative errors; an all-zero target has nothing to reconstruct
+    untuned = residual_sum_of_squares(gram, rhs, target_sq, torch.ones_like(solution.scales)) / scale
+    if not solution.accepted:
+        return replace(solution, heldout_error_untuned=untuned)
+    tuned = residual_sum_of_squares(gram, rhs, target_sq, solution.scales) / scale
+    if tuned > untuned + RISE_TOLERANCE:
+        return ScaleSolution(torch.ones_like(solution.scales), False,
+                             f"held-out error would rise: {untuned:.4g} -> {tuned:.4g}", solution.lsmr_istop,
+                             untuned, tuned)
+    return replace(solution, heldout_error_untuned=untuned, heldout_error_tuned=tuned)

@@ -54,6 +54,7 @@ from inc_plugins.algorithms.wanda import (
     wanda_scores,
 )
 from inc_plugins.execution.calibration import run_block, sequential_blocks
+from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
@@ -337,7 +338,8 @@ class WandaPruning(OneShotPruning):
         by_block = self._layers_by_block(pruners)
         last = max(by_block)
         with contextlib.closing(sequential_blocks(self._model, batches, self._blocks, "Wanda calibration")) as walk:
-            for index, block, inputs in walk:
+            for index, block, inputs in progress(walk, desc=f"Wanda {'pruning' if prune else 'dense pass'}",
+                                                 unit="block", total=last + 1):
                 layers = by_block.get(index, [])
                 if layers:
                     with contextlib.ExitStack() as hooks:

@@ -22,6 +22,8 @@ class BlockLayout:
     `query`, `key` and `value` are one name when the projection is fused (GPT-2's `c_attn`, which outputs
     [query | key | value] along its output features). `ffn_in` holds every layer that reads the block's
     hidden states into the FFN (Llama: gate_proj and up_proj); `ffn_out` maps FFN neurons back to hidden.
+    `ffn_output_norm`: in post-norm blocks, the LayerNorm that ends the block, applied to the FFN's input plus
+    `ffn_out`'s output (None for families that are always pre-norm).
     """
 
     query: str
@@ -30,6 +32,7 @@ class BlockLayout:
     attention_output: str
     ffn_in: tuple[str, ...]
     ffn_out: str
+    ffn_output_norm: str | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -102,6 +105,7 @@ _BERT_LAYOUT = BlockLayout(
     attention_output="attention.output.dense",
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
+    ffn_output_norm="output.LayerNorm",
 )
 _DISTILBERT_LAYOUT = BlockLayout(
     query="attention.q_lin",
@@ -110,6 +114,7 @@ _DISTILBERT_LAYOUT = BlockLayout(
     attention_output="attention.out_lin",
     ffn_in=("ffn.lin1",),
     ffn_out="ffn.lin2",
+    ffn_output_norm="output_layer_norm",
 )
 _MPNET_LAYOUT = BlockLayout(
     query="attention.attn.q",
@@ -118,6 +123,7 @@ _MPNET_LAYOUT = BlockLayout(
     attention_output="attention.attn.o",
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
+    ffn_output_norm="output.LayerNorm",
 )
 _LLAMA_LAYOUT = BlockLayout(
     query="self_attn.q_proj",
@@ -134,6 +140,7 @@ _OPT_LAYOUT = BlockLayout(
     attention_output="self_attn.out_proj",
     ffn_in=("fc1",),
     ffn_out="fc2",
+    ffn_output_norm="final_layer_norm",  # OPT-350m's post-norm blocks (do_layer_norm_before=False)
 )
 _GPT2_LAYOUT = BlockLayout(
     query="attn.c_attn",

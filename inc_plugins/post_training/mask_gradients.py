@@ -13,7 +13,7 @@ forward/backward passes. The two rank units differently in general; see ``inc_pl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,10 @@ from inc_plugins.algorithms.fisher import FisherAccumulator
 from inc_plugins.finite_checks import check_tensor
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.structure_masks import MaskStructure, apply_structure_masks, mask_structure
+from inc_plugins.progress import progress
 
-from .data import slice_batch, batch_size, forward_with_labels, require_labels
+from .data import batch_size, forward_with_labels, require_labels, right_padded, select_rows, slice_batch, token_mask
+from .teacher_targets import TeacherTargets
 
 __all__ = ["MaskGradients", "collect_mask_gradients"]
 
@@ -58,10 +60,36 @@ def _frozen_eval(model: nn.Module):
         model.train(was_training)
 
 
-def _pieces(batch: Mapping[str, Any], per_sample: bool) -> list[Mapping[str, Any]]:
-    if not per_sample:
-        return [batch]
-    return [slice_batch(batch, row, row + 1) for row in range(batch_size(batch))]
+# Sequences per forward pass when a batch is split by length. Random batches of sentences are padded to their
+# longest, about half of them padding on a sentence task; sorted groups of 8 are padded to theirs.
+LENGTH_GROUP = 8
+
+
+def _gradient_parts(batch: Mapping[str, Any], per_sample: bool,
+                    loss_func) -> list[list[tuple[float, torch.Tensor, Mapping]]]:
+    """For each gradient vector the batch gives (one, or one per sequence), the (weight, rows, piece) forward passes
+    whose weighted gradients add up to it; ``rows`` are the batch's rows the piece holds.
+
+    A sequence-classification batch scored by the model's own loss (the mean over its sequences) runs as
+    length-sorted groups of LENGTH_GROUP, each cut to its longest sequence and weighted by its share of the
+    sequences: the same gradient, up to rounding, with far less padding. A single sequence is cut to its length.
+    Anything else (a ``loss_func``, token labels, left padding) runs as given."""
+    every_row = torch.arange(batch_size(batch))
+    if not right_padded(batch):
+        if per_sample:
+            return [[(1.0, every_row[row : row + 1], slice_batch(batch, row, row + 1))] for row in every_row.tolist()]
+        return [[(1.0, every_row, batch)]]
+    lengths = token_mask(batch).sum(dim=1)
+    if per_sample:
+        return [[(1.0, every_row[row : row + 1], select_rows(batch, every_row[row : row + 1], max(1, int(lengths[row]))))]
+                for row in every_row.tolist()]
+    labels = batch.get("labels")
+    if loss_func is not None or not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        return [[(1.0, every_row, batch)]]
+    order = torch.sort(lengths, stable=True).indices
+    groups = [order[start : start + LENGTH_GROUP] for start in range(0, len(order), LENGTH_GROUP)]
+    return [[(len(rows) / len(order), rows, select_rows(batch, rows, max(1, int(lengths[rows].max()))))
+             for rows in groups]]
 
 
 _LOSS_HINT = "check the model file, the calibration data and its labels"
@@ -81,10 +109,12 @@ def collect_mask_gradients(
     loss_func=None,
     per_sample: bool = False,
     structure: MaskStructure | None = None,
+    teacher_targets: TeacherTargets | None = None,
 ) -> MaskGradients:
     """Gradient of each batch's (or sequence's) loss w.r.t. every mask variable, at masks of 1.
 
     ``batches``: dict batches with ``labels`` (or any batches ``loss_func(outputs, batch)`` can score).
+    ``teacher_targets``: filled with the dense model's mask-tuning targets on the way (``teacher_targets``).
     Raises ValueError when a batch has no labels and no ``loss_func`` is given; NonFiniteError naming the batch
     when a loss is not finite, or the block when a gradient is not.
     """
@@ -96,17 +126,29 @@ def collect_mask_gradients(
     heads, neurons = FisherAccumulator(), FisherAccumulator()
     prefix, blocks = adapter_for(model).blocks(model)
     block_names = [f"{prefix}.{index}" for index in range(len(blocks))]
-    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask):
+    samples = progress(desc="mask_search Fisher pass", unit="sample", total=sum(batch_size(b) for b in batches))
+    recording = teacher_targets.recording() if teacher_targets is not None else nullcontext()
+    first_sample = 0
+    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask), samples, recording:
         for index, batch in enumerate(batches):
-            for row, piece in enumerate(_pieces(batch, per_sample)):
+            for row, parts in enumerate(_gradient_parts(batch, per_sample, loss_func)):
                 during = f"mask_search Fisher gradients, batch {index}" + (f", sequence {row}" if per_sample else "")
-                loss = forward_with_labels(model, piece, loss_func)
-                check_tensor(loss.detach(), None, "the loss", during, _LOSS_HINT)
-                head_grad, neuron_grad = torch.autograd.grad(loss, (head_mask, neuron_mask), allow_unused=True)
-                if head_grad is not None:
-                    _check_gradient(head_grad, block_names, "attention-unit mask gradient", during)
-                if neuron_grad is not None:
-                    _check_gradient(neuron_grad, block_names, "FFN-neuron mask gradient", during)
-                heads.add(head_grad if head_grad is not None else torch.zeros_like(head_mask))
-                neurons.add(neuron_grad if neuron_grad is not None else torch.zeros_like(neuron_mask))
+                head_grad, neuron_grad = torch.zeros_like(head_mask), torch.zeros_like(neuron_mask)
+                for weight, rows, piece in parts:
+                    with (teacher_targets.piece(first_sample + rows, piece) if teacher_targets is not None
+                          else nullcontext()):
+                        loss = forward_with_labels(model, piece, loss_func)
+                    check_tensor(loss.detach(), None, "the loss", during, _LOSS_HINT)
+                    head_part, neuron_part = torch.autograd.grad(loss * weight, (head_mask, neuron_mask),
+                                                                 allow_unused=True)
+                    if head_part is not None:
+                        head_grad += head_part
+                    if neuron_part is not None:
+                        neuron_grad += neuron_part
+                _check_gradient(head_grad, block_names, "attention-unit mask gradient", during)
+                _check_gradient(neuron_grad, block_names, "FFN-neuron mask gradient", during)
+                heads.add(head_grad)
+                neurons.add(neuron_grad)
+            samples.update(batch_size(batch))
+            first_sample += batch_size(batch)
     return MaskGradients(heads.grads(), neurons.grads(), per_sample)

@@ -19,18 +19,23 @@ after another. In block l:
    on the inputs the tuned earlier blocks produce.
 
 Cost: the teacher and the FFN fit run the whole block; the attention fit stops the block once the attention output
-projection's input is recorded (the FFN would be wasted work). In pre-norm blocks the block output is the FFN
-residual plus the FFN output, so the student's next input is computed from the FFN fit's recorded activations with
-the tuned scales (one output-projection matmul) instead of a fourth pass; post-norm blocks end in a LayerNorm and
-run the block again.
+projection's input is recorded (the FFN would be wasted work). The block output is the FFN residual plus the FFN
+output (pre-norm), or the block's last LayerNorm of that sum (post-norm), so the student's next input is computed
+from the FFN fit's recorded activations with the tuned scales (one output-projection matmul) instead of a fourth
+pass. The calibration sequences are regrouped by length first (``data.rebatch_by_length``): every fit sums over
+real tokens, so the grouping does not change it, and random batches of sentences are about half padding.
 
 Residuals: the attention residual is the block input in every supported family. The FFN residual is the FFN's
 input in post-norm (bert-like) blocks and block input + attention output in pre-norm (llama-like) blocks.
 
-A rejected solve (LSMR did not converge, or a scale beyond ``max_abs_scale``) keeps that layer's scales at their
-current values and stops tuning: later blocks would be tuned on inputs the rejected fit produced, so like the
-reference every later sub-layer is left untuned. The reference skips the attention of block 0; this follows the
-paper and tunes it, and it does not add the reference's extra constant column to the attention fit.
+Each sub-layer decides for itself (``algorithms.mask_tuning.choose_mask_scales``): every ``HELDOUT_EVERY``-th
+calibration sample is held out of the fit, and the solved scales are kept only when they stay within the safeguards
+(LSMR converged, every |scale| <= ``max_abs_scale``) and lower the sub-layer's reconstruction error on the held-out
+samples. Otherwise that sub-layer keeps its current scales and tuning goes on with the next one, whose inputs are
+what the kept decision produces. The reference instead stops at the first rejected fit and leaves every later
+block untuned, so one ill-posed fit early in the model cost the rest of it its tuning. The reference also skips
+the attention of block 0; this follows the paper and tunes it, and it does not add the reference's extra constant
+column to the attention fit.
 """
 
 from __future__ import annotations
@@ -43,45 +48,109 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inc_plugins.algorithms.mask_tuning import normal_equations, solve_mask_scales
+from inc_plugins.algorithms.mask_tuning import ScaleSolution, choose_mask_scales
 from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.structure_masks import MaskHooks, MaskStructure, group_head_mask, mask_structure
+from inc_plugins.progress import progress
 
-from .data import token_mask
+from .data import real_token_rows, rebatch_by_length, token_mask
+from .teacher_targets import TeacherTargets
 
 __all__ = ["LayerTuning", "TuningResult", "head_normal_equations", "ffn_normal_equations", "tune_mask_scales"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 22  # float32 elements of explicit head contributions built at once (16 MiB)
+# 1 calibration sample in 8 is held out of every fit to judge it (256 of Kwon et al.'s 2048); with fewer than
+# HELDOUT_EVERY samples nothing is held out and the safeguards alone decide.
+HELDOUT_EVERY = 8
 
 
 @dataclass(frozen=True)
 class LayerTuning:
-    """One least-squares fit: ``part`` is "attention" or "ffn"; ``reason`` says why a fit was rejected."""
+    """One sub-layer's fit and its decision: ``part`` is "attention" or "ffn"; ``accepted``: the tuned scales were
+    kept; ``reason`` says why not; ``heldout_error_*``: relative reconstruction errors on the held-out samples
+    before and with the solved scales (None when not measured)."""
 
     layer: int
     part: str
     n_kept: int
     accepted: bool
     reason: str = ""
+    heldout_error_untuned: float | None = None
+    heldout_error_tuned: float | None = None
 
 
 @dataclass(frozen=True)
 class TuningResult:
     """Tuned float masks (0 = pruned, else the unit's scale): ``unit_head_mask`` [n_layers, n_head_units],
-    ``neuron_mask`` [n_layers, n_neurons]; ``log`` has one entry per fit tried; ``stopped_at`` is the block of the
-    first rejected fit (None when none was rejected)."""
+    ``neuron_mask`` [n_layers, n_neurons]; ``log`` has one entry per sub-layer with kept units, in order;
+    ``heldout_samples``: how many calibration samples judged the fits (0: the safeguards alone decided)."""
 
     unit_head_mask: Tensor
     neuron_mask: Tensor
     log: list[LayerTuning]
-    stopped_at: int | None
+    heldout_samples: int
+
+    @property
+    def rejected(self) -> list[LayerTuning]:
+        return [entry for entry in self.log if not entry.accepted]
+
+
+class _FitEquations:
+    """One sub-layer's normal equations, summed over batches: on the fitted tokens, and on the held-out tokens
+    with the held-out target's squared norm."""
+
+    def __init__(self, heldout: bool):
+        self.fit: tuple = (0, 0)
+        self.heldout: tuple | None = (0, 0, 0.0) if heldout else None
+
+    def add(self, equations, rows: Tensor, target: Tensor, fit_tokens: Tensor, heldout_tokens: Tensor) -> None:
+        """``equations(rows, target)`` -> (gram, rhs) of the selected tokens; ``rows`` [batch, seq, features] and
+        ``target`` [batch, seq, hidden] of one batch; ``*_tokens`` [batch, seq] booleans."""
+        gram, rhs = equations(real_token_rows(rows, fit_tokens), real_token_rows(target, fit_tokens))
+        self.fit = (self.fit[0] + gram, self.fit[1] + rhs)
+        if self.heldout is not None and heldout_tokens.any():
+            held_target = real_token_rows(target, heldout_tokens)
+            gram, rhs = equations(real_token_rows(rows, heldout_tokens), held_target)
+            self.heldout = (self.heldout[0] + gram, self.heldout[1] + rhs,
+                            self.heldout[2] + float(held_target.double().square().sum()))
+
+    def solve(self, damp: float, max_abs_scale: float) -> ScaleSolution:
+        return choose_mask_scales(self.fit, self.heldout, damp=damp, max_abs_scale=max_abs_scale)
+
+
+def _sample_ids(batches: Sequence[Mapping[str, Any]]) -> list[Tensor]:
+    """Per batch, [batch] indices of its samples: sample i is the i-th sequence of ``batches`` in order."""
+    ids, start = [], 0
+    for batch in batches:
+        rows = token_mask(batch).shape[0]
+        ids.append(torch.arange(start, start + rows))
+        start += rows
+    return ids
+
+
+def _held_out(ids: Tensor, total: int) -> Tensor:
+    """[batch] booleans: every HELDOUT_EVERY-th sample is held out (none when there are fewer samples)."""
+    return (ids % HELDOUT_EVERY == HELDOUT_EVERY - 1) & (total >= HELDOUT_EVERY)
+
+
+def _log_entry(layer: int, part: str, n_kept: int, solution: ScaleSolution) -> LayerTuning:
+    return LayerTuning(layer, part, n_kept, solution.accepted, solution.reason, solution.heldout_error_untuned,
+                       solution.heldout_error_tuned)
+
+
+def _product_dtype(activations: Tensor) -> torch.dtype:
+    """One batch's products run in the activations' precision, at least float32 (float64 ones stay float64), and
+    are summed over batches in float64: float64 products cost twice the time for a change far below the fits'
+    sensitivity to which calibration samples were drawn."""
+    return torch.float64 if activations.dtype == torch.float64 else torch.float32
 
 
 def head_normal_equations(
     context: Tensor, weight: Tensor, kept_units: Tensor, target: Tensor, unit_width: int
 ) -> tuple[Tensor, Tensor]:
-    """(gram [n_kept, n_kept], rhs [n_kept]) float64 of the attention fit for one batch.
+    """(gram [n_kept, n_kept], rhs [n_kept]) float64 of the attention fit for one batch (``normal_equations`` of
+    the units' explicit contributions).
 
     ``context``: [tokens, n_heads * head_dim], the output projection's input; ``weight``: its weight
     [hidden, n_heads * head_dim]; ``kept_units``: unit indices; unit u owns input features
@@ -92,26 +161,32 @@ def head_normal_equations(
     chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, n_kept * hidden))
     gram = torch.zeros(n_kept, n_kept, dtype=torch.float64, device=context.device)
     rhs = torch.zeros(n_kept, dtype=torch.float64, device=context.device)
+    dtype = _product_dtype(context)
+    context, weight, target = context.to(dtype), weight.to(dtype), target.to(dtype)
     for start in range(0, context.shape[0], chunk):
         rows = context[start : start + chunk]
         contributions = torch.stack([(rows[:, c] @ weight[:, c].T).flatten() for c in columns])
-        chunk_gram, chunk_rhs = normal_equations(contributions, target[start : start + chunk].flatten())
-        gram += chunk_gram
-        rhs += chunk_rhs
+        gram += (contributions @ contributions.T).double()
+        rhs += (contributions @ target[start : start + chunk].flatten()).double()
     return gram, rhs
 
 
-def ffn_normal_equations(activations: Tensor, weight: Tensor, kept: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def ffn_normal_equations(activations: Tensor, weight: Tensor, kept: Tensor, target: Tensor,
+                         weight_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(gram [n_kept, n_kept], rhs [n_kept]) float64 of the FFN fit for one batch, without building A.
 
     ``activations``: [tokens, n_neurons], ``ffn_out``'s input; ``weight``: ``ffn_out``'s weight [hidden, n_neurons];
-    ``kept``: neuron indices; ``target``: [tokens, hidden]. Equals ``normal_equations`` of the explicit
-    contributions ``A[n] = outer(activations[:, n], weight[:, n]).flatten()``.
+    ``kept``: neuron indices; ``target``: [tokens, hidden]; ``weight_gram``: ``W^T W`` [n_kept, n_kept] float64 of
+    the kept columns, the same for every batch of a layer (computed here when None). Equals ``normal_equations`` of
+    the explicit contributions ``A[n] = outer(activations[:, n], weight[:, n]).flatten()``.
     """
-    h = activations[:, kept].double()
-    w = weight[:, kept].double()
-    gram = (w.T @ w) * (h.T @ h)
-    rhs = ((target.double() @ w) * h).sum(dim=0)
+    dtype = _product_dtype(activations)
+    h = activations[:, kept].to(dtype)
+    w = weight[:, kept].to(dtype)
+    if weight_gram is None:
+        weight_gram = (w.T @ w).double()
+    gram = weight_gram * (h.T @ h).double()
+    rhs = ((target.to(dtype) @ w) * h).sum(dim=0).double()
     return gram, rhs
 
 
@@ -156,11 +231,6 @@ def _run(block: nn.Module, block_input: BlockInput) -> Tensor:
     return first_output(block(block_input.hidden_states, *block_input.args, **block_input.kwargs))
 
 
-def _rows(tensor: Tensor, tokens: Tensor) -> Tensor:
-    """[batch, seq, features] -> [selected tokens, features]."""
-    return tensor.reshape(-1, tensor.shape[-1])[tokens.flatten().to(tensor.device)]
-
-
 def _first_tokens(tokens: Tensor) -> Tensor:
     first = torch.zeros_like(tokens)
     first[:, 0] = True
@@ -184,14 +254,18 @@ def tune_mask_scales(
     max_abs_scale: float = 10.0,
     first_token_only_last_ffn: bool | None = None,
     structure: MaskStructure | None = None,
+    teacher_targets: TeacherTargets | None = None,
 ) -> TuningResult:
     """Tune the kept units' scales of ``unit_head_mask`` [n_layers, n_head_units] (per query head is accepted too)
     and ``neuron_mask`` [n_layers, n_neurons] block by block; see the module docstring. The model is unchanged.
 
     ``batches``: dict batches (labels are not used). ``damp``/``max_abs_scale``: see ``solve_mask_scales``.
     ``first_token_only_last_ffn``: fit only the first token in the last block's FFN; None = yes for bert-like
-    sequence classifiers.
+    sequence classifiers. ``teacher_targets``: the dense teacher's targets, recorded on these batches by the Fisher
+    pass (``teacher_targets.TeacherTargets``): the teacher passes are skipped. Not with teacher masks.
     """
+    if teacher_targets is not None and (teacher_head_mask is not None or teacher_neuron_mask is not None):
+        raise ValueError("recorded teacher targets are the dense model's: give them without teacher masks")
     structure = structure or mask_structure(model)
     adapter = adapter_for(model)
     layout = adapter.layout
@@ -205,9 +279,15 @@ def tune_mask_scales(
         _default_first_token_only(model, structure) if first_token_only_last_ffn is None else first_token_only_last_ffn
     )
     unit_width = structure.heads_per_unit * structure.head_dim
+    ids = _sample_ids(batches)
+    total = sum(len(batch_ids) for batch_ids in ids)
+    batches, ids = rebatch_by_length(batches, ids)
+    held = [_held_out(batch_ids, total) for batch_ids in ids]
     tokens = [token_mask(batch) for batch in batches]
+    heldout_samples = int(sum(int(h.sum()) for h in held))
+    fit_tokens = [mask & ~h[:, None].to(mask.device) for mask, h in zip(tokens, held)]
+    heldout_tokens = [mask & h[:, None].to(mask.device) for mask, h in zip(tokens, held)]
     log: list[LayerTuning] = []
-    stopped_at = None
 
     was_training = model.training
     model.eval()
@@ -215,15 +295,22 @@ def tune_mask_scales(
         with MaskHooks(model) as hooks:
             teacher_inputs = capture_block_inputs(model, blocks, batches)
             student_inputs = [BlockInput(x.hidden_states.clone(), x.args, x.kwargs) for x in teacher_inputs]
-            for layer, block in enumerate(blocks):
+            if teacher_targets is not None:
+                teacher_inputs = []  # not needed: the recorded targets replace the teacher's passes
+            for layer, block in enumerate(progress(blocks, desc="mask_search tuning", unit="block")):
                 attention_out = block.get_submodule(layout.attention_output)
                 ffn_out = block.get_submodule(layout.ffn_out)
                 ffn_in = block.get_submodule(layout.ffn_in[0])
                 last = layer == len(blocks) - 1
 
-                # Teacher: targets of both fits, then its next inputs.
+                # Teacher: targets of both fits (recorded by the Fisher pass, or computed here), then its next inputs.
                 hooks.head_mask, hooks.neuron_mask = teacher_head_mask, teacher_neuron_mask
                 attention_targets, ffn_targets = [], []
+                if teacher_targets is not None:
+                    for batch_ids, mask, student in zip(ids, tokens, student_inputs):
+                        attention, ffn = teacher_targets.targets(layer, batch_ids, mask, student.hidden_states)
+                        attention_targets.append(attention)
+                        ffn_targets.append(ffn)
                 for block_input in teacher_inputs:
                     with _recording(attention_out, "output") as attn, _recording(ffn_out, "output") as ffn, \
                             _recording(ffn_in, "input") as ffn_input:
@@ -239,49 +326,52 @@ def tune_mask_scales(
                 if kept_units.numel():
                     weight = attention_out.weight.detach()
                     bias = attention_out.bias.detach() if attention_out.bias is not None else 0.0
-                    gram = rhs = 0
-                    for block_input, target, mask in zip(student_inputs, attention_targets, tokens):
+
+                    def attention_equations(rows: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+                        return head_normal_equations(rows, weight, kept_units, target, unit_width)
+
+                    equations = _FitEquations(heldout_samples > 0)
+                    for block_input, target, fit, heldout in zip(student_inputs, attention_targets, fit_tokens,
+                                                                 heldout_tokens):
                         with _recording(attention_out, "input") as context, _stopping_after(attention_out):
                             try:
                                 _run(block, block_input)
                             except _StopBlock:
                                 pass
                         residual = block_input.hidden_states
-                        batch_gram, batch_rhs = head_normal_equations(
-                            _rows(context[0], mask), weight, kept_units, _rows(target - bias - residual, mask), unit_width
-                        )
-                        gram, rhs = gram + batch_gram, rhs + batch_rhs
-                    solution = solve_mask_scales(gram, rhs, damp=damp, max_abs_scale=max_abs_scale)
-                    log.append(LayerTuning(layer, "attention", kept_units.numel(), solution.accepted, solution.reason))
-                    if not solution.accepted:
-                        stopped_at = layer
-                        break
+                        equations.add(attention_equations, context[0], target - bias - residual, fit, heldout)
+                    solution = equations.solve(damp, max_abs_scale)  # scales of 1 when rejected
+                    log.append(_log_entry(layer, "attention", kept_units.numel(), solution))
                     head[layer, kept_units] *= solution.scales.to(device, torch.float32)
 
                 kept_neurons = neuron[layer].nonzero().flatten()
-                # pre-norm: (FFN output-projection input, FFN residual) per batch, to advance the student without a pass
-                ffn_pass: list[tuple[Tensor, Tensor]] | None = [] if structure.pre_norm and not last else None
+                # (FFN output-projection input, FFN residual) per batch, to advance the student without a pass
+                output_norm = None if structure.pre_norm else block.get_submodule(layout.ffn_output_norm)
+                ffn_pass: list[tuple[Tensor, Tensor]] | None = [] if not last else None
                 if kept_neurons.numel():
                     weight = ffn_out.weight.detach()
                     bias = ffn_out.bias.detach() if ffn_out.bias is not None else 0.0
-                    gram = rhs = 0
-                    for block_input, target, mask in zip(student_inputs, ffn_targets, tokens):
+
+                    kept_columns = weight[:, kept_neurons].to(_product_dtype(weight))
+                    weight_gram = (kept_columns.T @ kept_columns).double()
+
+                    def ffn_equations(rows: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+                        return ffn_normal_equations(rows, weight, kept_neurons, target, weight_gram)
+
+                    equations = _FitEquations(heldout_samples > 0)
+                    for block_input, target, fit, heldout in zip(student_inputs, ffn_targets, fit_tokens,
+                                                                 heldout_tokens):
                         with _recording(ffn_out, "input") as activations, _recording(attention_out, "output") as attn, \
                                 _recording(ffn_in, "input") as ffn_input:
                             _run(block, block_input)
                         residual = block_input.hidden_states + attn[0] if structure.pre_norm else ffn_input[0]
                         if ffn_pass is not None:
                             ffn_pass.append((activations[0], residual))
-                        fitted = _first_tokens(mask) if last and first_token_only else mask
-                        batch_gram, batch_rhs = ffn_normal_equations(
-                            _rows(activations[0], fitted), weight, kept_neurons, _rows(target - bias - residual, fitted)
-                        )
-                        gram, rhs = gram + batch_gram, rhs + batch_rhs
-                    solution = solve_mask_scales(gram, rhs, damp=damp, max_abs_scale=max_abs_scale)
-                    log.append(LayerTuning(layer, "ffn", kept_neurons.numel(), solution.accepted, solution.reason))
-                    if not solution.accepted:
-                        stopped_at = layer
-                        break
+                        if last and first_token_only:
+                            fit, heldout = fit & _first_tokens(fit), heldout & _first_tokens(heldout)
+                        equations.add(ffn_equations, activations[0], target - bias - residual, fit, heldout)
+                    solution = equations.solve(damp, max_abs_scale)  # scales of 1 when rejected
+                    log.append(_log_entry(layer, "ffn", kept_neurons.numel(), solution))
                     neuron[layer, kept_neurons] *= solution.scales.to(device, torch.float32)
 
                 if not last and ffn_pass:
@@ -289,12 +379,11 @@ def tune_mask_scales(
                     change = torch.ones(structure.n_neurons, device=device)
                     change[kept_neurons] = solution.scales.to(device, torch.float32)
                     for block_input, (activations, residual) in zip(student_inputs, ffn_pass):
-                        block_input.hidden_states = residual + nn.functional.linear(
-                            activations * change, ffn_out.weight, ffn_out.bias
-                        )
+                        output = residual + nn.functional.linear(activations * change, ffn_out.weight, ffn_out.bias)
+                        block_input.hidden_states = output if output_norm is None else output_norm(output)
                 elif not last:
                     for block_input in student_inputs:
                         block_input.hidden_states = _run(block, block_input)
     finally:
         model.train(was_training)
-    return TuningResult(head.cpu(), neuron.cpu(), log, stopped_at)
+    return TuningResult(head.cpu(), neuron.cpu(), log, heldout_samples)

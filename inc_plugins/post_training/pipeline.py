@@ -10,6 +10,7 @@ and leaves the model's weights as they were; ``inc_plugins.models.structure_mask
 from __future__ import annotations
 
 import logging
+import time
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .latency_budget import (
 )
 from .mask_gradients import MaskGradients, collect_mask_gradients
 from .mask_tuning import TuningResult, tune_mask_scales
+from .teacher_targets import TeacherTargets
 
 __all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "prune_post_training"]
 
@@ -111,7 +113,8 @@ class KwonResult:
     else the unit's scale (the convention of ``structure_masks`` and ``slimming``); under grouped-query attention
     the heads of a group share one value, and ``unit_head_mask`` [n_layers, n_head_units] holds it per group.
     ``cost`` / ``budget`` / ``dense_cost``: MACs per sequence of ``seq_len`` tokens ("flops") or seconds
-    ("latency") of the kept units, the allowed cost and the dense cost.
+    ("latency") of the kept units, the allowed cost and the dense cost. ``phase_seconds``: where the time went
+    (the Fisher pass is 0 when precomputed gradients were given).
     """
 
     head_mask: Tensor
@@ -125,6 +128,7 @@ class KwonResult:
     seq_len: int | None
     gradients: MaskGradients
     tuning: TuningResult | None
+    phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune" (0 when not run)
 
 
 def _latency_table(settings: KwonSettings):
@@ -178,10 +182,17 @@ def prune_post_training(
         seq_len = settings.seq_len
         budget, dense = latency_budget(structure, table, settings.target_sparsity)
 
+    phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune"), 0.0)
+    start = time.perf_counter()
+    # the Fisher pass runs the dense model on the samples tuning fits to it: it records tuning's targets on the way
+    teacher = TeacherTargets(model, structure, samples) if (
+        gradients is None and settings.tune and TeacherTargets.fits(structure, samples)) else None
     if gradients is None:
-        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure)
+        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, teacher)
+        phase_seconds["fisher"] = time.perf_counter() - start
     else:
         _check_gradients(gradients, structure, settings)
+    start = time.perf_counter()
     head_importance, neuron_importance = diagonal_fisher(gradients.head), diagonal_fisher(gradients.neuron)
     if settings.constraint == "flops":
         unit_keep, neuron_keep = search_masks_under_flops(structure, head_importance, neuron_importance, budget, costs)
@@ -189,29 +200,31 @@ def prune_post_training(
     else:
         unit_keep, neuron_keep = search_masks_under_latency_table(head_importance, neuron_importance, budget, table)
         cost = float(table.head_latency[unit_keep.sum(dim=1)].sum() + table.neuron_latency[neuron_keep.sum(dim=1)].sum())
+    phase_seconds["search"] = time.perf_counter() - start
     logger.info(
         "mask_search: kept %d/%d attention units and %d/%d neurons; cost %.4g of budget %.4g (dense %.4g)",
         int(unit_keep.sum()), unit_keep.numel(), int(neuron_keep.sum()), neuron_keep.numel(), cost, budget, dense,
     )
 
     if settings.rearrange:
+        start = time.perf_counter()
         unit_keep = rearrange_mask(unit_keep, gradients.head)
         neuron_keep = rearrange_mask(neuron_keep, gradients.neuron)
+        phase_seconds["rearrange"] = time.perf_counter() - start
 
     unit_head_mask, neuron_mask = unit_keep.float(), neuron_keep.float()
     tuning = None
     if settings.tune:
+        start = time.perf_counter()
         tuning = tune_mask_scales(
             model, unit_head_mask, neuron_mask, samples,
-            damp=settings.damp, max_abs_scale=settings.max_abs_scale, structure=structure,
+            damp=settings.damp, max_abs_scale=settings.max_abs_scale, structure=structure, teacher_targets=teacher,
         )
         unit_head_mask, neuron_mask = tuning.unit_head_mask, tuning.neuron_mask
-        if tuning.stopped_at is not None:
-            rejected = tuning.log[-1]
-            logger.warning(
-                "mask tuning stopped at block %d (%s: %s); later blocks keep scales of 1",
-                tuning.stopped_at, rejected.part, rejected.reason,
-            )
+        phase_seconds["tune"] = time.perf_counter() - start
+        for rejected in tuning.rejected:
+            logger.info("mask tuning: block %d %s keeps scales of 1 (%s)", rejected.layer, rejected.part,
+                        rejected.reason)
     return KwonResult(
         head_mask=expand_head_mask(unit_head_mask, structure).clone(),
         neuron_mask=neuron_mask,
@@ -224,4 +237,5 @@ def prune_post_training(
         seq_len=seq_len,
         gradients=gradients,
         tuning=tuning,
+        phase_seconds={phase: round(seconds, 3) for phase, seconds in phase_seconds.items()},
     )

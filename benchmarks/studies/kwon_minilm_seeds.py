@@ -1,0 +1,264 @@
+"""Kwon et al. (2022) mask tuning on MiniLM-L6 across fine-tune seeds: does it help on every fine-tune, not just one?
+
+    python -m benchmarks.studies.kwon_minilm_seeds            # the full measurement (see the estimate in --help)
+    python -m benchmarks.studies.kwon_minilm_seeds --quick    # every step on tiny synthetic BERTs, in seconds
+
+For each fine-tune seed in settings.yaml (full: 0, 1, 2), MiniLM is fine-tuned on the movie-snippet sentiment task
+of `recipes/minilm_mask_search.yaml` with the recipe's fine-tune block and `finetune.seed` set to that seed (through
+the recipe machinery, so each fine-tune is cached by the hash of everything that shaped it), then evaluated on the
+recipe's dev set (accuracy and F1):
+
+* dense;
+* mask search only: `mask_search` at the recipe's target (40% of the head+FFN FLOPs removed) with rearrange=False,
+  tune=False;
+* the full method (rearrange=True, tune=True), with its per-sub-layer mask-tuning decisions (the pruning stage
+  report's ``mask_search["tuning"]``: held-out samples, how many fits kept their tuned scales, and for each
+  sub-layer why not and its held-out reconstruction errors).
+
+Both prunings run through the recipe's pruning stage (`recipes.pruning_stage.run_pruning_stage`, the product's
+path), from the recipe's calibration samples (2048), batch size and seed, each on a fresh copy of the dense model.
+The report shows, per seed, full - dense and full - search-only in points, against two criteria: the full method
+within 1 point of dense, and never more than 0.2 points below search only.
+
+Full run on 2 cores: 3 fine-tunes of about 6-10 minutes each (only those not already in the fine-tune cache;
+`make demo` caches seed 0's), plus 6 mask searches of about 1 minute each and 9 evaluations of 2000 examples.
+
+--quick uses the synthetic BERT of `inc_plugins.perf.synthetic` drawn with each seed (so the seeds' models differ),
+a word-level tokenizer and random sentences: it checks the steps run, it measures nothing.
+
+Writes <out>/kwon_minilm_seeds.{json,md,png} (--quick: kwon_minilm_seeds_quick.*).
+"""
+
+import copy
+import logging
+import time
+
+from benchmarks.studies.common import StudyRun, figure, machine_line, save_figure, study_parser, study_settings
+from benchmarks.studies.sources import (SYNTHETIC_DEV_EXAMPLES, SYNTHETIC_TRAIN_EXAMPLES, synthetic_examples,
+                                        synthetic_tokenizer, text_classification_task)
+from inc_plugins.models.structure_masks import mask_structure
+from inc_plugins.perf.synthetic import synthetic_bert_classifier
+from recipes import finetune_cache
+from recipes.pruning_stage import run_pruning_stage
+from recipes.schema import load_recipe
+from recipes.text_classification import evaluate, tokenized_batches
+
+STUDY = "kwon_minilm_seeds"
+RECIPE = "minilm_mask_search.yaml"
+# (name, rearrange, tune): search only, and the full method
+VARIANTS = (("search_only", False, False), ("full", True, True))
+LABELS = {"dense": "dense", "search_only": "mask search only", "full": "full method (+ rearrangement + tuning)"}
+# the acceptance criteria, in accuracy points
+MAX_BELOW_DENSE, MAX_BELOW_SEARCH = 1.0, 0.2
+
+
+def seed_recipe(recipe, seed: int):
+    """`recipe` with its fine-tune seed set to `seed` (everything else, the fine-tune cache key included, follows)."""
+    return recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"seed": seed})})
+
+
+def seed_task(recipe, seed: int, quick: bool):
+    """(model, tokenizer, train_examples, dev_examples, finetune) for the fine-tune `seed`: the recipe machinery's
+    fine-tuned model (from its cache, or fine-tuned now and cached); quick: the synthetic BERT drawn with `seed`,
+    on the same synthetic sentences for every seed."""
+    recipe = seed_recipe(recipe, seed)
+    if quick:
+        model = synthetic_bert_classifier(seed=seed, num_labels=recipe.model.num_labels)
+        return (model, synthetic_tokenizer(), synthetic_examples(SYNTHETIC_TRAIN_EXAMPLES, seed=0),
+                synthetic_examples(SYNTHETIC_DEV_EXAMPLES, seed=1), {"seed": seed, "synthetic": True})
+    key = finetune_cache.finetune_key(recipe.model, recipe.data, recipe.finetune)
+    cached = (finetune_cache.cached_dir(key) / "finetune.json").is_file()
+    start = time.perf_counter()
+    model, tokenizer, train_examples, dev_examples = text_classification_task(recipe, quick)
+    info = {"seed": seed, "cache_key": key, "was_cached": cached,
+            "load_or_finetune_seconds": round(time.perf_counter() - start, 1)}
+    return model, tokenizer, train_examples, dev_examples, info
+
+
+def correct(metrics: dict) -> int:
+    """How many examples `metrics` (`evaluate`'s) got right: its float32 accuracy times its examples, rounded."""
+    return round(metrics["accuracy"] * metrics["examples"])
+
+
+def points(a: dict, b: dict) -> float:
+    """Accuracy of `a` minus that of `b`, in points (percent), from their counts of correct examples: exact, so a
+    difference of exactly 1 point (20 of 2000 examples) is 1.0, not 1.0000000238 from float32 accuracies."""
+    assert a["examples"] == b["examples"], (a, b)
+    return 100 * (correct(a) - correct(b)) / a["examples"]
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    seeds = ", ".join(str(row["seed"]) for row in results["seeds"])
+    lines = [
+        "# Kwon et al. (2022) mask tuning on MiniLM-L6 across fine-tune seeds (movie-snippet sentiment)",
+        "",
+        f"{'**QUICK SMOKE RUN: tiny synthetic models and data, not a measurement.** ' if s['quick'] else ''}"
+        f"Recipe `recipes/{s['recipe']}`: MiniLM-L6 fine-tuned with each fine-tune seed ({seeds}; everything else "
+        f"the recipe's), then pruned by `mask_search` to {100 * s['target']:.0f}% of the head+FFN FLOPs removed, "
+        f"from {s['calibration_samples']} calibration samples, through the recipe's pruning stage: search only "
+        f"(no rearrangement, no tuning) and the full method (rearrangement + mask tuning). Dev accuracy on "
+        f"{s['dev_examples']} dev examples (SST-2-like labels, not the official SST-2). {machine_line(results)}",
+        "",
+        "| fine-tune seed | dense acc (F1) | search only acc (F1) | full acc (F1) | full - dense (pts) | "
+        "full - search only (pts) | FLOPs removed (full) | tuning kept / fits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["seeds"]:
+        dense, search, full = row["dense"], row["search_only"], row["full"]
+        tuning = full["search"]["tuning"] or {}
+        lines.append(
+            f"| {row['seed']} | {dense['accuracy']:.4f} ({dense.get('f1', float('nan')):.4f}) | "
+            f"{search['accuracy']:.4f} ({search.get('f1', float('nan')):.4f}) | "
+            f"{full['accuracy']:.4f} ({full.get('f1', float('nan')):.4f}) | {row['full_minus_dense']:+.2f} | "
+            f"{row['full_minus_search_only']:+.2f} | {100 * full['flops_removed']:.1f}% | "
+            f"{tuning.get('accepted', '-')} / {tuning.get('fits', '-')} |")
+    lines += ["", "## Criteria (per seed)", "",
+              f"Differences in points are exact, from the counts of correct dev examples (1 point = "
+              f"{s['dev_examples'] / 100:g} of {s['dev_examples']} examples); a criterion met with equality passes.",
+              "",
+              "| fine-tune seed | full within 1 point of dense (full - dense >= -1) | "
+              "full not more than 0.2 points below search only (full - search only >= -0.2) |",
+              "|---|---|---|"]
+    for row in results["seeds"]:
+        c = row["criteria"]
+        lines.append(f"| {row['seed']} | {'PASS' if c['within_1pt_of_dense'] else 'FAIL'} "
+                     f"({row['full_minus_dense']:+.2f}) | {'PASS' if c['not_below_search_only'] else 'FAIL'} "
+                     f"({row['full_minus_search_only']:+.2f}) |")
+    every = results["criteria"]
+    lines += ["", f"Every seed: full within 1 point of dense: {'PASS' if every['within_1pt_of_dense'] else 'FAIL'}; "
+              f"full not more than 0.2 points below search only: {'PASS' if every['not_below_search_only'] else 'FAIL'}.",
+              "", "## Mask-tuning decisions of the full method", ""]
+    for row in results["seeds"]:
+        tuning = row["full"]["search"]["tuning"]
+        if tuning is None:
+            lines += [f"Seed {row['seed']}: no tuning report.", ""]
+            continue
+        lines += [f"Seed {row['seed']}: {tuning['accepted']} of {tuning['fits']} sub-layer fits kept their tuned "
+                  f"scales ({tuning['heldout_samples']} held-out calibration samples judged them).", ""]
+        rejected = [entry for entry in tuning["sublayers"] if not entry["accepted"]]
+        if not rejected:
+            lines += ["No sub-layer kept scales of 1.", ""]
+            continue
+        lines += ["| block | part | kept units | reason scales of 1 were kept | held-out error untuned | tuned |",
+                  "|---|---|---|---|---|---|"]
+        for entry in rejected:
+            lines.append(f"| {entry['block']} | {entry['part']} | {entry['kept_units']} | {_cell(entry['reason'])} | "
+                         f"{_error(entry['heldout_error_untuned'])} | {_error(entry['heldout_error_tuned'])} |")
+        lines.append("")
+    lines += [f"Total wall time of the run: {results['run']['seconds'] / 60:.1f} min "
+              f"(fine-tunes run now: {sum(not row['finetune'].get('was_cached', True) for row in results['seeds'])})."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str | None) -> str:
+    """`text` for a Markdown table cell: its pipes escaped (a reason may say "max |scale| 13.3 > 10.0")."""
+    return (text or "-").replace("|", "\\|")
+
+
+def _error(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def plot(results: dict, path) -> None:
+    fig, ax = figure(figsize=(6.4, 4.2))
+    rows = results["seeds"]
+    width = 0.26
+    for i, name in enumerate(("dense", "search_only", "full")):
+        xs = [j + (i - 1) * width for j in range(len(rows))]
+        bars = ax.bar(xs, [row[name]["accuracy"] for row in rows], width=width, label=LABELS[name])
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(range(len(rows)), [f"seed {row['seed']}" for row in rows])
+    accuracies = [row[name]["accuracy"] for row in rows for name in ("dense", "search_only", "full")]
+    low, high = min(accuracies), max(accuracies)
+    ax.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.05))
+    ax.set_ylabel(f"dev accuracy ({results['settings']['dev_examples']} examples)")
+    ax.set_title(f"MiniLM-L6, {100 * results['settings']['target']:.0f}% head+FFN FLOPs removed"
+                 + (" (QUICK)" if results["settings"]["quick"] else ""))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = study_parser(
+        STUDY, __doc__,
+        epilog="Full run on 2 cores: 3 fine-tunes of about 6-10 minutes each unless already in the fine-tune cache "
+               "(seed 0's is after `make demo`), plus 6 mask searches of about 1 minute each and 9 evaluations of "
+               "2000 examples.")
+    parser.add_argument("--seeds", type=int, nargs="+", help="fine-tune seeds (default: settings.yaml)")
+    parser.add_argument("--calibration-samples", type=int, help="default: the recipe's")
+    parser.add_argument("--dev-examples", type=int, help="default: all the recipe's")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    recipe = load_recipe(RECIPE)
+    template = recipe.pruning[0]
+    settings = {"calibration_samples": template.calibration_samples, **study_settings(STUDY, quick)}
+    given = {"finetune_seeds": args.seeds, "calibration_samples": args.calibration_samples,
+             "dev_examples": args.dev_examples}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    n_calibration, n_dev = settings["calibration_samples"], settings["dev_examples"]
+    run = StudyRun(STUDY, quick, args.out, argv)
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    max_length = recipe.data.max_length
+
+    results = {
+        "benchmark": STUDY,
+        "settings": {"quick": quick, "recipe": RECIPE, "finetune_seeds": settings["finetune_seeds"],
+                     "finetune": recipe.finetune.model_dump(mode="json"), "target": template.target_sparsity,
+                     "constraint": template.constraint, "calibration_samples": n_calibration,
+                     "calibration_batch_size": template.batch_size, "pruning_seed": template.seed,
+                     "dev_examples": None, "max_length": max_length,
+                     "criteria_points": {"max_below_dense": MAX_BELOW_DENSE, "max_below_search_only": MAX_BELOW_SEARCH},
+                     "data_note": "movie-snippet sentiment, SST-2-like, not official SST-2"},
+        "seeds": [],
+    }
+    for seed in settings["finetune_seeds"]:
+        print(f"[fine-tune seed {seed}]", flush=True)
+        dense, tokenizer, train_examples, dev_examples, finetune_info = seed_task(recipe, seed, quick)
+        dev_examples = dev_examples[:n_dev] if n_dev else dev_examples
+        results["settings"]["dev_examples"] = len(dev_examples)
+        dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, max_length)
+        structure = mask_structure(dense)
+        row = {"seed": seed, "finetune": finetune_info, "n_layers": structure.n_layers,
+               "dense": evaluate(dense, dev, desc=f"evaluate dense (seed {seed})")}
+        print(f"seed {seed} dense: accuracy {row['dense']['accuracy']:.4f}", flush=True)
+        for name, rearrange, tune in VARIANTS:
+            stage = template.model_copy(update={"rearrange": rearrange, "tune": tune,
+                                                "calibration_samples": n_calibration})
+            model = copy.deepcopy(dense)
+            outcome = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)
+            info = outcome.report
+            searched = info["mask_search"]
+            row[name] = {**evaluate(model, dev, desc=f"evaluate {name} (seed {seed})"),
+                         "prune_seconds": info["prune_seconds"], "flops_removed": searched["removed_fraction"],
+                         "search": searched}
+            print(f"seed {seed} {name}: accuracy {row[name]['accuracy']:.4f}, {info['prune_seconds']:.1f} s",
+                  flush=True)
+            del model
+        for name in ("dense", "search_only", "full"):
+            row[name]["correct"] = correct(row[name])
+        row["full_minus_dense"] = points(row["full"], row["dense"])
+        row["full_minus_search_only"] = points(row["full"], row["search_only"])
+        row["criteria"] = {"within_1pt_of_dense": row["full_minus_dense"] >= -MAX_BELOW_DENSE,
+                           "not_below_search_only": row["full_minus_search_only"] >= -MAX_BELOW_SEARCH}
+        results["seeds"].append(row)
+        run.mark(f"after_seed_{seed}")
+        run.write_progress(results)
+        del dense
+    results["criteria"] = {key: all(row["criteria"][key] for row in results["seeds"])
+                           for key in ("within_1pt_of_dense", "not_below_search_only")}
+    results = run.write(results, markdown, plot)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
