@@ -73,9 +73,9 @@ def evaluated_model(desc: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate") -> dict[str, float]:
-    """Accuracy and (for two classes) F1 of the positive class. NonFiniteError when the logits hold NaN or Inf
-    (argmax would rank them silently)."""
+def predict(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, labels) of every example of `batches`, in order. NonFiniteError when the logits hold NaN
+    or Inf (argmax would rank them silently)."""
     model.eval()
     predictions, labels = [], []
     for index, batch in enumerate(progress(batches, desc=desc, unit="batch")):
@@ -84,7 +84,11 @@ def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate"
         check_outputs(model, logits, "logits", evaluated_model(desc), index)
         predictions.append(logits.argmax(-1))
         labels.append(batch["labels"])
-    pred, gold = torch.cat(predictions), torch.cat(labels)
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """Accuracy and (for two classes) F1 of the positive class."""
     metrics = {"accuracy": (pred == gold).float().mean().item(), "examples": len(gold)}
     if int(gold.max()) <= 1:
         tp = ((pred == 1) & (gold == 1)).sum().item()
@@ -92,3 +96,8 @@ def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate"
         recall = tp / max(1, (gold == 1).sum().item())
         metrics["f1"] = 0.0 if tp == 0 else 2 * precision * recall / (precision + recall)
     return metrics
+
+
+def evaluate(model: torch.nn.Module, batches: list[dict], desc: str = "evaluate") -> dict[str, float]:
+    """`classification_metrics` of `predict`."""
+    return classification_metrics(*predict(model, batches, desc))

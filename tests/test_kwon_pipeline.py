@@ -21,10 +21,9 @@ from inc_plugins.post_training import (
     LatencyTableMismatchError,
     collect_mask_gradients,
     current_machine,
-    ffn_normal_equations,
-    head_normal_equations,
     prune_post_training,
     tune_mask_scales,
+    unit_normal_equations,
 )
 from tests.fixtures.calibration_data import token_batches
 from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_gpt2_lm, tiny_llama_lm
@@ -222,30 +221,30 @@ def test_precomputed_gradients_of_another_model_are_refused():
 # --- mask tuning ---------------------------------------------------------------------------------------------
 
 
-def test_ffn_normal_equations_equal_the_explicit_contributions():
+def test_neuron_normal_equations_equal_the_explicit_contributions():
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(7, 5, generator=generator, dtype=torch.float64)
     weight = torch.randn(3, 5, generator=generator, dtype=torch.float64)
     target, kept = torch.randn(7, 3, generator=generator, dtype=torch.float64), torch.tensor([0, 2, 4])
     explicit = torch.stack([torch.outer(activations[:, n], weight[:, n]).flatten() for n in kept])
-    gram, rhs = ffn_normal_equations(activations, weight, kept, target)
+    gram, rhs = unit_normal_equations(activations, weight, kept, target)
     expected_gram, expected_rhs = normal_equations(explicit, target.flatten())
     torch.testing.assert_close(gram, expected_gram)
     torch.testing.assert_close(rhs, expected_rhs)
 
 
-def test_head_normal_equations_equal_the_explicit_contributions_in_float64_and_float32():
+def test_head_unit_normal_equations_equal_the_explicit_contributions_in_float64_and_float32():
     generator = torch.Generator().manual_seed(1)
     context = torch.randn(9, 4 * 3, generator=generator, dtype=torch.float64)  # 4 units of width 3
     weight = torch.randn(5, 4 * 3, generator=generator, dtype=torch.float64)
     target, kept = torch.randn(9, 5, generator=generator, dtype=torch.float64), torch.tensor([0, 2, 3])
     explicit = torch.stack([(context[:, 3 * u : 3 * u + 3] @ weight[:, 3 * u : 3 * u + 3].T).flatten() for u in kept])
     expected_gram, expected_rhs = normal_equations(explicit, target.flatten())
-    gram, rhs = head_normal_equations(context, weight, kept, target, unit_width=3)
+    gram, rhs = unit_normal_equations(context, weight, kept, target, unit_width=3)
     torch.testing.assert_close(gram, expected_gram)
     torch.testing.assert_close(rhs, expected_rhs)
     # float32 activations: float32 products, float64 results, within float32 rounding
-    gram32, rhs32 = head_normal_equations(context.float(), weight.float(), kept, target.float(), unit_width=3)
+    gram32, rhs32 = unit_normal_equations(context.float(), weight.float(), kept, target.float(), unit_width=3)
     assert gram32.dtype == rhs32.dtype == torch.float64
     torch.testing.assert_close(gram32, expected_gram, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(rhs32, expected_rhs, rtol=1e-5, atol=1e-4)

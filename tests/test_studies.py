@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from benchmarks.studies.kwon_minilm_seeds import exact_mcnemar
 from inc_plugins.perf.synthetic import NUM_LAYERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +111,17 @@ def test_classic_minilm_trimming_quick(tmp_path):
     assert (tmp_path / "classic_minilm_trimming_quick.png").is_file()
 
 
+def test_exact_mcnemar_p_values_are_the_binomial_tails():
+    def split(only_a, only_b, both=5):
+        a = torch.tensor([True] * only_a + [False] * only_b + [True] * both)
+        return exact_mcnemar(a, torch.tensor([False] * only_a + [True] * only_b + [True] * both))
+
+    assert split(2, 0) == {"only_first_right": 2, "only_second_right": 0, "p_value": 0.5}  # 2 * (1/2)^2
+    assert split(0, 0)["p_value"] == 1.0 and split(3, 3)["p_value"] == 1.0  # no evidence either way
+    assert abs(split(33, 17)["p_value"] - 0.0328) < 1e-3  # 2 * P(Binomial(50, 1/2) <= 17)
+    assert split(17, 33)["p_value"] == split(33, 17)["p_value"]
+
+
 def test_kwon_minilm_seeds_quick(tmp_path):
     """A row per fine-tune seed (quick: synthetic BERTs drawn with each seed), each with dense, search-only and full
     accuracies and the full method's mask-tuning decisions: one fit per sub-layer (attention and FFN of each block)."""
@@ -117,15 +131,21 @@ def test_kwon_minilm_seeds_quick(tmp_path):
     assert [row["seed"] for row in rows] == data["settings"]["finetune_seeds"] == [0, 1]
     assert data["settings"]["calibration_samples"] == 64 and data["settings"]["dev_examples"] == 32
     for row in rows:
-        for name in ("dense", "search_only", "full"):
+        for name in ("dense", "search_only", "rearrange_only", "tune_only", "full"):
             assert 0 <= row[name]["accuracy"] <= 1 and row[name]["examples"] == 32
             assert row[name]["correct"] == round(32 * row[name]["accuracy"])
+            assert 0 <= row[name]["agreement_with_dense"] <= 1
+        assert row["dense"]["agreement_with_dense"] == 1
+        test = row["full_vs_search_only"]  # discordant examples: the difference of the correct counts
+        assert test["only_first_right"] - test["only_second_right"] == row["full"]["correct"] - row["search_only"]["correct"]
+        assert 0 < test["p_value"] <= 1
         # in points, exact: from the counts of correct examples
         assert row["full_minus_dense"] == 100 * (row["full"]["correct"] - row["dense"]["correct"]) / 32
         assert row["full_minus_search_only"] == 100 * (row["full"]["correct"] - row["search_only"]["correct"]) / 32
         assert row["criteria"]["within_1pt_of_dense"] == (row["full_minus_dense"] >= -1)
         assert row["criteria"]["not_below_search_only"] == (row["full_minus_search_only"] >= -0.2)
         assert row["search_only"]["search"]["tuning"] is None  # tune=False: no tuning report
+        assert row["rearrange_only"]["search"]["tuning"] is None and row["tune_only"]["search"]["tuning"] is not None
         tuning = row["full"]["search"]["tuning"]
         assert row["n_layers"] == NUM_LAYERS and tuning["fits"] == 2 * NUM_LAYERS == len(tuning["sublayers"])
         assert tuning["accepted"] == sum(entry["accepted"] for entry in tuning["sublayers"])

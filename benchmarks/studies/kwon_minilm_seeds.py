@@ -11,6 +11,8 @@ recipe's dev set (accuracy and F1):
 * dense;
 * mask search only: `mask_search` at the recipe's target (40% of the head+FFN FLOPs removed) with rearrange=False,
   tune=False;
+* each step alone on top of the search: rearrangement only, and tuning only (without rearrangement), to see which
+  step moves the accuracy;
 * the full method (rearrange=True, tune=True), with its per-sub-layer mask-tuning decisions (the pruning stage
   report's ``mask_search["tuning"]``: held-out samples, how many fits kept their tuned scales, and for each
   sub-layer why not and its held-out reconstruction errors).
@@ -18,10 +20,12 @@ recipe's dev set (accuracy and F1):
 Both prunings run through the recipe's pruning stage (`recipes.pruning_stage.run_pruning_stage`, the product's
 path), from the recipe's calibration samples (2048), batch size and seed, each on a fresh copy of the dense model.
 The report shows, per seed, full - dense and full - search-only in points, against two criteria: the full method
-within 1 point of dense, and never more than 0.2 points below search only.
+within 1 point of dense, and never more than 0.2 points below search only; and, for full against search only, how
+many dev examples only one of the two gets right, with the exact two-sided McNemar p-value of that split (how
+likely so lopsided a split is if neither is better).
 
 Full run on 2 cores: 3 fine-tunes of about 6-10 minutes each (only those not already in the fine-tune cache;
-`make demo` caches seed 0's), plus 6 mask searches of about 1 minute each and 9 evaluations of 2000 examples.
+`make demo` caches seed 0's), plus 12 mask searches of about 1 minute each and 15 evaluations of 2000 examples.
 
 --quick uses the synthetic BERT of `inc_plugins.perf.synthetic` drawn with each seed (so the seeds' models differ),
 a word-level tokenizer and random sentences: it checks the steps run, it measures nothing.
@@ -31,7 +35,10 @@ Writes <out>/kwon_minilm_seeds.{json,md,png} (--quick: kwon_minilm_seeds_quick.*
 
 import copy
 import logging
+import math
 import time
+
+import torch
 
 from benchmarks.studies.common import StudyRun, figure, machine_line, save_figure, study_parser, study_settings
 from benchmarks.studies.sources import (SYNTHETIC_DEV_EXAMPLES, SYNTHETIC_TRAIN_EXAMPLES, synthetic_examples,
@@ -41,13 +48,16 @@ from inc_plugins.perf.synthetic import synthetic_bert_classifier
 from recipes import finetune_cache
 from recipes.pruning_stage import run_pruning_stage
 from recipes.schema import load_recipe
-from recipes.text_classification import evaluate, tokenized_batches
+from recipes.text_classification import classification_metrics, predict, tokenized_batches
 
 STUDY = "kwon_minilm_seeds"
 RECIPE = "minilm_mask_search.yaml"
-# (name, rearrange, tune): search only, and the full method
-VARIANTS = (("search_only", False, False), ("full", True, True))
-LABELS = {"dense": "dense", "search_only": "mask search only", "full": "full method (+ rearrangement + tuning)"}
+# (name, rearrange, tune): search only, each step alone, and the full method
+VARIANTS = (("search_only", False, False), ("rearrange_only", True, False), ("tune_only", False, True),
+            ("full", True, True))
+LABELS = {"dense": "dense", "search_only": "mask search only", "rearrange_only": "+ rearrangement only",
+          "tune_only": "+ tuning only", "full": "full method (+ rearrangement + tuning)"}
+MODELS = ("dense", *(name for name, _, _ in VARIANTS))
 # the acceptance criteria, in accuracy points
 MAX_BELOW_DENSE, MAX_BELOW_SEARCH = 1.0, 0.2
 
@@ -80,6 +90,15 @@ def correct(metrics: dict) -> int:
     return round(metrics["accuracy"] * metrics["examples"])
 
 
+def exact_mcnemar(a_right: torch.Tensor, b_right: torch.Tensor) -> dict:
+    """Of the examples only one of two models gets right: how many each, and the exact two-sided McNemar p-value
+    (binomial, p = 1/2, over the discordant examples)."""
+    only_a, only_b = int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
+    n, low = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
+    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": p}
+
+
 def points(a: dict, b: dict) -> float:
     """Accuracy of `a` minus that of `b`, in points (percent), from their counts of correct examples: exact, so a
     difference of exactly 1 point (20 of 2000 examples) is 1.0, not 1.0000000238 from float32 accuracies."""
@@ -100,7 +119,8 @@ def markdown(results: dict) -> str:
         f"Recipe `recipes/{s['recipe']}`: MiniLM-L6 fine-tuned with each fine-tune seed ({seeds}; everything else "
         f"the recipe's), then pruned by `mask_search` to {100 * s['target']:.0f}% of the head+FFN FLOPs removed, "
         f"from {s['calibration_samples']} calibration samples, through the recipe's pruning stage: search only "
-        f"(no rearrangement, no tuning) and the full method (rearrangement + mask tuning). Dev accuracy on "
+        f"(no rearrangement, no tuning), each step alone, and the full method (rearrangement + mask tuning). Dev "
+        f"accuracy on "
         f"{s['dev_examples']} dev examples (SST-2-like labels, not the official SST-2). {machine_line(results)}",
         "",
         "| fine-tune seed | dense acc (F1) | search only acc (F1) | full acc (F1) | full - dense (pts) | "
@@ -116,6 +136,18 @@ def markdown(results: dict) -> str:
             f"{full['accuracy']:.4f} ({full.get('f1', float('nan')):.4f}) | {row['full_minus_dense']:+.2f} | "
             f"{row['full_minus_search_only']:+.2f} | {100 * full['flops_removed']:.1f}% | "
             f"{tuning.get('accepted', '-')} / {tuning.get('fits', '-')} |")
+    lines += ["", "## Which step moves the accuracy", "",
+              "Dev accuracy, and in brackets the share of dev examples on which the model predicts what the dense "
+              "model predicts. Full vs search only: the dev examples only one of the two gets right, and the exact "
+              "two-sided McNemar p-value of that split.", "",
+              "| fine-tune seed | " + " | ".join(LABELS[name] for name in MODELS) +
+              " | only full right / only search right | McNemar p |",
+              "|---" * (len(MODELS) + 3) + "|"]
+    for row in results["seeds"]:
+        test = row["full_vs_search_only"]
+        lines.append(f"| {row['seed']} | " + " | ".join(
+            f"{row[name]['accuracy']:.4f} ({row[name]['agreement_with_dense']:.3f})" for name in MODELS) +
+            f" | {test['only_first_right']} / {test['only_second_right']} | {test['p_value']:.3f} |")
     lines += ["", "## Criteria (per seed)", "",
               f"Differences in points are exact, from the counts of correct dev examples (1 point = "
               f"{s['dev_examples'] / 100:g} of {s['dev_examples']} examples); a criterion met with equality passes.",
@@ -166,20 +198,20 @@ def _error(value) -> str:
 def plot(results: dict, path) -> None:
     fig, ax = figure(figsize=(6.4, 4.2))
     rows = results["seeds"]
-    width = 0.26
-    for i, name in enumerate(("dense", "search_only", "full")):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
+    width = 0.16
+    for i, name in enumerate(MODELS):
+        xs = [j + (i - (len(MODELS) - 1) / 2) * width for j in range(len(rows))]
         bars = ax.bar(xs, [row[name]["accuracy"] for row in rows], width=width, label=LABELS[name])
         ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(rows)), [f"seed {row['seed']}" for row in rows])
-    accuracies = [row[name]["accuracy"] for row in rows for name in ("dense", "search_only", "full")]
+    accuracies = [row[name]["accuracy"] for row in rows for name in MODELS]
     low, high = min(accuracies), max(accuracies)
     ax.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.05))
     ax.set_ylabel(f"dev accuracy ({results['settings']['dev_examples']} examples)")
     ax.set_title(f"MiniLM-L6, {100 * results['settings']['target']:.0f}% head+FFN FLOPs removed"
                  + (" (QUICK)" if results["settings"]["quick"] else ""))
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -227,8 +259,10 @@ def main(argv=None) -> int:
         results["settings"]["dev_examples"] = len(dev_examples)
         dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, max_length)
         structure = mask_structure(dense)
+        dense_pred, gold = predict(dense, dev, desc=f"evaluate dense (seed {seed})")
         row = {"seed": seed, "finetune": finetune_info, "n_layers": structure.n_layers,
-               "dense": evaluate(dense, dev, desc=f"evaluate dense (seed {seed})")}
+               "dense": classification_metrics(dense_pred, gold)}
+        predictions = {"dense": dense_pred}
         print(f"seed {seed} dense: accuracy {row['dense']['accuracy']:.4f}", flush=True)
         for name, rearrange, tune in VARIANTS:
             stage = template.model_copy(update={"rearrange": rearrange, "tune": tune,
@@ -237,14 +271,17 @@ def main(argv=None) -> int:
             outcome = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)
             info = outcome.report
             searched = info["mask_search"]
-            row[name] = {**evaluate(model, dev, desc=f"evaluate {name} (seed {seed})"),
-                         "prune_seconds": info["prune_seconds"], "flops_removed": searched["removed_fraction"],
+            pred, _ = predict(model, dev, desc=f"evaluate {name} (seed {seed})")
+            predictions[name] = pred
+            row[name] = {**classification_metrics(pred, gold), "prune_seconds": info["prune_seconds"], "flops_removed": searched["removed_fraction"],
                          "search": searched}
             print(f"seed {seed} {name}: accuracy {row[name]['accuracy']:.4f}, {info['prune_seconds']:.1f} s",
                   flush=True)
             del model
-        for name in ("dense", "search_only", "full"):
+        for name in MODELS:
             row[name]["correct"] = correct(row[name])
+            row[name]["agreement_with_dense"] = float((predictions[name] == dense_pred).float().mean())
+        row["full_vs_search_only"] = exact_mcnemar(predictions["full"] == gold, predictions["search_only"] == gold)
         row["full_minus_dense"] = points(row["full"], row["dense"])
         row["full_minus_search_only"] = points(row["full"], row["search_only"])
         row["criteria"] = {"within_1pt_of_dense": row["full_minus_dense"] >= -MAX_BELOW_DENSE,

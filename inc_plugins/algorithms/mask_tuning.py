@@ -10,7 +10,9 @@ so with ``A`` [n_kept, n_outputs] holding each kept unit's contribution (flatten
 
 Calibration sets are too large to hold ``A`` for all tokens at once, so, like the reference code, the solve works
 on the normal equations ``G = A A^T`` [n_kept, n_kept] and ``r = A b`` [n_kept], which add up over batches
-(``normal_equations``; sum its outputs over batches, then call ``solve_mask_scales``).
+(``normal_equations`` defines them from explicit contributions; ``post_training.mask_tuning.KeptUnitEquations``
+builds the same sums from a layer's features without forming A. Sum them over batches, then call
+``solve_mask_scales``).
 
 Safeguards, as in the reference (``prune/rescale.py`` and ``utils/linalg.py``):
 

@@ -16,11 +16,12 @@ from .latency_budget import (
     unit_latency_table,
 )
 from .mask_gradients import MaskGradients, collect_mask_gradients
-from .mask_tuning import TuningResult, ffn_normal_equations, head_normal_equations, tune_mask_scales
+from .mask_tuning import KeptUnitEquations, TuningResult, tune_mask_scales, unit_normal_equations
 from .pipeline import CONSTRAINTS, KwonResult, KwonSettings, prune_post_training
 
 __all__ = [
     "CONSTRAINTS",
+    "KeptUnitEquations",
     "KwonResult",
     "KwonSettings",
     "LatencyTable",
@@ -32,12 +33,11 @@ __all__ = [
     "check_machine",
     "collect_mask_gradients",
     "current_machine",
-    "ffn_normal_equations",
-    "head_normal_equations",
     "masked_macs",
     "prune_post_training",
     "search_masks_under_flops",
     "tune_mask_scales",
     "unit_costs",
     "unit_latency_table",
+    "unit_normal_equations",
 ]

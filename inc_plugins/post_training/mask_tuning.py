@@ -11,10 +11,10 @@ after another. In block l:
    pruned blocks left in the residual stream. ``s`` solves damped least squares
    (``algorithms.mask_tuning.solve_mask_scales``) over every non-padding token.
 2. FFN, the same way, with the student's attention already tuned: ``A_n`` is neuron n's activation times its
-   column of ``ffn_out``. Its normal equations are built without materialising A:
-   ``A A^T = (W^T W) * (H^T H)`` and ``A b = sum_t H[t] * (b_t W)`` (H: activations [tokens, kept], W: columns).
-   For a sequence classifier's last block only the first token (what the pooler / classifier reads) is fitted,
+   column of ``ffn_out``. For a sequence classifier's last block only the first token (what the pooler / classifier reads) is fitted,
    as in the reference.
+   Neither fit builds A: its normal equations follow from the kept features' ``X^T X`` and the weight's ``W^T W``
+   (``KeptUnitEquations``; for the FFN, ``A A^T = (W^T W) * (H^T H)`` with H the kept activations).
 3. Both streams advance through the block (teacher: teacher masks; student: the tuned masks), so block l+1 is fitted
    on the inputs the tuned earlier blocks produce.
 
@@ -57,9 +57,8 @@ from inc_plugins.progress import progress
 from .data import real_token_rows, rebatch_by_length, token_mask
 from .teacher_targets import TeacherTargets
 
-__all__ = ["LayerTuning", "TuningResult", "head_normal_equations", "ffn_normal_equations", "tune_mask_scales"]
+__all__ = ["KeptUnitEquations", "LayerTuning", "TuningResult", "tune_mask_scales", "unit_normal_equations"]
 
-_MAX_CHUNK_ELEMENTS = 1 << 22  # float32 elements of explicit head contributions built at once (16 MiB)
 # 1 calibration sample in 8 is held out of every fit to judge it (256 of Kwon et al.'s 2048); with fewer than
 # HELDOUT_EVERY samples nothing is held out and the safeguards alone decide.
 HELDOUT_EVERY = 8
@@ -146,48 +145,42 @@ def _product_dtype(activations: Tensor) -> torch.dtype:
     return torch.float64 if activations.dtype == torch.float64 else torch.float32
 
 
-def head_normal_equations(
-    context: Tensor, weight: Tensor, kept_units: Tensor, target: Tensor, unit_width: int
-) -> tuple[Tensor, Tensor]:
-    """(gram [n_kept, n_kept], rhs [n_kept]) float64 of the attention fit for one batch (``normal_equations`` of
-    the units' explicit contributions).
+class KeptUnitEquations:
+    """Normal equations (gram [n_kept, n_kept], rhs [n_kept], float64) of one sub-layer's fit, batch by batch,
+    without building the contributions A.
 
-    ``context``: [tokens, n_heads * head_dim], the output projection's input; ``weight``: its weight
-    [hidden, n_heads * head_dim]; ``kept_units``: unit indices; unit u owns input features
-    ``u*unit_width : (u+1)*unit_width``; ``target``: [tokens, hidden]. Built in token chunks.
+    The sub-layer's output projection (``weight`` [hidden, n_units * unit_width]) reads unit u's features
+    ``u*unit_width : (u+1)*unit_width`` (a head's context, or one FFN neuron's activation: unit_width 1). With X the
+    kept features of the tokens [tokens, kept features] and W their columns, unit u's contribution at token t is
+    ``X_u[t] W_u^T``, so
+
+        gram[u, v] = sum over i in u, j in v of (W^T W)[i, j] * (X^T X)[i, j]
+        rhs[u]     = sum over i in u of the column sums of X * (b W)
+
+    ``W^T W`` is the same for every batch and is formed once, here. Cost per batch: one [features x features] product
+    of the kept features, where the explicit contributions cost ``n_kept`` times the output size per token.
     """
-    n_kept, hidden = kept_units.numel(), weight.shape[0]
-    columns = [slice(int(u) * unit_width, (int(u) + 1) * unit_width) for u in kept_units]
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, n_kept * hidden))
-    gram = torch.zeros(n_kept, n_kept, dtype=torch.float64, device=context.device)
-    rhs = torch.zeros(n_kept, dtype=torch.float64, device=context.device)
-    dtype = _product_dtype(context)
-    context, weight, target = context.to(dtype), weight.to(dtype), target.to(dtype)
-    for start in range(0, context.shape[0], chunk):
-        rows = context[start : start + chunk]
-        contributions = torch.stack([(rows[:, c] @ weight[:, c].T).flatten() for c in columns])
-        gram += (contributions @ contributions.T).double()
-        rhs += (contributions @ target[start : start + chunk].flatten()).double()
-    return gram, rhs
+
+    def __init__(self, weight: Tensor, kept_units: Tensor, unit_width: int, dtype: torch.dtype):
+        self.n_kept, self.unit_width = kept_units.numel(), unit_width
+        self.columns = (kept_units[:, None] * unit_width + torch.arange(unit_width, device=kept_units.device)).flatten()
+        self.weight = weight[:, self.columns].to(dtype)
+        self.weight_gram = (self.weight.T @ self.weight).double()
+
+    def __call__(self, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``inputs``: [tokens, n_units * unit_width], the output projection's input; ``target``: [tokens, hidden]."""
+        x = inputs[:, self.columns].to(self.weight.dtype)
+        n, width = self.n_kept, self.unit_width
+        gram = (self.weight_gram * (x.T @ x).double()).view(n, width, n, width).sum(dim=(1, 3))
+        rhs = ((target.to(self.weight.dtype) @ self.weight) * x).sum(dim=0).double().view(n, width).sum(dim=1)
+        return gram, rhs
 
 
-def ffn_normal_equations(activations: Tensor, weight: Tensor, kept: Tensor, target: Tensor,
-                         weight_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(gram [n_kept, n_kept], rhs [n_kept]) float64 of the FFN fit for one batch, without building A.
-
-    ``activations``: [tokens, n_neurons], ``ffn_out``'s input; ``weight``: ``ffn_out``'s weight [hidden, n_neurons];
-    ``kept``: neuron indices; ``target``: [tokens, hidden]; ``weight_gram``: ``W^T W`` [n_kept, n_kept] float64 of
-    the kept columns, the same for every batch of a layer (computed here when None). Equals ``normal_equations`` of
-    the explicit contributions ``A[n] = outer(activations[:, n], weight[:, n]).flatten()``.
-    """
-    dtype = _product_dtype(activations)
-    h = activations[:, kept].to(dtype)
-    w = weight[:, kept].to(dtype)
-    if weight_gram is None:
-        weight_gram = (w.T @ w).double()
-    gram = weight_gram * (h.T @ h).double()
-    rhs = ((target.to(dtype) @ w) * h).sum(dim=0).double()
-    return gram, rhs
+def unit_normal_equations(inputs: Tensor, weight: Tensor, kept_units: Tensor, target: Tensor,
+                          unit_width: int = 1) -> tuple[Tensor, Tensor]:
+    """``KeptUnitEquations`` of one batch: equal to ``algorithms.mask_tuning.normal_equations`` of the explicit
+    contributions (unit u's ``inputs[:, u's features] @ weight[:, u's features].T``, flattened)."""
+    return KeptUnitEquations(weight, kept_units, unit_width, _product_dtype(inputs))(inputs, target)
 
 
 class _StopBlock(Exception):
@@ -327,9 +320,7 @@ def tune_mask_scales(
                     weight = attention_out.weight.detach()
                     bias = attention_out.bias.detach() if attention_out.bias is not None else 0.0
 
-                    def attention_equations(rows: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-                        return head_normal_equations(rows, weight, kept_units, target, unit_width)
-
+                    attention_equations = KeptUnitEquations(weight, kept_units, unit_width, _product_dtype(weight))
                     equations = _FitEquations(heldout_samples > 0)
                     for block_input, target, fit, heldout in zip(student_inputs, attention_targets, fit_tokens,
                                                                  heldout_tokens):
@@ -352,12 +343,7 @@ def tune_mask_scales(
                     weight = ffn_out.weight.detach()
                     bias = ffn_out.bias.detach() if ffn_out.bias is not None else 0.0
 
-                    kept_columns = weight[:, kept_neurons].to(_product_dtype(weight))
-                    weight_gram = (kept_columns.T @ kept_columns).double()
-
-                    def ffn_equations(rows: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-                        return ffn_normal_equations(rows, weight, kept_neurons, target, weight_gram)
-
+                    ffn_equations = KeptUnitEquations(weight, kept_neurons, 1, _product_dtype(weight))
                     equations = _FitEquations(heldout_samples > 0)
                     for block_input, target, fit, heldout in zip(student_inputs, ffn_targets, fit_tokens,
                                                                  heldout_tokens):
