@@ -137,7 +137,8 @@ def test_kwon_minilm_seeds_quick(tmp_path):
             assert 0 <= row[name]["agreement_with_dense"] <= 1
         assert row["dense"]["agreement_with_dense"] == 1
         test = row["full_vs_search_only"]  # discordant examples: the difference of the correct counts
-        assert test["only_first_right"] - test["only_second_right"] == row["full"]["correct"] - row["search_only"]["correct"]
+        difference = row["full"]["correct"] - row["search_only"]["correct"]
+        assert test["only_first_right"] - test["only_second_right"] == difference
         assert 0 < test["p_value"] <= 1
         # in points, exact: from the counts of correct examples
         assert row["full_minus_dense"] == 100 * (row["full"]["correct"] - row["dense"]["correct"]) / 32

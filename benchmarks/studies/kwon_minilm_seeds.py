@@ -273,7 +273,8 @@ def main(argv=None) -> int:
             searched = info["mask_search"]
             pred, _ = predict(model, dev, desc=f"evaluate {name} (seed {seed})")
             predictions[name] = pred
-            row[name] = {**classification_metrics(pred, gold), "prune_seconds": info["prune_seconds"], "flops_removed": searched["removed_fraction"],
+            row[name] = {**classification_metrics(pred, gold), "prune_seconds": info["prune_seconds"],
+                         "flops_removed": searched["removed_fraction"],
                          "search": searched}
             print(f"seed {seed} {name}: accuracy {row[name]['accuracy']:.4f}, {info['prune_seconds']:.1f} s",
                   flush=True)

@@ -11,8 +11,8 @@ after another. In block l:
    pruned blocks left in the residual stream. ``s`` solves damped least squares
    (``algorithms.mask_tuning.solve_mask_scales``) over every non-padding token.
 2. FFN, the same way, with the student's attention already tuned: ``A_n`` is neuron n's activation times its
-   column of ``ffn_out``. For a sequence classifier's last block only the first token (what the pooler / classifier reads) is fitted,
-   as in the reference.
+   column of ``ffn_out``. For a sequence classifier's last block only the first token (what the pooler / classifier
+   reads) is fitted, as in the reference.
    Neither fit builds A: its normal equations follow from the kept features' ``X^T X`` and the weight's ``W^T W``
    (``KeptUnitEquations``; for the FFN, ``A A^T = (W^T W) * (H^T H)`` with H the kept activations).
 3. Both streams advance through the block (teacher: teacher masks; student: the tuned masks), so block l+1 is fitted
