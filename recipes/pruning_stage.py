@@ -38,9 +38,15 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
         training = tokenized_batches(tokenizer, train_examples, stage.batch_size, max_length, shuffle_seed=stage.seed)
     if not one_shot:
         return prune_with_batches(model, stage, training=training)
+    calibration, n_calibration = calibration_batches(stage, tokenizer, train_examples, max_length)
+    return prune_with_batches(model, stage, calibration=calibration, n_calibration=n_calibration, training=training)
+
+
+def calibration_batches(stage: PruningStage, tokenizer, train_examples: list[Example],
+                        max_length: int) -> tuple[list, int]:
+    """(batches, samples) of a one-shot stage's calibration: `calibration_samples` examples drawn with its seed."""
     sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
-    calibration = tokenized_batches(tokenizer, sample, stage.batch_size, max_length)
-    return prune_with_batches(model, stage, calibration=calibration, n_calibration=len(sample), training=training)
+    return tokenized_batches(tokenizer, sample, stage.batch_size, max_length), len(sample)
 
 
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
@@ -126,6 +132,9 @@ def mask_search_summary(pruning) -> dict:
         "per_sample_fisher": result.gradients.per_sample,
         "phase_seconds": result.phase_seconds,
         "tuning": None if result.tuning is None else tuning_summary(result.tuning),
+        "step_checks": [{"step": check.step, "kept": check.kept, "samples": check.samples,
+                         "positions": check.positions, "agreement_without": check.agreement_without,
+                         "agreement_with": check.agreement_with} for check in result.step_checks],
     }
 
 

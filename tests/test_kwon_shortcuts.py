@@ -88,7 +88,7 @@ def test_tuning_on_targets_recorded_by_the_fisher_pass_equals_tuning_with_teache
     keep_neurons = (torch.rand(structure.n_layers, structure.n_neurons, generator=generator) > 0.4).float()
     keep_heads[:, 0] = 1
     recorded = TeacherTargets(model, structure, batches)
-    collect_mask_gradients(model, batches, structure=structure, teacher_targets=recorded)
+    collect_mask_gradients(model, batches, structure=structure, recorders=[recorded])
     assert all(t.abs().sum() > 0 for t in recorded.attention + recorded.ffn)  # every block recorded
     with_passes = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
     with_recorded = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5, teacher_targets=recorded)

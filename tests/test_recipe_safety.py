@@ -151,9 +151,12 @@ def test_stale_staging_directories_are_removed_and_live_ones_kept(tmp_path, caps
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_terminated_run_leaves_a_failed_directory_with_its_report_and_no_staging(tmp_path, signum):
     recipe = write_recipe(tmp_path / "recipe.yaml", digits_recipe(epochs=400))
+    # a test run started in the background (`pytest &` in a script) inherits SIGINT ignored, and Python then leaves
+    # it ignored: the run reacts to Ctrl-C as one started in the foreground does only with the default restored
     process = subprocess.Popen([sys.executable, "-m", "recipes.apply", str(recipe), "--run-dir", "runs/r"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env={**os.environ, "PYTHONPATH": str(REPO)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((tmp_path / "runs").glob(".r.staging-*/recipe.yaml")) and time.monotonic() < deadline:
         time.sleep(0.2)

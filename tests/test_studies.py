@@ -131,10 +131,14 @@ def test_kwon_minilm_seeds_quick(tmp_path):
     assert [row["seed"] for row in rows] == data["settings"]["finetune_seeds"] == [0, 1]
     assert data["settings"]["calibration_samples"] == 64 and data["settings"]["dev_examples"] == 32
     for row in rows:
-        for name in ("dense", "search_only", "rearrange_only", "tune_only", "full"):
+        for name in ("dense", "search_only", "rearrange_only", "tune_only", "full_unchecked", "full"):
             assert 0 <= row[name]["accuracy"] <= 1 and row[name]["examples"] == 32
             assert row[name]["correct"] == round(32 * row[name]["accuracy"])
             assert 0 <= row[name]["agreement_with_dense"] <= 1
+            if name != "dense":  # 64 calibration samples: the least-sure 512 are all of them
+                agreement = row[name]["calibration_agreement"]
+                assert agreement["samples"] == agreement["least_sure_samples"] == 64
+                assert 0 <= agreement["all"] == agreement["least_sure"] <= 64
         assert row["dense"]["agreement_with_dense"] == 1
         test = row["full_vs_search_only"]  # discordant examples: the difference of the correct counts
         difference = row["full"]["correct"] - row["search_only"]["correct"]
@@ -153,6 +157,10 @@ def test_kwon_minilm_seeds_quick(tmp_path):
         assert {(entry["block"], entry["part"]) for entry in tuning["sublayers"]} == {
             (block, part) for block in range(NUM_LAYERS) for part in ("attention", "ffn")}
         assert all(entry["accepted"] or entry["reason"] for entry in tuning["sublayers"])
+        assert not row["full_unchecked"]["search"]["step_checks"]  # check_steps=False
+        for check in row["full"]["search"]["step_checks"]:
+            assert check["step"] in ("rearrangement", "tuning") and check["samples"] == 64  # fewer than 512: all
+            assert check["kept"] == (check["agreement_with"] > check["agreement_without"])
         assert set(row["criteria"]) == {"within_1pt_of_dense", "not_below_search_only"}
     # the seeds draw different models: their masks or their dense outputs differ
     assert rows[0]["dense"] != rows[1]["dense"] or rows[0]["full"]["search"] != rows[1]["full"]["search"]
@@ -164,7 +172,7 @@ def test_kwon_minilm_seeds_quick(tmp_path):
 def test_mask_search_time_quick(tmp_path):
     run_study("mask_search_time", out=tmp_path)
     data = results(tmp_path / "mask_search_time_quick.json", "settings", "runs", "median", "mask_hashes")
-    assert len(data["runs"]) == 2 and set(data["median"]) == {"fisher", "search", "rearrange", "tune", "total"}
+    assert len(data["runs"]) == 2 and set(data["median"]) == {"fisher", "search", "rearrange", "tune", "check", "total"}
     for seconds in data["runs"]:
         assert all(seconds[phase] >= 0 for phase in seconds)
         assert seconds["total"] >= seconds["fisher"] + seconds["tune"]

@@ -237,8 +237,9 @@ def main(argv=None) -> int:
         row = {"target": fraction, "name": f"slim_{round(100 * fraction)}", "variants": {}}
         full = None
         for name, rearrange, tune in VARIANTS:
+            # the paper's variants: each step kept unchecked (check_steps is kwon_minilm_seeds' subject)
             stage = template.model_copy(update={"target_sparsity": fraction, "rearrange": rearrange, "tune": tune,
-                                                "calibration_samples": n_calibration})
+                                                "check_steps": False, "calibration_samples": n_calibration})
             model = copy.deepcopy(dense)
             # the recipe's stage runner, i.e. the product's path: inc_plugins.prepare_pruning with mask_search
             outcome = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)

@@ -218,7 +218,7 @@ def prune(table_path, table, settings: dict, recipe, dense, tokenizer, train_exa
     for name, update in constraints.items():
         stage = template.model_copy(update={"target_sparsity": settings["target"],
                                             "calibration_samples": settings["calibration_samples"],
-                                            "rearrange": True, "tune": True, **update})
+                                            "rearrange": True, "tune": True, "check_steps": False, **update})
         model = copy.deepcopy(dense)
         outcome = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
         info, result = outcome.report, outcome.result

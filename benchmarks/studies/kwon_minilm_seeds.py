@@ -11,11 +11,14 @@ recipe's dev set (accuracy and F1):
 * dense;
 * mask search only: `mask_search` at the recipe's target (40% of the head+FFN FLOPs removed) with rearrange=False,
   tune=False;
-* each step alone on top of the search: rearrangement only, and tuning only (without rearrangement), to see which
-  step moves the accuracy;
-* the full method (rearrange=True, tune=True), with its per-sub-layer mask-tuning decisions (the pruning stage
-  report's ``mask_search["tuning"]``: held-out samples, how many fits kept their tuned scales, and for each
-  sub-layer why not and its held-out reconstruction errors).
+* each step alone on top of the search, kept unchecked: rearrangement only, and tuning only (without
+  rearrangement), to see which step moves the accuracy;
+* the paper's full method, rearrangement and tuning kept unchecked (check_steps=False);
+* the full method as shipped (rearrange=True, tune=True, check_steps=True): each step kept only when it raises the
+  top-1 agreement with the dense model on the 512 least-sure calibration samples (the report's
+  ``mask_search["step_checks"]``), with its per-sub-layer mask-tuning decisions (``mask_search["tuning"]``:
+  held-out samples, how many fits kept their tuned scales, and for each sub-layer why not and its held-out
+  reconstruction errors).
 
 Both prunings run through the recipe's pruning stage (`recipes.pruning_stage.run_pruning_stage`, the product's
 path), from the recipe's calibration samples (2048), batch size and seed, each on a fresh copy of the dense model.
@@ -46,18 +49,21 @@ from benchmarks.studies.sources import (SYNTHETIC_DEV_EXAMPLES, SYNTHETIC_TRAIN_
 from inc_plugins.models.structure_masks import mask_structure
 from inc_plugins.perf.synthetic import synthetic_bert_classifier
 from recipes import finetune_cache
-from recipes.pruning_stage import run_pruning_stage
+from inc_plugins.post_training.step_checks import CHECK_SAMPLES
+from recipes.pruning_stage import calibration_batches, run_pruning_stage
 from recipes.schema import load_recipe
 from recipes.text_classification import classification_metrics, predict, tokenized_batches
 
 STUDY = "kwon_minilm_seeds"
 RECIPE = "minilm_mask_search.yaml"
-# (name, rearrange, tune): search only, each step alone, and the full method
-VARIANTS = (("search_only", False, False), ("rearrange_only", True, False), ("tune_only", False, True),
-            ("full", True, True))
+# (name, rearrange, tune, check_steps): search only, each step alone, the paper's full method (steps unchecked), and
+# the full method as shipped (each step checked)
+VARIANTS = (("search_only", False, False, False), ("rearrange_only", True, False, False),
+            ("tune_only", False, True, False), ("full_unchecked", True, True, False), ("full", True, True, True))
 LABELS = {"dense": "dense", "search_only": "mask search only", "rearrange_only": "+ rearrangement only",
-          "tune_only": "+ tuning only", "full": "full method (+ rearrangement + tuning)"}
-MODELS = ("dense", *(name for name, _, _ in VARIANTS))
+          "tune_only": "+ tuning only", "full_unchecked": "+ both, unchecked (paper)",
+          "full": "full method (both, each checked)"}
+MODELS = ("dense", *(name for name, *_ in VARIANTS))
 # the acceptance criteria, in accuracy points
 MAX_BELOW_DENSE, MAX_BELOW_SEARCH = 1.0, 0.2
 
@@ -83,6 +89,24 @@ def seed_task(recipe, seed: int, quick: bool):
     info = {"seed": seed, "cache_key": key, "was_cached": cached,
             "load_or_finetune_seconds": round(time.perf_counter() - start, 1)}
     return model, tokenizer, train_examples, dev_examples, info
+
+
+@torch.no_grad()
+def least_sure_samples(dense, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the dense model's predictions on the calibration batches, the CHECK_SAMPLES samples of smallest top-1 minus
+    top-2 logit margin): where the step checks look."""
+    logits = torch.cat([dense(**{k: v for k, v in batch.items() if k != "labels"}).logits for batch in batches])
+    top2 = logits.topk(2, dim=-1).values
+    return logits.argmax(dim=-1), torch.sort(top2[:, 0] - top2[:, 1], stable=True).indices[:CHECK_SAMPLES]
+
+
+def calibration_agreement(model, batches, dense_pred: torch.Tensor, least_sure: torch.Tensor, desc: str) -> dict:
+    """How many of the dense model's calibration predictions `model` repeats: on every sample, and on the least-sure
+    ones (if the pruned model changes only low-margin decisions, the two miss the same number)."""
+    pred, _ = predict(model, batches, desc=desc)
+    same = pred == dense_pred
+    return {"all": int(same.sum()), "samples": len(same), "least_sure": int(same[least_sure].sum()),
+            "least_sure_samples": len(least_sure)}
 
 
 def correct(metrics: dict) -> int:
@@ -163,7 +187,30 @@ def markdown(results: dict) -> str:
     every = results["criteria"]
     lines += ["", f"Every seed: full within 1 point of dense: {'PASS' if every['within_1pt_of_dense'] else 'FAIL'}; "
               f"full not more than 0.2 points below search only: {'PASS' if every['not_below_search_only'] else 'FAIL'}.",
-              "", "## Mask-tuning decisions of the full method", ""]
+              "", "## Agreement with the dense model on the calibration samples", "",
+              f"How many of the dense model's predictions each pruned model repeats, on all calibration samples and "
+              f"on the {CHECK_SAMPLES} the dense model is least sure of (smallest top-1 minus top-2 logit): the "
+              f"step checks look only at the latter, which misses nothing when both columns miss the same number.",
+              "", "| fine-tune seed | " + " | ".join(LABELS[name] for name in MODELS[1:]) + " |",
+              "|---" * len(MODELS) + "|"]
+    for row in results["seeds"]:
+        cells = []
+        for name in MODELS[1:]:
+            a = row[name]["calibration_agreement"]
+            cells.append(f"{a['all']}/{a['samples']} (missed {a['samples'] - a['all']}); least sure "
+                         f"{a['least_sure']}/{a['least_sure_samples']} (missed {a['least_sure_samples'] - a['least_sure']})")
+        lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Step checks of the full method", "",
+              "Each step is kept only when the model with it repeats more of the dense model's top-1 predictions on "
+              "the calibration samples the dense model is least sure of (a tie drops it).", "",
+              "| fine-tune seed | step | samples | agreement without | agreement with | kept |",
+              "|---|---|---|---|---|---|"]
+    for row in results["seeds"]:
+        checks = row["full"]["search"]["step_checks"]
+        lines += [f"| {row['seed']} | {c['step']} | {c['samples']} | {c['agreement_without']} | "
+                  f"{c['agreement_with']} | {'yes' if c['kept'] else 'no'} |" for c in checks] or \
+            [f"| {row['seed']} | (no step changed the masks) | | | | |"]
+    lines += ["", "## Mask-tuning decisions of the full method", ""]
     for row in results["seeds"]:
         tuning = row["full"]["search"]["tuning"]
         if tuning is None:
@@ -263,9 +310,12 @@ def main(argv=None) -> int:
         row = {"seed": seed, "finetune": finetune_info, "n_layers": structure.n_layers,
                "dense": classification_metrics(dense_pred, gold)}
         predictions = {"dense": dense_pred}
+        calibration, _ = calibration_batches(template.model_copy(update={"calibration_samples": n_calibration}),
+                                             tokenizer, train_examples, max_length)
+        dense_calibration, least_sure = least_sure_samples(dense, calibration)
         print(f"seed {seed} dense: accuracy {row['dense']['accuracy']:.4f}", flush=True)
-        for name, rearrange, tune in VARIANTS:
-            stage = template.model_copy(update={"rearrange": rearrange, "tune": tune,
+        for name, rearrange, tune, check_steps in VARIANTS:
+            stage = template.model_copy(update={"rearrange": rearrange, "tune": tune, "check_steps": check_steps,
                                                 "calibration_samples": n_calibration})
             model = copy.deepcopy(dense)
             outcome = run_pruning_stage(model, stage, tokenizer, train_examples, max_length)
@@ -275,6 +325,8 @@ def main(argv=None) -> int:
             predictions[name] = pred
             row[name] = {**classification_metrics(pred, gold), "prune_seconds": info["prune_seconds"],
                          "flops_removed": searched["removed_fraction"],
+                         "calibration_agreement": calibration_agreement(model, calibration, dense_calibration,
+                                                                        least_sure, f"calibration {name} (seed {seed})"),
                          "search": searched}
             print(f"seed {seed} {name}: accuracy {row[name]['accuracy']:.4f}, {info['prune_seconds']:.1f} s",
                   flush=True)

@@ -189,8 +189,9 @@ def prune_step(run: StudyRun, source: CausalLMSource, settings: dict, models_dir
         row = {"target": fraction, "name": f"slim_{round(100 * fraction)}", "variants": {}}
         for name, rearrange, tune in VARIANTS:
             start = time.perf_counter()
-            result = prune_post_training(model, samples, KwonSettings(fraction, rearrange=rearrange, tune=tune),
-                                         gradients=gradients)
+            # the paper's variants: each step kept unchecked
+            kwon = KwonSettings(fraction, rearrange=rearrange, tune=tune, check_steps=False)
+            result = prune_post_training(model, samples, kwon, gradients=gradients)
             seconds = time.perf_counter() - start
             with apply_structure_masks(model, result.head_mask, result.neuron_mask):
                 masked_perplexity = perplexity_of(model, evaluation)

@@ -1,4 +1,5 @@
-"""Where the time of Kwon et al.'s mask search goes: the Fisher pass, the search, the rearrangement and the tuning.
+"""Where the time of Kwon et al.'s mask search goes: the Fisher pass, the search, the rearrangement, the tuning and
+the step checks.
 
     python -m benchmarks.studies.mask_search_time           # the demo's fine-tuned MiniLM, 2048 samples (minutes)
     python -m benchmarks.studies.mask_search_time --quick   # the synthetic tiny BERT, in seconds
@@ -6,8 +7,9 @@
 The setting of ``recipes/minilm_mask_search.yaml`` (the `make demo` recipe): its fine-tuned MiniLM-L6, its target
 (40% of head+FFN FLOPs removed), and its 2048 calibration samples drawn with the stage's seed, in batches of its batch
 size. ``prune_post_training`` runs ``repeats`` times on the same model and samples; each phase is timed by wrapping
-the pipeline's own calls (``collect_mask_gradients``, ``rearrange_mask``, ``tune_mask_scales``; the search is the
-rest), so the same file also times an older checkout of the library: put that checkout first on ``PYTHONPATH`` and
+the pipeline's own calls (``collect_mask_gradients``, ``rearrange_mask``, ``tune_mask_scales``; the step checks are
+the pipeline's own ``phase_seconds["check"]``, 0 in checkouts without them; the search is the rest), so the same
+file also times an older checkout of the library: put that checkout first on ``PYTHONPATH`` and
 run this file by its path. Each run's masks are hashed: every repeat must find the same ones. A timing: run it on a
 quiet machine; the results say the load average they saw.
 
@@ -34,7 +36,7 @@ from recipes.text_classification import tokenized_batches
 
 STUDY = "mask_search_time"
 RECIPE = "minilm_mask_search.yaml"
-PHASES = ("fisher", "search", "rearrange", "tune")
+PHASES = ("fisher", "search", "rearrange", "tune", "check")
 TIMED_CALLS = {"fisher": "collect_mask_gradients", "rearrange": "rearrange_mask", "tune": "tune_mask_scales"}
 
 
@@ -61,6 +63,7 @@ def timed_phases(settings, model, batches) -> tuple[dict[str, float], str]:
     finally:
         for phase, name in TIMED_CALLS.items():
             setattr(pipeline, name, originals[phase])
+    seconds["check"] = result.phase_seconds.get("check", 0.0)
     seconds["search"] = total - sum(seconds.values())
     digest = hashlib.sha256()
     for mask in (result.head_mask, result.neuron_mask):

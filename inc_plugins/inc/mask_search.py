@@ -3,7 +3,8 @@
 ``inc_plugins.prepare_pruning(model, pruning_config(pruning_configs=[{"pruning_type": "mask_search",
 "target_sparsity": 0.4, ...}]), dataloader=labelled_batches)`` builds ``MaskSearchPruning``, which at construction
 runs ``inc_plugins.post_training.prune_post_training`` (Fisher -> FLOPs/latency search -> rearrangement -> mask
-tuning) and leaves the model pruned. Its config keys are the fields of ``MaskSearchSettings`` (``KwonSettings``).
+tuning, each of the last two kept only when it raises the top-1 agreement with the dense model on calibration
+samples) and leaves the model pruned. Its config keys are the fields of ``MaskSearchSettings`` (``KwonSettings``).
 ``pattern``, ``op_names`` and ``excluded_op_names`` do not apply: the search covers every attention unit and FFN
 neuron of every block, and nothing else.
 
@@ -14,7 +15,7 @@ Where the result lives:
   scales multiply the kept columns of the output projections. The model is a plain model (no hooks).
 * ``pruning.result`` (``MaskSearchResult``): the float ``head_mask`` [n_layers, n_heads] and ``neuron_mask``
   [n_layers, n_neurons] (0 = pruned, else the tuned scale, already folded into the weights), the MACs (or seconds)
-  kept, the budget and the dense cost, the Fisher gradients and the tuning log. ``inc_plugins.slim(model,
+  kept, the budget and the dense cost, the Fisher gradients, the tuning log and the step checks. ``inc_plugins.slim(model,
   pruning.result)`` removes the pruned heads and neurons physically.
 * ``pruning.pruners``: two INC pruners whose ``.masks`` are the zeroed rows (pattern "1xchannel": query, key, value,
   FFN input layers) and columns (pattern "channelx1": attention output, FFN output) in each weight's shape, so INC's

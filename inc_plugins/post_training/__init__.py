@@ -2,8 +2,9 @@
 
 One module per step (the paper's sections): ``mask_gradients`` (Fisher, 4.1), ``flops_budget`` and
 ``latency_budget`` (the constrained search, 4.1), rearrangement (``inc_plugins.algorithms.rearrange``, 4.2),
-``mask_tuning`` (4.3), and ``pipeline``, which chains them. No INC here: ``inc_plugins.inc.mask_search``
-registers the pipeline as INC's pruning type "mask_search".
+``mask_tuning`` (4.3), ``step_checks`` (keeps rearrangement and tuning only when they raise the agreement with the
+dense model's predictions; not in the paper), and ``pipeline``, which chains them. No INC here:
+``inc_plugins.inc.mask_search`` registers the pipeline as INC's pruning type "mask_search".
 """
 
 from .flops_budget import UnitCosts, masked_macs, search_masks_under_flops, unit_costs

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["take_samples", "slice_batch", "batch_size", "token_mask", "average_sequence_length", "require_labels", "forward_with_labels"]
+__all__ = ["take_samples", "slice_batch", "batch_size", "token_mask", "average_sequence_length", "require_labels",
+           "model_inputs", "forward_with_labels"]
 
 
 def _check_batch(batch: Any, index: int) -> Mapping[str, Any]:
@@ -154,12 +155,20 @@ def require_labels(batches: list[Mapping[str, Any]], loss_func) -> None:
             )
 
 
-def forward_with_labels(model: nn.Module, batch: Mapping[str, Any], loss_func=None) -> Tensor:
-    """The scalar loss of one batch: ``loss_func(outputs, batch)`` when given, else ``outputs.loss``."""
+def model_inputs(model: nn.Module, batch: Mapping[str, Any], labels: bool = False) -> dict[str, Any]:
+    """``batch`` as keyword arguments of ``model``: on its device, without a key/value cache (a calibration pass
+    never generates), and without ``labels`` unless asked for (a loss nobody reads is work)."""
     device = next(model.parameters()).device
-    kwargs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
+    kwargs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()
+              if labels or key != "labels"}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
+    return kwargs
+
+
+def forward_with_labels(model: nn.Module, batch: Mapping[str, Any], loss_func=None) -> Tensor:
+    """The scalar loss of one batch: ``loss_func(outputs, batch)`` when given, else ``outputs.loss``."""
+    kwargs = model_inputs(model, batch, labels=True)
     if loss_func is not None:
         kwargs.pop("labels", None)
         outputs = model(**kwargs)

@@ -13,7 +13,7 @@ forward/backward passes. The two rank units differently in general; see ``inc_pl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,6 @@ from inc_plugins.models.structure_masks import MaskStructure, apply_structure_ma
 from inc_plugins.progress import progress
 
 from .data import batch_size, forward_with_labels, require_labels, right_padded, select_rows, slice_batch, token_mask
-from .teacher_targets import TeacherTargets
 
 __all__ = ["MaskGradients", "collect_mask_gradients"]
 
@@ -109,12 +108,14 @@ def collect_mask_gradients(
     loss_func=None,
     per_sample: bool = False,
     structure: MaskStructure | None = None,
-    teacher_targets: TeacherTargets | None = None,
+    recorders: Sequence[Any] = (),
 ) -> MaskGradients:
     """Gradient of each batch's (or sequence's) loss w.r.t. every mask variable, at masks of 1.
 
     ``batches``: dict batches with ``labels`` (or any batches ``loss_func(outputs, batch)`` can score).
-    ``teacher_targets``: filled with the dense model's mask-tuning targets on the way (``teacher_targets``).
+    ``recorders``: what the dense model's forward passes fill on the way, each with ``recording()`` and
+    ``piece(sample_ids, batch)`` contexts: mask tuning's targets (``teacher_targets.TeacherTargets``), the dense
+    predictions of the step checks (``step_checks.DensePredictions``).
     Raises ValueError when a batch has no labels and no ``loss_func`` is given; NonFiniteError naming the batch
     when a loss is not finite, or the block when a gradient is not.
     """
@@ -127,16 +128,18 @@ def collect_mask_gradients(
     prefix, blocks = adapter_for(model).blocks(model)
     block_names = [f"{prefix}.{index}" for index in range(len(blocks))]
     samples = progress(desc="mask_search Fisher pass", unit="sample", total=sum(batch_size(b) for b in batches))
-    recording = teacher_targets.recording() if teacher_targets is not None else nullcontext()
     first_sample = 0
-    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask), samples, recording:
+    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask), samples, ExitStack() as recording:
+        for recorder in recorders:
+            recording.enter_context(recorder.recording())
         for index, batch in enumerate(batches):
             for row, parts in enumerate(_gradient_parts(batch, per_sample, loss_func)):
                 during = f"mask_search Fisher gradients, batch {index}" + (f", sequence {row}" if per_sample else "")
                 head_grad, neuron_grad = torch.zeros_like(head_mask), torch.zeros_like(neuron_mask)
                 for weight, rows, piece in parts:
-                    with (teacher_targets.piece(first_sample + rows, piece) if teacher_targets is not None
-                          else nullcontext()):
+                    with ExitStack() as pieces:
+                        for recorder in recorders:
+                            pieces.enter_context(recorder.piece(first_sample + rows, piece))
                         loss = forward_with_labels(model, piece, loss_func)
                     check_tensor(loss.detach(), None, "the loss", during, _LOSS_HINT)
                     head_part, neuron_part = torch.autograd.grad(loss * weight, (head_mask, neuron_mask),

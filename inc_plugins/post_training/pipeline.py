@@ -2,7 +2,9 @@
 
     Fisher mask gradients -> constrained mask search (FLOPs or latency) -> mask rearrangement -> mask tuning
 
-Each step is one module of this package (or of ``inc_plugins.algorithms``). ``prune_post_training`` returns masks
+Each step is one module of this package (or of ``inc_plugins.algorithms``). Rearrangement and tuning are each kept
+only when the model with the step agrees with the dense model's predictions on the calibration samples more often
+than the model without it (``step_checks``; ``check_steps=False`` keeps them unchecked, as the paper does). ``prune_post_training`` returns masks
 and leaves the model's weights as they were; ``inc_plugins.models.structure_masks`` applies them with hooks
 (``apply_structure_masks``) or writes them into the weights (``fold_structure_masks``).
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, model_validator
+import torch
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
@@ -25,7 +28,7 @@ from inc_plugins.finite_checks import check_batch, check_parameters
 from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
 from inc_plugins.plugin_settings import PluginSettings
 
-from .data import average_sequence_length, require_labels, take_samples
+from .data import average_sequence_length, batch_size, require_labels, take_samples
 from .flops_budget import flops_budget, masked_macs, search_masks_under_flops, unit_costs
 from .latency_budget import (
     as_latency_table,
@@ -37,6 +40,7 @@ from .latency_budget import (
 )
 from .mask_gradients import MaskGradients, collect_mask_gradients
 from .mask_tuning import TuningResult, tune_mask_scales
+from .step_checks import DensePredictions, StepCheck, StepChecker
 from .teacher_targets import TeacherTargets
 
 __all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "prune_post_training"]
@@ -81,7 +85,10 @@ class KwonSettings(PluginSettings):
     damp: Annotated[float, Field(ge=0, le=1e6)] = Field(
         1.0, description="damping added to the least-squares normal equations of mask tuning")
     max_abs_scale: Annotated[float, Field(gt=0, le=1e6)] = Field(
-        10.0, description="the largest |scale| mask tuning accepts; a block with a larger one stops tuning")
+        10.0, description="the largest |scale| mask tuning accepts; a sub-layer with a larger one keeps scales of 1")
+    check_steps: bool = Field(
+        True, description="keep rearrangement and tuning only when each raises the top-1 agreement with the dense "
+                          "model on the least-sure calibration samples (false: always keep them, as the paper does)")
 
     def __init__(self, *target_sparsity: float, **settings: Any):
         if len(target_sparsity) > 1:
@@ -113,8 +120,9 @@ class KwonResult:
     else the unit's scale (the convention of ``structure_masks`` and ``slimming``); under grouped-query attention
     the heads of a group share one value, and ``unit_head_mask`` [n_layers, n_head_units] holds it per group.
     ``cost`` / ``budget`` / ``dense_cost``: MACs per sequence of ``seq_len`` tokens ("flops") or seconds
-    ("latency") of the kept units, the allowed cost and the dense cost. ``phase_seconds``: where the time went
-    (the Fisher pass is 0 when precomputed gradients were given).
+    ("latency") of the kept units, the allowed cost and the dense cost. ``tuning``: the tuning log (None when
+    tuning did not run), also when its check dropped the tuned scales. ``step_checks``: each checked step's
+    decision. ``phase_seconds``: where the time went (the Fisher pass is 0 when precomputed gradients were given).
     """
 
     head_mask: Tensor
@@ -128,7 +136,8 @@ class KwonResult:
     seq_len: int | None
     gradients: MaskGradients
     tuning: TuningResult | None
-    phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune" (0 when not run)
+    step_checks: tuple[StepCheck, ...]
+    phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune", "check" (0: not run)
 
 
 def _latency_table(settings: KwonSettings):
@@ -147,6 +156,23 @@ def _check_gradients(gradients: MaskGradients, structure: MaskStructure, setting
     if gradients.per_sample != settings.per_sample_fisher:
         raise ValueError(f"precomputed gradients have per_sample={gradients.per_sample}, the settings ask for "
                          f"per_sample_fisher={settings.per_sample_fisher}")
+
+
+def _step_checker(model: nn.Module, predictions: DensePredictions | None, samples,
+                  phase_seconds: dict) -> StepChecker | None:
+    """The checker of the optional steps, the dense predictions recorded first when no Fisher pass ran; None when
+    the steps are not checked or the model's outputs have no logits to compare."""
+    if predictions is None:
+        return None
+    start = time.perf_counter()
+    if not predictions.complete and not predictions.no_logits:
+        predictions.record_dense(samples)
+    phase_seconds["check"] += time.perf_counter() - start
+    if predictions.no_logits:
+        logger.warning("mask_search: the model's outputs have no logits, so rearrangement and tuning are kept "
+                       "unchecked")
+        return None
+    return StepChecker(model, predictions, samples)
 
 
 def prune_post_training(
@@ -182,13 +208,17 @@ def prune_post_training(
         seq_len = settings.seq_len
         budget, dense = latency_budget(structure, table, settings.target_sparsity)
 
-    phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune"), 0.0)
+    phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune", "check"), 0.0)
     start = time.perf_counter()
-    # the Fisher pass runs the dense model on the samples tuning fits to it: it records tuning's targets on the way
+    # the Fisher pass runs the dense model on the calibration samples: it records, on the way, tuning's targets and
+    # the dense predictions the step checks compare with
     teacher = TeacherTargets(model, structure, samples) if (
         gradients is None and settings.tune and TeacherTargets.fits(structure, samples)) else None
+    predictions = DensePredictions(model, sum(batch_size(batch) for batch in samples)) if (
+        settings.check_steps and (settings.rearrange or settings.tune)) else None
     if gradients is None:
-        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, teacher)
+        recorders = [recorder for recorder in (teacher, predictions) if recorder is not None]
+        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, recorders)
         phase_seconds["fisher"] = time.perf_counter() - start
     else:
         _check_gradients(gradients, structure, settings)
@@ -205,26 +235,40 @@ def prune_post_training(
         "mask_search: kept %d/%d attention units and %d/%d neurons; cost %.4g of budget %.4g (dense %.4g)",
         int(unit_keep.sum()), unit_keep.numel(), int(neuron_keep.sum()), neuron_keep.numel(), cost, budget, dense,
     )
+    masks = (unit_keep.float(), neuron_keep.float())
+    checker = _step_checker(model, predictions, samples, phase_seconds)
+    checks: list[StepCheck] = []
+
+    def decide(step: str, before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The masks to go on with: ``after`` the step, unless its check drops it (a step that changed nothing is
+        not checked)."""
+        if checker is None or all(torch.equal(a, b) for a, b in zip(before, after)):
+            return after
+        start = time.perf_counter()
+        checks.append(checker.check(step, before, after))
+        phase_seconds["check"] += time.perf_counter() - start
+        return after if checks[-1].kept else before
 
     if settings.rearrange:
         start = time.perf_counter()
-        unit_keep = rearrange_mask(unit_keep, gradients.head)
-        neuron_keep = rearrange_mask(neuron_keep, gradients.neuron)
+        rearranged = (rearrange_mask(unit_keep, gradients.head).float(),
+                      rearrange_mask(neuron_keep, gradients.neuron).float())
         phase_seconds["rearrange"] = time.perf_counter() - start
+        masks = decide("rearrangement", masks, rearranged)
 
-    unit_head_mask, neuron_mask = unit_keep.float(), neuron_keep.float()
     tuning = None
     if settings.tune:
         start = time.perf_counter()
         tuning = tune_mask_scales(
-            model, unit_head_mask, neuron_mask, samples,
+            model, masks[0], masks[1], samples,
             damp=settings.damp, max_abs_scale=settings.max_abs_scale, structure=structure, teacher_targets=teacher,
         )
-        unit_head_mask, neuron_mask = tuning.unit_head_mask, tuning.neuron_mask
         phase_seconds["tune"] = time.perf_counter() - start
         for rejected in tuning.rejected:
             logger.info("mask tuning: block %d %s keeps scales of 1 (%s)", rejected.layer, rejected.part,
                         rejected.reason)
+        masks = decide("tuning", masks, (tuning.unit_head_mask, tuning.neuron_mask))
+    unit_head_mask, neuron_mask = masks
     return KwonResult(
         head_mask=expand_head_mask(unit_head_mask, structure).clone(),
         neuron_mask=neuron_mask,
@@ -237,5 +281,6 @@ def prune_post_training(
         seq_len=seq_len,
         gradients=gradients,
         tuning=tuning,
+        step_checks=tuple(checks),
         phase_seconds={phase: round(seconds, 3) for phase, seconds in phase_seconds.items()},
     )
