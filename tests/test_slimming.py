@@ -16,6 +16,7 @@ from transformers import (
 
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 from inc_plugins.models.saving import load_slimmed, save_slimmed
+from inc_plugins.models.structure_masks import apply_structure_masks
 from inc_plugins.models.surgery_transformers import PrunedAttention, slim_model
 from inc_plugins.perf.synthetic import seeded_model
 from tests.fixtures.calibration_data import token_batches
@@ -186,12 +187,19 @@ def test_slimmed_llama_equals_masked_model_with_padding():
     assert isinstance(blocks[1].self_attn, PrunedAttention)
 
 
-def test_llama_generate_runs_after_slimming():
+def test_slimmed_llama_generates_what_the_masked_model_generates_with_the_kv_cache():
     model = tiny_llama_lm()
-    slim_model(model, *_llama_masks(model))
-    prompt = torch.tensor([[5, 6, 7]])
-    out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 6)
+    head_mask, neuron_mask = _llama_masks(model)
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True)
+    with apply_structure_masks(model, head_mask, neuron_mask):
+        masked = model.generate(prompts, **settings)
+    dense = model.generate(prompts, **settings)
+    slim_model(model, head_mask, neuron_mask)
+    slimmed = model.generate(prompts, **settings)
+    assert slimmed.shape == (2, 12)
+    assert torch.equal(slimmed, masked)  # greedy, token for token, decoding from the cache of the slimmed layers
+    assert not torch.equal(masked, dense)  # the masks change what is generated: the comparison can fail
 
 
 def test_mask_shape_and_values_are_validated():

@@ -143,23 +143,26 @@ def markdown(results: dict) -> str:
         f"Recipe `recipes/{s['recipe']}`: MiniLM-L6 fine-tuned with each fine-tune seed ({seeds}; everything else "
         f"the recipe's), then pruned by `mask_search` to {100 * s['target']:.0f}% of the head+FFN FLOPs removed, "
         f"from {s['calibration_samples']} calibration samples, through the recipe's pruning stage: search only "
-        f"(no rearrangement, no tuning), each step alone, and the full method (rearrangement + mask tuning). Dev "
+        f"(no rearrangement, no tuning), each step alone, both steps unchecked (the paper's full method), and the "
+        f"full method as shipped (each step kept only when its check passes). Dev "
         f"accuracy on "
         f"{s['dev_examples']} dev examples (SST-2-like labels, not the official SST-2). {machine_line(results)}",
         "",
         "| fine-tune seed | dense acc (F1) | search only acc (F1) | full acc (F1) | full - dense (pts) | "
-        "full - search only (pts) | FLOPs removed (full) | tuning kept / fits |",
+        "full - search only (pts) | FLOPs removed (full) | sub-layer fits kept / fits (tuning kept by its check) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["seeds"]:
         dense, search, full = row["dense"], row["search_only"], row["full"]
         tuning = full["search"]["tuning"] or {}
+        checked = {check["step"]: check["kept"] for check in full["search"].get("step_checks", [])}
+        kept = {True: "yes", False: "no"}.get(checked.get("tuning"), "-")
         lines.append(
             f"| {row['seed']} | {dense['accuracy']:.4f} ({dense.get('f1', float('nan')):.4f}) | "
             f"{search['accuracy']:.4f} ({search.get('f1', float('nan')):.4f}) | "
             f"{full['accuracy']:.4f} ({full.get('f1', float('nan')):.4f}) | {row['full_minus_dense']:+.2f} | "
             f"{row['full_minus_search_only']:+.2f} | {100 * full['flops_removed']:.1f}% | "
-            f"{tuning.get('accepted', '-')} / {tuning.get('fits', '-')} |")
+            f"{tuning.get('accepted', '-')} / {tuning.get('fits', '-')} ({kept}) |")
     lines += ["", "## Which step moves the accuracy", "",
               "Dev accuracy, and in brackets the share of dev examples on which the model predicts what the dense "
               "model predicts. Full vs search only: the dev examples only one of the two gets right, and the exact "
