@@ -22,11 +22,13 @@ from .inc.entry import prepare_pruning  # noqa: E402
 from .inc.lifecycle import complete_pruning  # noqa: E402
 from .inc.one_shot import is_one_shot, plugin_settings_model, register_one_shot_pruning  # noqa: E402
 from .inc.one_shot_base import OneShotPruning, PruningResult, slim  # noqa: E402
+from .inc.trainer_callback import PruningCallback  # noqa: E402
 from .plugin_settings import PluginSettings  # noqa: E402
 
 __all__ = [
     "prepare_pruning",
     "complete_pruning",
+    "PruningCallback",
     "slim",
     "is_one_shot",
     "pruning_config",
