@@ -53,6 +53,12 @@ def _stage_line(stage: dict) -> str:
     how = (f"{stage['calibration_samples']} calibration samples" if stage["mode"] == "one-shot"
            else f"{stage['training_steps']} training steps")
     line = f"- {what}, {stage['mode']}, {how}, {stage['prune_seconds']:.1f} s"
+    checks = (stage.get("mask_search") or {}).get("step_checks") or []
+    if checks:
+        line += (f"; step checks (the dense model's top-1 predictions repeated on its {checks[0]['samples']} "
+                 f"least-sure calibration samples): " + ", ".join(
+                     f"{check['step']} {'kept' if check['kept'] else 'dropped'} ({check['agreement_without']} -> "
+                     f"{check['agreement_with']} of {check['positions']})" for check in checks))
     if "retrain" in stage:
         tuned = stage["retrain"]
         line += f"; then retrained {tuned['steps']} steps with the pruned weights held at zero, {tuned['seconds']:.1f} s"

@@ -62,6 +62,12 @@ def test_mask_search_with_slim_meets_the_budget_and_saves_a_loadable_slimmed_mod
     assert report["model"]["slimmed"] is True and "load_slimmed" in report["model"]["load"]
     assert report["model"]["slimming_check"]["max_abs_logit_difference_on_a_dev_batch"] < 1e-4
     assert "slim" in report["stage_seconds"]
+    summary = (run_dir / "summary.md").read_text()
+    assert searched["step_checks"]  # what the step checks decided is in the summary, with its counts
+    for check in searched["step_checks"]:
+        assert check["kept"] == (check["agreement_with"] > check["agreement_without"])
+        assert (f"{check['step']} {'kept' if check['kept'] else 'dropped'} ({check['agreement_without']} -> "
+                f"{check['agreement_with']} of {check['positions']})") in summary
 
     # only load_slimmed understands the per-layer sizes; it must give the in-memory slimmed model's logits
     loaded = load_slimmed(run_dir / "model")
