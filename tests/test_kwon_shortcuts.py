@@ -8,7 +8,7 @@ import pytest
 
 from inc_plugins.models.structure_masks import mask_structure
 from inc_plugins.post_training import collect_mask_gradients, tune_mask_scales
-from inc_plugins.post_training import teacher_targets
+from inc_plugins.post_training import mask_tuning, teacher_targets
 from inc_plugins.post_training.teacher_targets import TeacherTargets
 from inc_plugins.post_training.data import rebatch_by_length, token_mask
 from tests.fixtures.calibration_data import token_batches
@@ -109,3 +109,23 @@ def test_targets_too_large_for_memory_are_not_recorded(monkeypatch):
     assert TeacherTargets.fits(structure, batches)
     monkeypatch.setattr(teacher_targets, "MAX_BYTES", 1000)
     assert not TeacherTargets.fits(structure, batches)
+
+
+@pytest.mark.parametrize("build,labels", [(tiny_bert_classifier, "classification"), (tiny_llama_lm, "lm")])
+def test_tuning_on_slimmed_blocks_equals_tuning_on_masked_blocks(build, labels, monkeypatch):
+    model = build().double()  # float64: the two paths differ only by summation order
+    batches = varied_lengths(token_batches(3, 6, 12, labels=labels))
+    structure = mask_structure(model)
+    generator = torch.Generator().manual_seed(1)
+    keep_heads = (torch.rand(structure.n_layers, structure.n_head_units, generator=generator) > 0.4).float()
+    keep_neurons = (torch.rand(structure.n_layers, structure.n_neurons, generator=generator) > 0.5).float()
+    keep_neurons *= 0.5 + torch.rand(keep_neurons.shape, generator=generator)  # scales other than 1 are folded
+    keep_heads[:, 0] = 0.5 + torch.rand(structure.n_layers, generator=generator)
+    keep_neurons[0] = 0.0  # a layer without neurons runs the masked block
+    slimmed = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
+    monkeypatch.setattr(mask_tuning, "_can_slim", lambda model: False)
+    masked = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
+    assert [(e.layer, e.part, e.accepted) for e in slimmed.log] == [(e.layer, e.part, e.accepted) for e in masked.log]
+    assert any(e.accepted for e in slimmed.log)  # some scales moved, so the comparison can fail
+    torch.testing.assert_close(slimmed.unit_head_mask, masked.unit_head_mask, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(slimmed.neuron_mask, masked.neuron_mask, rtol=1e-9, atol=1e-9)

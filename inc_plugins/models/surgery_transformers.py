@@ -281,11 +281,15 @@ def slim_block(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    head_scales: torch.Tensor | None = None,
+    neuron_scales: torch.Tensor | None = None,
 ) -> nn.Module:
-    """Slim one dense block in place to the given original query-head and FFN-neuron indices (scales 1).
+    """Slim one dense block in place to the given original query-head and FFN-neuron indices, their scales
+    (`head_scales` per kept query head, `neuron_scales` per kept neuron, each in ascending index order; None: 1)
+    folded into the output projections' columns.
 
-    For measuring blocks of a given size (latency tables); `kept_heads` must cover whole key/value groups.
-    Does not touch any config. Returns `block`.
+    For measuring blocks of a given size (latency tables) and for running one pruned block at its pruned cost (mask
+    tuning); `kept_heads` must cover whole key/value groups. Does not touch any config. Returns `block`.
     """
     if not _slimmable(adapter):
         raise UnsupportedModelError(f"slimming supports the {' and '.join(_SUPPORTED_FAMILIES)} families, not {adapter.family}")
@@ -295,7 +299,8 @@ def slim_block(
     if len(kept_heads) != len(groups) * group_size:
         raise ValueError(f"kept_heads {kept_heads} split a key/value group of {group_size} query heads")
     plan = _LayerPlan(
-        list(kept_heads), torch.ones(len(kept_heads)), sorted(kept_neurons), torch.ones(len(kept_neurons))
+        kept_heads, torch.ones(len(kept_heads)) if head_scales is None else head_scales,
+        sorted(kept_neurons), torch.ones(len(kept_neurons)) if neuron_scales is None else neuron_scales,
     )
     _slim_block(block, adapter, plan, num_heads, num_kv_heads, head_dim)
     return block

@@ -19,7 +19,11 @@ after another. In block l:
    on the inputs the tuned earlier blocks produce.
 
 Cost: the teacher and the FFN fit run the whole block; the attention fit stops the block once the attention output
-projection's input is recorded (the FFN would be wasted work). The block output is the FFN residual plus the FFN
+projection's input is recorded (the FFN would be wasted work). The student's passes run a slimmed copy of the block
+(``surgery_transformers.slim_block``: only the kept heads and neurons, their current scales folded into the output
+projections), so they cost what the pruned block costs; the fits see the same contributions (kept features times
+scaled weight columns instead of scaled features times weight columns). A block that keeps no head or no neuron,
+and a family that cannot be slimmed, runs the masked block. The block output is the FFN residual plus the FFN
 output (pre-norm), or the block's last LayerNorm of that sum (post-norm), so the student's next input is computed
 from the FFN fit's recorded activations with the tuned scales (one output-projection matmul) instead of a fourth
 pass. The calibration sequences are regrouped by length first (``data.rebatch_by_length``): every fit sums over
@@ -40,6 +44,7 @@ column to the attention fit.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,8 +55,9 @@ from torch import Tensor, nn
 
 from inc_plugins.algorithms.mask_tuning import ScaleSolution, choose_mask_scales
 from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
-from inc_plugins.models.architectures import adapter_for
+from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 from inc_plugins.models.structure_masks import MaskHooks, MaskStructure, group_head_mask, mask_structure
+from inc_plugins.models.surgery_transformers import slim_block, slimming_adapter
 from inc_plugins.progress import progress
 
 from .data import real_token_rows, rebatch_by_length, token_mask
@@ -183,6 +189,34 @@ def unit_normal_equations(inputs: Tensor, weight: Tensor, kept_units: Tensor, ta
     return KeptUnitEquations(weight, kept_units, unit_width, _product_dtype(inputs))(inputs, target)
 
 
+def _can_slim(model: nn.Module) -> bool:
+    try:
+        slimming_adapter(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _student_block(block: nn.Module, adapter, structure: MaskStructure, unit_scales: Tensor,
+                   neuron_scales: Tensor) -> nn.Module:
+    """A copy of ``block`` that computes only the kept units, their current scales folded into the output
+    projections (``unit_scales`` [n_head_units], ``neuron_scales`` [n_neurons], 0 = pruned): the masked block's
+    outputs at the pruned block's cost. Its output projections' inputs are the kept units' features, unscaled, and
+    their weights carry the scales, so the fits' contributions (features times weight columns) are the masked
+    block's. The copy drops the original's hooks (``MaskHooks`` would mask it twice)."""
+    copy_ = copy.deepcopy(block)
+    for module in copy_.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    units, neurons = unit_scales.nonzero().flatten(), neuron_scales.nonzero().flatten()
+    per_unit = structure.heads_per_unit
+    heads = (units[:, None] * per_unit + torch.arange(per_unit, device=units.device)).flatten()
+    return slim_block(copy_, adapter, heads.tolist(), neurons.tolist(), num_heads=structure.n_heads,
+                      num_kv_heads=structure.n_kv_heads,
+                      head_dim=structure.head_dim, head_scales=unit_scales[units].repeat_interleave(per_unit),
+                      neuron_scales=neuron_scales[neurons])
+
+
 class _StopBlock(Exception):
     """Raised by a hook once a pass has recorded what it needs: the rest of the block need not run."""
 
@@ -272,6 +306,7 @@ def tune_mask_scales(
         _default_first_token_only(model, structure) if first_token_only_last_ffn is None else first_token_only_last_ffn
     )
     unit_width = structure.heads_per_unit * structure.head_dim
+    slimmable = _can_slim(model)
     ids = _sample_ids(batches)
     total = sum(len(batch_ids) for batch_ids in ids)
     batches, ids = rebatch_by_length(batches, ids)
@@ -316,17 +351,31 @@ def tune_mask_scales(
 
                 hooks.head_mask, hooks.neuron_mask = head, neuron  # in-place updates below take effect at once
                 kept_units = head[layer].nonzero().flatten()
-                if kept_units.numel():
-                    weight = attention_out.weight.detach()
-                    bias = attention_out.bias.detach() if attention_out.bias is not None else 0.0
+                kept_neurons = neuron[layer].nonzero().flatten()
+                # A block that keeps some of both runs as a slimmed copy (the masked block computes every pruned
+                # unit, then multiplies it by 0); else the masked block itself, with the pruned units' features.
+                slimmed = slimmable and kept_units.numel() > 0 and kept_neurons.numel() > 0
 
-                    attention_equations = KeptUnitEquations(weight, kept_units, unit_width, _product_dtype(weight))
+                def student() -> tuple[nn.Module, Tensor, Tensor]:
+                    """(the block the student runs, the kept heads' and neurons' indices in its output
+                    projections' inputs) under the current scales."""
+                    if not slimmed:
+                        return block, kept_units, kept_neurons
+                    return (_student_block(block, adapter, structure, head[layer], neuron[layer]),
+                            torch.arange(kept_units.numel()), torch.arange(kept_neurons.numel()))
+
+                if kept_units.numel():
+                    runner, units, _ = student()
+                    out = runner.get_submodule(layout.attention_output)
+                    bias = out.bias.detach() if out.bias is not None else 0.0
+                    weight = out.weight.detach()
+                    attention_equations = KeptUnitEquations(weight, units, unit_width, _product_dtype(weight))
                     equations = _FitEquations(heldout_samples > 0)
                     for block_input, target, fit, heldout in zip(student_inputs, attention_targets, fit_tokens,
                                                                  heldout_tokens):
-                        with _recording(attention_out, "input") as context, _stopping_after(attention_out):
+                        with _recording(out, "input") as context, _stopping_after(out):
                             try:
-                                _run(block, block_input)
+                                _run(runner, block_input)
                             except _StopBlock:
                                 pass
                         residual = block_input.hidden_states
@@ -335,21 +384,24 @@ def tune_mask_scales(
                     log.append(_log_entry(layer, "attention", kept_units.numel(), solution))
                     head[layer, kept_units] *= solution.scales.to(device, torch.float32)
 
-                kept_neurons = neuron[layer].nonzero().flatten()
+                runner, _, neurons = student()  # with the attention's new scales
+                ffn_out = runner.get_submodule(layout.ffn_out)
+                attention_out = runner.get_submodule(layout.attention_output)
+                ffn_in = runner.get_submodule(layout.ffn_in[0])
                 # (FFN output-projection input, FFN residual) per batch, to advance the student without a pass
-                output_norm = None if structure.pre_norm else block.get_submodule(layout.ffn_output_norm)
+                output_norm = None if structure.pre_norm else runner.get_submodule(layout.ffn_output_norm)
                 ffn_pass: list[tuple[Tensor, Tensor]] | None = [] if not last else None
                 if kept_neurons.numel():
                     weight = ffn_out.weight.detach()
                     bias = ffn_out.bias.detach() if ffn_out.bias is not None else 0.0
 
-                    ffn_equations = KeptUnitEquations(weight, kept_neurons, 1, _product_dtype(weight))
+                    ffn_equations = KeptUnitEquations(weight, neurons, 1, _product_dtype(weight))
                     equations = _FitEquations(heldout_samples > 0)
                     for block_input, target, fit, heldout in zip(student_inputs, ffn_targets, fit_tokens,
                                                                  heldout_tokens):
                         with _recording(ffn_out, "input") as activations, _recording(attention_out, "output") as attn, \
                                 _recording(ffn_in, "input") as ffn_input:
-                            _run(block, block_input)
+                            _run(runner, block_input)
                         residual = block_input.hidden_states + attn[0] if structure.pre_norm else ffn_input[0]
                         if ffn_pass is not None:
                             ffn_pass.append((activations[0], residual))
@@ -361,15 +413,16 @@ def tune_mask_scales(
                     neuron[layer, kept_neurons] *= solution.scales.to(device, torch.float32)
 
                 if not last and ffn_pass:
-                    # the recorded activations carry the old scales; the fit multiplied them by solution.scales
-                    change = torch.ones(structure.n_neurons, device=device)
-                    change[kept_neurons] = solution.scales.to(device, torch.float32)
+                    # the recorded activations carry the old scales (in the masked block's input, or in the slimmed
+                    # block's weight); the fit multiplied them by solution.scales
+                    change = torch.ones(ffn_out.in_features, device=device)
+                    change[neurons] = solution.scales.to(device, torch.float32)
                     for block_input, (activations, residual) in zip(student_inputs, ffn_pass):
                         output = residual + nn.functional.linear(activations * change, ffn_out.weight, ffn_out.bias)
                         block_input.hidden_states = output if output_norm is None else output_norm(output)
                 elif not last:
                     for block_input in student_inputs:
-                        block_input.hidden_states = _run(block, block_input)
+                        block_input.hidden_states = _run(runner, block_input)
     finally:
         model.train(was_training)
     return TuningResult(head.cpu(), neuron.cpu(), log, heldout_samples)
