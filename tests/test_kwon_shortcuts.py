@@ -11,7 +11,7 @@ from inc_plugins.post_training import collect_mask_gradients, tune_mask_scales
 from inc_plugins.post_training import mask_tuning, teacher_targets
 from inc_plugins.post_training.teacher_targets import TeacherTargets
 from inc_plugins.post_training.data import rebatch_by_length, token_mask
-from tests.fixtures.calibration_data import token_batches
+from tests.fixtures.calibration_data import token_batches, varied_lengths
 from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
 
 
@@ -66,16 +66,6 @@ def test_fisher_gradients_of_length_sorted_groups_equal_the_whole_batch_gradient
     torch.testing.assert_close(grouped.neuron, whole.neuron, rtol=1e-5, atol=1e-7)
     per_sample = collect_mask_gradients(model, batches, per_sample=True)
     assert per_sample.head.shape[0] == 40
-
-
-def varied_lengths(batches):
-    for batch in batches:
-        rows = batch["attention_mask"].shape[0]
-        for row in range(rows):
-            batch["attention_mask"][row, 3 + (5 * row) % 9:] = 0
-            if batch["labels"].dim() == 2:
-                batch["labels"][row, 3 + (5 * row) % 9:] = -100
-    return batches
 
 
 @pytest.mark.parametrize("build,labels", [(tiny_bert_classifier, "classification"), (tiny_llama_lm, "lm")])

@@ -12,18 +12,8 @@ from inc_plugins.models.structure_masks import apply_structure_masks, mask_struc
 from inc_plugins.post_training import KwonSettings, collect_mask_gradients, prune_post_training
 from inc_plugins.post_training.data import token_mask
 from inc_plugins.post_training.step_checks import DensePredictions, StepChecker
-from tests.fixtures.calibration_data import token_batches
+from tests.fixtures.calibration_data import token_batches, varied_lengths
 from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
-
-
-def varied_lengths(batches):
-    """Right padding of varied length (and LM labels that ignore it), so the checks' regrouping by length matters."""
-    for batch in batches:
-        for row in range(batch["attention_mask"].shape[0]):
-            batch["attention_mask"][row, 3 + (5 * row) % 9:] = 0
-            if batch["labels"].dim() == 2:
-                batch["labels"][row, 3 + (5 * row) % 9:] = -100
-    return batches
 
 
 def brute_force_predictions(model, batches, head_mask=None, neuron_mask=None):

@@ -20,7 +20,7 @@ from .config_checks import PruningConfigError, check_pruner_settings
 from .decoder_outputs import tuple_layer_outputs
 
 
-def _settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
+def settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
     """Each local entry merged over the global settings: what INC will resolve, before its assertions run."""
     global_settings = dict(config.weight_compression)
     locals_ = config.pruning_configs or [{}]
@@ -96,7 +96,7 @@ def prepare_pruning(
         raise PruningConfigError(f"config must be a neural_compressor.WeightPruningConfig, got {type(config).__name__}")
     config = private_copy(config)
     _give_type_default_patterns(config)
-    settings = _settings_per_pruner(config)
+    settings = settings_per_pruner(config)
     _check_entries(config, settings)
 
     local_entries = config.pruning_configs or [{}]

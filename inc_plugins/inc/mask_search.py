@@ -15,8 +15,8 @@ Where the result lives:
   scales multiply the kept columns of the output projections. The model is a plain model (no hooks).
 * ``pruning.result`` (``MaskSearchResult``): the float ``head_mask`` [n_layers, n_heads] and ``neuron_mask``
   [n_layers, n_neurons] (0 = pruned, else the tuned scale, already folded into the weights), the MACs (or seconds)
-  kept, the budget and the dense cost, the Fisher gradients, the tuning log and the step checks. ``inc_plugins.slim(model,
-  pruning.result)`` removes the pruned heads and neurons physically.
+  kept, the budget and the dense cost, the Fisher gradients, the tuning log and the step checks.
+  ``inc_plugins.slim(model, pruning.result)`` removes the pruned heads and neurons physically.
 * ``pruning.pruners``: two INC pruners whose ``.masks`` are the zeroed rows (pattern "1xchannel": query, key, value,
   FFN input layers) and columns (pattern "channelx1": attention output, FFN output) in each weight's shape, so INC's
   ``get_sparsity_ratio`` report (``pruning.report``, and ``on_train_end``) counts exactly the zeroed weights.

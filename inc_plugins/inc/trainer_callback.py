@@ -33,16 +33,11 @@ from neural_compressor import WeightPruningConfig
 from transformers import TrainerCallback
 
 from .config_checks import PruningConfigError
-from .entry import prepare_pruning
+from .entry import prepare_pruning, settings_per_pruner
 from .lifecycle import complete_pruning
 from .one_shot import is_one_shot
 
 __all__ = ["PruningCallback"]
-
-
-def _pruning_types(config: WeightPruningConfig) -> list[str]:
-    default = config.weight_compression.get("pruning_type")
-    return [entry.get("pruning_type") or default for entry in (config.pruning_configs or [{}])]
 
 
 class PruningCallback(TrainerCallback):
@@ -52,7 +47,8 @@ class PruningCallback(TrainerCallback):
         if not isinstance(config, WeightPruningConfig):
             raise PruningConfigError(f"PruningCallback takes a neural_compressor.WeightPruningConfig, got "
                                      f"{type(config).__name__}")
-        one_shot = sorted({t for t in _pruning_types(config) if t and is_one_shot(t)})
+        one_shot = sorted({entry["pruning_type"] for entry in settings_per_pruner(config)
+                           if is_one_shot(entry["pruning_type"])})
         if one_shot:
             raise PruningConfigError(
                 f"pruning types {one_shot} prune one-shot from calibration data: call inc_plugins.prepare_pruning("

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["take_samples", "slice_batch", "batch_size", "token_mask", "average_sequence_length", "require_labels",
-           "model_inputs", "forward_with_labels"]
+__all__ = ["take_samples", "slice_batch", "take_sequences", "batch_size", "token_mask", "average_sequence_length",
+           "require_labels", "model_inputs", "forward_with_labels"]
 
 
 def _check_batch(batch: Any, index: int) -> Mapping[str, Any]:
@@ -34,13 +34,20 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     return int(inputs.shape[0])
 
 
+def _per_sequence(value: Any, rows: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
+
+
 def slice_batch(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
     """Sequences ``start:stop`` of a batch: every tensor whose leading dimension is the batch size is sliced."""
     rows = batch_size(batch)
-    return {
-        key: value[start:stop] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows else value
-        for key, value in batch.items()
-    }
+    return {key: value[start:stop] if _per_sequence(value, rows) else value for key, value in batch.items()}
+
+
+def take_sequences(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
+    """Sequences ``rows`` (indices) of a batch: every tensor whose leading dimension is the batch size is indexed."""
+    size = batch_size(batch)
+    return {key: value[rows] if _per_sequence(value, size) else value for key, value in batch.items()}
 
 
 def take_samples(batches: Iterable[Any], num_samples: int | None = None) -> list[dict[str, Any]]:

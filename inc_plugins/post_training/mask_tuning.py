@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from inc_plugins.algorithms.mask_tuning import ScaleSolution, choose_mask_scales
 from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
-from inc_plugins.models.structure_masks import MaskHooks, MaskStructure, group_head_mask, mask_structure
+from inc_plugins.models.structure_masks import (MaskHooks, MaskStructure, expand_head_mask, group_head_mask,
+                                                mask_structure)
 from inc_plugins.models.surgery_transformers import slim_block, slimming_adapter
 from inc_plugins.progress import progress
 
@@ -197,24 +198,22 @@ def _can_slim(model: nn.Module) -> bool:
     return True
 
 
-def _student_block(block: nn.Module, adapter, structure: MaskStructure, unit_scales: Tensor,
-                   neuron_scales: Tensor) -> nn.Module:
-    """A copy of ``block`` that computes only the kept units, their current scales folded into the output
-    projections (``unit_scales`` [n_head_units], ``neuron_scales`` [n_neurons], 0 = pruned): the masked block's
-    outputs at the pruned block's cost. Its output projections' inputs are the kept units' features, unscaled, and
-    their weights carry the scales, so the fits' contributions (features times weight columns) are the masked
-    block's. The copy drops the original's hooks (``MaskHooks`` would mask it twice)."""
+def _slimmed_copy(block: nn.Module, adapter, structure: MaskStructure, head: Tensor, neuron: Tensor,
+                  layer: int) -> nn.Module:
+    """A copy of block ``layer`` that computes only its kept units, their current scales folded into the output
+    projections (``head`` [n_layers, n_head_units], ``neuron`` [n_layers, n_neurons], 0 = pruned): the masked
+    block's outputs at the pruned block's cost. Its output projections' inputs are the kept units' features,
+    unscaled, and their weights carry the scales, so the fits' contributions (features times weight columns) are
+    the masked block's. The copy drops the original's hooks (``MaskHooks`` would mask it twice)."""
     copy_ = copy.deepcopy(block)
     for module in copy_.modules():
         module._forward_pre_hooks.clear()
         module._forward_hooks.clear()
-    units, neurons = unit_scales.nonzero().flatten(), neuron_scales.nonzero().flatten()
-    per_unit = structure.heads_per_unit
-    heads = (units[:, None] * per_unit + torch.arange(per_unit, device=units.device)).flatten()
+    head_scales, neuron_scales = expand_head_mask(head, structure)[layer], neuron[layer]
+    heads, neurons = head_scales.nonzero().flatten(), neuron_scales.nonzero().flatten()
     return slim_block(copy_, adapter, heads.tolist(), neurons.tolist(), num_heads=structure.n_heads,
-                      num_kv_heads=structure.n_kv_heads,
-                      head_dim=structure.head_dim, head_scales=unit_scales[units].repeat_interleave(per_unit),
-                      neuron_scales=neuron_scales[neurons])
+                      num_kv_heads=structure.n_kv_heads, head_dim=structure.head_dim,
+                      head_scales=head_scales[heads], neuron_scales=neuron_scales[neurons])
 
 
 class _StopBlock(Exception):
@@ -326,9 +325,6 @@ def tune_mask_scales(
             if teacher_targets is not None:
                 teacher_inputs = []  # not needed: the recorded targets replace the teacher's passes
             for layer, block in enumerate(progress(blocks, desc="mask_search tuning", unit="block")):
-                attention_out = block.get_submodule(layout.attention_output)
-                ffn_out = block.get_submodule(layout.ffn_out)
-                ffn_in = block.get_submodule(layout.ffn_in[0])
                 last = layer == len(blocks) - 1
 
                 # Teacher: targets of both fits (recorded by the Fisher pass, or computed here), then its next inputs.
@@ -340,8 +336,9 @@ def tune_mask_scales(
                         attention_targets.append(attention)
                         ffn_targets.append(ffn)
                 for block_input in teacher_inputs:
-                    with _recording(attention_out, "output") as attn, _recording(ffn_out, "output") as ffn, \
-                            _recording(ffn_in, "input") as ffn_input:
+                    with _recording(block.get_submodule(layout.attention_output), "output") as attn, \
+                            _recording(block.get_submodule(layout.ffn_out), "output") as ffn, \
+                            _recording(block.get_submodule(layout.ffn_in[0]), "input") as ffn_input:
                         output = _run(block, block_input)
                     ffn_residual = block_input.hidden_states + attn[0] if structure.pre_norm else ffn_input[0]
                     attention_targets.append(attn[0] + block_input.hidden_states)
@@ -356,16 +353,16 @@ def tune_mask_scales(
                 # unit, then multiplies it by 0); else the masked block itself, with the pruned units' features.
                 slimmed = slimmable and kept_units.numel() > 0 and kept_neurons.numel() > 0
 
-                def student() -> tuple[nn.Module, Tensor, Tensor]:
+                def student_block() -> tuple[nn.Module, Tensor, Tensor]:
                     """(the block the student runs, the kept heads' and neurons' indices in its output
                     projections' inputs) under the current scales."""
                     if not slimmed:
                         return block, kept_units, kept_neurons
-                    return (_student_block(block, adapter, structure, head[layer], neuron[layer]),
+                    return (_slimmed_copy(block, adapter, structure, head, neuron, layer),
                             torch.arange(kept_units.numel()), torch.arange(kept_neurons.numel()))
 
                 if kept_units.numel():
-                    runner, units, _ = student()
+                    runner, units, _ = student_block()
                     out = runner.get_submodule(layout.attention_output)
                     bias = out.bias.detach() if out.bias is not None else 0.0
                     weight = out.weight.detach()
@@ -384,7 +381,7 @@ def tune_mask_scales(
                     log.append(_log_entry(layer, "attention", kept_units.numel(), solution))
                     head[layer, kept_units] *= solution.scales.to(device, torch.float32)
 
-                runner, _, neurons = student()  # with the attention's new scales
+                runner, _, neurons = student_block()  # with the attention's new scales
                 ffn_out = runner.get_submodule(layout.ffn_out)
                 attention_out = runner.get_submodule(layout.attention_output)
                 ffn_in = runner.get_submodule(layout.ffn_in[0])

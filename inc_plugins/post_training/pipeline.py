@@ -4,9 +4,10 @@
 
 Each step is one module of this package (or of ``inc_plugins.algorithms``). Rearrangement and tuning are each kept
 only when the model with the step agrees with the dense model's predictions on the calibration samples more often
-than the model without it (``step_checks``; ``check_steps=False`` keeps them unchecked, as the paper does). ``prune_post_training`` returns masks
-and leaves the model's weights as they were; ``inc_plugins.models.structure_masks`` applies them with hooks
-(``apply_structure_masks``) or writes them into the weights (``fold_structure_masks``).
+than the model without it (``step_checks``; ``check_steps=False`` keeps them unchecked, as the paper does).
+``prune_post_training`` returns masks and leaves the model's weights as they were;
+``inc_plugins.models.structure_masks`` applies them with hooks (``apply_structure_masks``) or writes them into the
+weights (``fold_structure_masks``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema, model_validator
 import torch
+from pydantic import Field, WithJsonSchema, model_validator
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from inc_plugins.models.structure_masks import MaskHooks
 from inc_plugins.progress import progress
 
-from .data import batch_size, model_inputs, rebatch_by_length, token_mask
+from .data import batch_size, model_inputs, rebatch_by_length, take_sequences, token_mask
 
 __all__ = ["CHECK_SAMPLES", "DensePredictions", "StepCheck", "StepChecker"]
 
@@ -139,8 +139,7 @@ def _select(batches: Sequence[Mapping[str, Any]], sample_ids: Tensor) -> tuple[l
         rows = batch_size(batch)
         here = wanted[first : first + rows].nonzero().flatten()
         if here.numel():
-            chosen.append({key: value[here] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
-                           else value for key, value in batch.items()})
+            chosen.append(take_sequences(batch, here))
             ids.append(here + first)
         first += rows
     return rebatch_by_length(chosen, ids)
