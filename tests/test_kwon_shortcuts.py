@@ -1,6 +1,7 @@
 """The mask search's shortcuts give the same numbers: calibration sequences regrouped by length for mask tuning
 (inc_plugins.post_training.data.rebatch_by_length), split into length-sorted groups for the Fisher pass, and the
-dense teacher's tuning targets recorded by the Fisher pass (inc_plugins.post_training.teacher_targets)."""
+dense teacher's tuning targets recorded by the Fisher pass (inc_plugins.post_training.teacher_targets), student passes
+on slimmed block copies, FFN fits that replay the attention fits' contexts, and token sums in chunks."""
 
 import torch
 
@@ -119,3 +120,28 @@ def test_tuning_on_slimmed_blocks_equals_tuning_on_masked_blocks(build, labels, 
     assert any(e.accepted for e in slimmed.log)  # some scales moved, so the comparison can fail
     torch.testing.assert_close(slimmed.unit_head_mask, masked.unit_head_mask, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(slimmed.neuron_mask, masked.neuron_mask, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("build,labels", [(tiny_bert_classifier, "classification"), (tiny_llama_lm, "lm")])
+def test_ffn_fits_replaying_the_attention_contexts_equal_fits_that_rerun_the_attention(build, labels, monkeypatch):
+    model = build().double()
+    batches = varied_lengths(token_batches(3, 6, 12, labels=labels))
+    structure = mask_structure(model)
+    generator = torch.Generator().manual_seed(2)
+    keep_heads = (torch.rand(structure.n_layers, structure.n_head_units, generator=generator) > 0.4).float()
+    keep_neurons = (torch.rand(structure.n_layers, structure.n_neurons, generator=generator) > 0.5).float()
+    keep_heads[:, 0] = keep_neurons[:, 0] = 1.0  # every block keeps some of both: every FFN pass can replay
+    replays = []
+    forward = mask_tuning._ReplayedAttention.forward
+    monkeypatch.setattr(mask_tuning._ReplayedAttention, "forward",
+                        lambda self, *args, **kwargs: replays.append(self.context.shape) or forward(self, *args, **kwargs))
+    replayed = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
+    assert len(replays) == structure.n_layers * len(batches)  # each block's FFN pass, every (regrouped) batch
+    replays.clear()
+    monkeypatch.setattr(mask_tuning, "REPLAY_MAX_BYTES", 0)
+    monkeypatch.setattr(mask_tuning, "CHUNK_TOKENS", 7)  # and token sums in many chunks instead of one
+    rerun = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
+    assert not replays
+    assert any(e.accepted for e in replayed.log)
+    torch.testing.assert_close(replayed.unit_head_mask, rerun.unit_head_mask, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(replayed.neuron_mask, rerun.neuron_mask, rtol=1e-9, atol=1e-9)

@@ -5,43 +5,15 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    MPNetConfig,
-    MPNetForSequenceClassification,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
 from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.models.structure_masks import apply_structure_masks
 from inc_plugins.models.surgery_transformers import PrunedAttention, slim_model
-from inc_plugins.perf.synthetic import seeded_model
 from tests.fixtures.calibration_data import token_batches
-from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_gpt2_lm, tiny_llama_lm
-
-
-def tiny_distilbert_classifier(seed=0):
-    config = DistilBertConfig(
-        vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return seeded_model(seed, lambda: DistilBertForSequenceClassification(config))
-
-
-def tiny_mpnet_classifier(seed=0):
-    """MPNet adds a relative position bias [batch, heads, q, k] computed once for all layers: each slimmed layer
-    must pick its own heads' bias."""
-    config = MPNetConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=72, attn_implementation="eager",
-    )
-    model = seeded_model(seed, lambda: MPNetForSequenceClassification(config))
-    with torch.no_grad():  # a fresh bias table is near zero; make head-specific biases matter
-        model.mpnet.encoder.relative_attention_bias.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(seed))
-    return model
+from tests.fixtures.tiny_models import (tiny_bert_classifier, tiny_distilbert_classifier, tiny_gpt2_lm,
+                                       tiny_llama_lm, tiny_mpnet_classifier)
 
 
 ENCODERS = {

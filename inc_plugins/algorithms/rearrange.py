@@ -17,6 +17,7 @@ in that order and each time takes back the unit whose removal leaves the smalles
 neither is guaranteed to find the best set.
 """
 
+import numpy as np
 import torch
 
 __all__ = ["pruning_loss_proxy", "rearrange_layer", "rearrange_mask"]
@@ -67,29 +68,33 @@ def rearrange_layer(mask: torch.Tensor, grads: torch.Tensor, max_passes: int = 1
     visit_order = torch.sort(sq_norm, stable=True).indices
     overlap = gram[:, ~mask].sum(dim=1)  # g_i . s, where s is the sum of the pruned units' gradients
     objective = _loss_proxy(grads, mask)
+    # The sweep visits one unit at a time, each step a few small vector operations: numpy's per-call cost is a
+    # fraction of torch's (a 1536-neuron layer: 1.0 s -> 0.2 s). Same float64 element-wise arithmetic, same results.
+    gram_np, sq_norm_np, overlap_np, kept_np = gram.numpy(), sq_norm.numpy(), overlap.numpy(), mask.numpy().copy()
     for _ in range(max_passes):
         swapped = False
-        for kept in visit_order[mask[visit_order]].tolist():
-            pruned = (~mask).nonzero().flatten()
+        for kept in visit_order[torch.from_numpy(kept_np)[visit_order]].tolist():
+            pruned = np.flatnonzero(~kept_np)
             # Swapping kept unit k for pruned unit p turns s into s + g_k - g_p, which changes the objective by
             # 1/2 |g_k - g_p|^2 + s.g_k - s.g_p: the Gram matrix gives it for every p without touching grads.
             change = (
-                0.5 * (sq_norm[kept] + sq_norm[pruned] - 2 * gram[kept, pruned]) + overlap[kept] - overlap[pruned]
+                0.5 * (sq_norm_np[kept] + sq_norm_np[pruned] - 2 * gram_np[kept, pruned])
+                + overlap_np[kept] - overlap_np[pruned]
             )
-            best = int(torch.argmin(change))
+            best = int(np.argmin(change))
             if float(change[best]) >= 0:
                 continue
             unpruned = int(pruned[best])
-            candidate = mask.clone()
+            candidate = kept_np.copy()
             candidate[unpruned], candidate[kept] = True, False
             # Accept on the objective recomputed as pruning_loss_proxy does, so rounding can never let it rise.
-            candidate_objective = _loss_proxy(grads, candidate)
+            candidate_objective = _loss_proxy(grads, torch.from_numpy(candidate))
             if candidate_objective < objective:
-                mask, objective, swapped = candidate, candidate_objective, True
-                overlap += gram[:, kept] - gram[:, unpruned]
+                kept_np, objective, swapped = candidate, candidate_objective, True
+                overlap_np += gram_np[:, kept] - gram_np[:, unpruned]
         if not swapped:
             break
-    return mask
+    return torch.from_numpy(kept_np)
 
 
 def rearrange_mask(mask: torch.Tensor, grads: torch.Tensor, max_passes: int = 10) -> torch.Tensor:

@@ -31,7 +31,7 @@ the default dynamic cache works.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -228,17 +228,7 @@ def _slim_attention(block: nn.Module, adapter: ArchitectureAdapter, plan: _Layer
     _keep_columns(output, head_features, scales)
 
     if not kept_heads:
-        owns_output = layout.attention_output.startswith(attention_name + ".")
-        if owns_output:
-            projection_name = layout.attention_output[len(attention_name) + 1 :]
-            if "." in projection_name:
-                raise UnsupportedModelError(f"nested output projection {layout.attention_output} is not supported")
-            replacement = PrunedAttention(projection_name, output)
-        else:
-            replacement = PrunedAttention()
-        parent_name, _, child_name = attention_name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child_name, replacement)
+        replace_attention(block, adapter, PrunedAttention)
         return
 
     _keep_rows(_check_linear(block.get_submodule(layout.query), layout.query), head_features)
@@ -253,6 +243,28 @@ def _slim_attention(block: nn.Module, adapter: ArchitectureAdapter, plan: _Layer
     _set_attr_if_present(attention, _ALL_HEAD_SIZE_ATTRS, len(kept_heads) * head_dim)
     if _takes_position_bias(attention) and len(kept_heads) < n_heads:
         _with_position_bias_selection(attention, kept_heads)
+
+
+def replace_attention(block: nn.Module, adapter: ArchitectureAdapter,
+                      stand_in: Callable[[str | None, nn.Linear | None], nn.Module]) -> nn.Module:
+    """Put ``stand_in(projection_name, projection)`` in place of ``block``'s attention module (the parent of its
+    query projection) and return it. When that module holds the attention output projection (DistilBERT, MPNet,
+    Llama), ``projection_name`` is the projection's attribute name and ``projection`` the module, for the stand-in
+    to keep under that name (state-dict keys stay the same); else both are None (BERT's projection is the sibling
+    ``attention.output.dense``). The stand-in returns ``(output, None)`` as the attention modules do."""
+    layout = adapter.layout
+    attention_name = _parent_name(layout.query)
+    projection_name = projection = None
+    if layout.attention_output.startswith(attention_name + "."):
+        projection_name = layout.attention_output[len(attention_name) + 1 :]
+        if "." in projection_name:
+            raise UnsupportedModelError(f"nested output projection {layout.attention_output} is not supported")
+        projection = block.get_submodule(layout.attention_output)
+    parent_name, _, child_name = attention_name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    replacement = stand_in(projection_name, projection)
+    setattr(parent, child_name, replacement)
+    return replacement
 
 
 def _slim_ffn(block: nn.Module, adapter: ArchitectureAdapter, plan: _LayerPlan) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from inc_plugins.algorithms.fisher import FisherAccumulator
 from inc_plugins.finite_checks import check_tensor
 from inc_plugins.models.architectures import adapter_for
+from inc_plugins.models.first_token_heads import first_token_last_ffn
 from inc_plugins.models.structure_masks import MaskStructure, apply_structure_masks, mask_structure
 from inc_plugins.progress import progress
 
@@ -129,7 +130,9 @@ def collect_mask_gradients(
     block_names = [f"{prefix}.{index}" for index in range(len(blocks))]
     samples = progress(desc="mask_search Fisher pass", unit="sample", total=sum(batch_size(b) for b in batches))
     first_sample = 0
-    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask), samples, ExitStack() as recording:
+    # the loss reads the logits only: a classifier that reads one token needs its last FFN there alone
+    with _frozen_eval(model), apply_structure_masks(model, head_mask, neuron_mask), first_token_last_ffn(model), \
+            samples, ExitStack() as recording:
         for recorder in recorders:
             recording.enter_context(recorder.recording())
         for index, batch in enumerate(batches):

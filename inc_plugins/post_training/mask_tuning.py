@@ -18,16 +18,20 @@ after another. In block l:
 3. Both streams advance through the block (teacher: teacher masks; student: the tuned masks), so block l+1 is fitted
    on the inputs the tuned earlier blocks produce.
 
-Cost: the teacher and the FFN fit run the whole block; the attention fit stops the block once the attention output
-projection's input is recorded (the FFN would be wasted work). The student's passes run a slimmed copy of the block
+Cost: the teacher runs the whole block; the attention fit stops the block once the attention output projection's
+input is recorded (the FFN would be wasted work). The student's passes run a slimmed copy of the block
 (``surgery_transformers.slim_block``: only the kept heads and neurons, their current scales folded into the output
 projections), so they cost what the pruned block costs; the fits see the same contributions (kept features times
-scaled weight columns instead of scaled features times weight columns). A block that keeps no head or no neuron,
-and a family that cannot be slimmed, runs the masked block. The block output is the FFN residual plus the FFN
-output (pre-norm), or the block's last LayerNorm of that sum (post-norm), so the student's next input is computed
-from the FFN fit's recorded activations with the tuned scales (one output-projection matmul) instead of a fourth
-pass. The calibration sequences are regrouped by length first (``data.rebatch_by_length``): every fit sums over
-real tokens, so the grouping does not change it, and random batches of sentences are about half padding.
+scaled weight columns instead of scaled features times weight columns). The FFN fit's pass then replays the contexts
+the attention fit's pass recorded (``_ReplayedAttention``; the kept heads' context does not depend on their scales,
+which sit in the output projection) instead of running the query, key and value projections and the attention again.
+A block that keeps no head or no neuron, and a family that cannot be slimmed, runs the masked block, whole. The
+fits' token sums are products of ``CHUNK_TOKENS`` tokens at a time, the FFN's ``X^T X`` by BLAS's symmetric rank-k
+update (half the work of a general product; it is tuning's largest cost). The block output is the FFN residual plus
+the FFN output (pre-norm), or the block's last LayerNorm of that sum (post-norm), so the student's next input is
+computed from the FFN fit's recorded activations with the tuned scales (one output-projection matmul) instead of a
+fourth pass. The calibration sequences are regrouped by length first (``data.rebatch_by_length``): every fit sums
+over real tokens, so the grouping does not change it, and random batches of sentences are about half padding.
 
 Residuals: the attention residual is the block input in every supported family. The FFN residual is the FFN's
 input in post-norm (bert-like) blocks and block input + attention output in pre-norm (llama-like) blocks.
@@ -51,14 +55,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from scipy.linalg import blas
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.mask_tuning import ScaleSolution, choose_mask_scales
 from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
+from inc_plugins.models.first_token_heads import reads_first_token_only
 from inc_plugins.models.structure_masks import (MaskHooks, MaskStructure, expand_head_mask, group_head_mask,
                                                 mask_structure)
-from inc_plugins.models.surgery_transformers import slim_block, slimming_adapter
+from inc_plugins.models.surgery_transformers import replace_attention, slim_block, slimming_adapter
 from inc_plugins.progress import progress
 
 from .data import real_token_rows, rebatch_by_length, token_mask
@@ -102,27 +108,58 @@ class TuningResult:
         return [entry for entry in self.log if not entry.accepted]
 
 
+class _TokenSums:
+    """The token sums of one fit's normal equations (``KeptUnitEquations.statistics``) over the tokens added, and
+    the targets' squared norm when ``target_norm``. Tokens are multiplied in chunks of ``CHUNK_TOKENS``."""
+
+    def __init__(self, equations: KeptUnitEquations, target_norm: bool = False):
+        self.equations, self.target_norm = equations, target_norm
+        self.sums = equations.zero_statistics()
+        self.target_sq = 0.0
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_tokens = 0
+
+    def add(self, rows: Tensor, target: Tensor) -> None:
+        """``rows`` [tokens, features] (the output projection's input) and ``target`` [tokens, hidden]."""
+        self._pending.append((rows, target))
+        self._pending_tokens += rows.shape[0]
+        if self._pending_tokens >= CHUNK_TOKENS:
+            self._multiply()
+
+    def _multiply(self) -> None:
+        if not self._pending:
+            return
+        rows, target = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending, self._pending_tokens = [], 0
+        self.sums = tuple(total + part for total, part in zip(self.sums, self.equations.statistics(rows, target)))
+        if self.target_norm:
+            self.target_sq += float(target.double().square().sum())
+
+    def normal_equations(self) -> tuple[Tensor, Tensor]:
+        self._multiply()
+        return self.equations.equations(*self.sums)
+
+
 class _FitEquations:
     """One sub-layer's normal equations, summed over batches: on the fitted tokens, and on the held-out tokens
     with the held-out target's squared norm."""
 
-    def __init__(self, heldout: bool):
-        self.fit: tuple = (0, 0)
-        self.heldout: tuple | None = (0, 0, 0.0) if heldout else None
+    def __init__(self, equations: KeptUnitEquations, heldout: bool):
+        self.fit = _TokenSums(equations)
+        self.heldout = _TokenSums(equations, target_norm=True) if heldout else None
 
-    def add(self, equations, rows: Tensor, target: Tensor, fit_tokens: Tensor, heldout_tokens: Tensor) -> None:
-        """``equations(rows, target)`` -> (gram, rhs) of the selected tokens; ``rows`` [batch, seq, features] and
-        ``target`` [batch, seq, hidden] of one batch; ``*_tokens`` [batch, seq] booleans."""
-        gram, rhs = equations(real_token_rows(rows, fit_tokens), real_token_rows(target, fit_tokens))
-        self.fit = (self.fit[0] + gram, self.fit[1] + rhs)
+    def add(self, rows: Tensor, target: Tensor, fit_tokens: Tensor, heldout_tokens: Tensor) -> None:
+        """``rows`` [batch, seq, features] and ``target`` [batch, seq, hidden] of one batch; ``*_tokens`` [batch,
+        seq] booleans."""
+        self.fit.add(real_token_rows(rows, fit_tokens), real_token_rows(target, fit_tokens))
         if self.heldout is not None and heldout_tokens.any():
-            held_target = real_token_rows(target, heldout_tokens)
-            gram, rhs = equations(real_token_rows(rows, heldout_tokens), held_target)
-            self.heldout = (self.heldout[0] + gram, self.heldout[1] + rhs,
-                            self.heldout[2] + float(held_target.double().square().sum()))
+            self.heldout.add(real_token_rows(rows, heldout_tokens), real_token_rows(target, heldout_tokens))
 
     def solve(self, damp: float, max_abs_scale: float) -> ScaleSolution:
-        return choose_mask_scales(self.fit, self.heldout, damp=damp, max_abs_scale=max_abs_scale)
+        heldout = None
+        if self.heldout is not None:
+            heldout = (*self.heldout.normal_equations(), self.heldout.target_sq)
+        return choose_mask_scales(self.fit.normal_equations(), heldout, damp=damp, max_abs_scale=max_abs_scale)
 
 
 def _sample_ids(batches: Sequence[Mapping[str, Any]]) -> list[Tensor]:
@@ -146,26 +183,45 @@ def _log_entry(layer: int, part: str, n_kept: int, solution: ScaleSolution) -> L
 
 
 def _product_dtype(activations: Tensor) -> torch.dtype:
-    """One batch's products run in the activations' precision, at least float32 (float64 ones stay float64), and
-    are summed over batches in float64: float64 products cost twice the time for a change far below the fits'
+    """One chunk's products run in the activations' precision, at least float32 (float64 ones stay float64), and
+    are summed over chunks in float64: float64 products cost twice the time for a change far below the fits'
     sensitivity to which calibration samples were drawn."""
     return torch.float64 if activations.dtype == torch.float64 else torch.float32
 
 
+# Tokens per product of a fit's token sums. A batch of sentences holds a few hundred tokens; products that small,
+# one per batch, ran the fits at half the machine's matrix-multiply speed (MiniLM, 2048 samples: 13 s of tuning's
+# 27, 2026-12-04). Chunks this size run at full speed and bound the memory a chunk takes.
+CHUNK_TOKENS = 8192
+
+
+def _upper_gram(x: Tensor) -> Tensor:
+    """X^T X of a contiguous [tokens, features] matrix; only its upper triangle is meant (the rest may be 0).
+
+    On the CPU, BLAS's symmetric rank-k update (syrk) computes the upper triangle alone: half the multiply-adds of a
+    general product, and the largest cost of tuning an FFN of a thousand kept neurons."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0:
+        syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
+        return torch.from_numpy(syrk(1.0, x.numpy().T))  # x^T as a column-major [features, tokens]: x^T x
+    return x.T @ x
+
+
 class KeptUnitEquations:
-    """Normal equations (gram [n_kept, n_kept], rhs [n_kept], float64) of one sub-layer's fit, batch by batch,
-    without building the contributions A.
+    """Normal equations (gram [n_kept, n_kept], rhs [n_kept], float64) of one sub-layer's fit, without building the
+    contributions A.
 
     The sub-layer's output projection (``weight`` [hidden, n_units * unit_width]) reads unit u's features
     ``u*unit_width : (u+1)*unit_width`` (a head's context, or one FFN neuron's activation: unit_width 1). With X the
-    kept features of the tokens [tokens, kept features] and W their columns, unit u's contribution at token t is
-    ``X_u[t] W_u^T``, so
+    kept features of the tokens [tokens, kept features], B their targets [tokens, hidden] and W the kept features'
+    columns, unit u's contribution at token t is ``X_u[t] W_u^T``, so
 
         gram[u, v] = sum over i in u, j in v of (W^T W)[i, j] * (X^T X)[i, j]
-        rhs[u]     = sum over i in u of the column sums of X * (b W)
+        rhs[u]     = sum over i in u and h of W[h, i] * (X^T B)[i, h]
 
-    ``W^T W`` is the same for every batch and is formed once, here. Cost per batch: one [features x features] product
-    of the kept features, where the explicit contributions cost ``n_kept`` times the output size per token.
+    Both are linear in the token sums X^T X and X^T B (``statistics``, added up over the tokens), so ``equations``
+    forms them once per fit from the totals; ``W^T W`` is formed once, here. Cost per token: the kept features'
+    outer product and their product with the target, where the explicit contributions cost ``n_kept`` times the
+    output size.
     """
 
     def __init__(self, weight: Tensor, kept_units: Tensor, unit_width: int, dtype: torch.dtype):
@@ -173,14 +229,30 @@ class KeptUnitEquations:
         self.columns = (kept_units[:, None] * unit_width + torch.arange(unit_width, device=kept_units.device)).flatten()
         self.weight = weight[:, self.columns].to(dtype)
         self.weight_gram = (self.weight.T @ self.weight).double()
+        # a slimmed block's output projection reads kept features only: no columns to pick (a copy per chunk)
+        self.every_column = torch.equal(self.columns.cpu(), torch.arange(weight.shape[1]))
+
+    def zero_statistics(self) -> tuple[Tensor, Tensor]:
+        features, hidden = self.columns.numel(), self.weight.shape[0]
+        return (torch.zeros(features, features, dtype=torch.float64, device=self.weight.device),
+                torch.zeros(features, hidden, dtype=torch.float64, device=self.weight.device))
+
+    def statistics(self, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(upper triangle of X^T X, X^T B) in float64; ``inputs``: [tokens, n_units * unit_width], the output
+        projection's input; ``target``: [tokens, hidden]."""
+        x = (inputs if self.every_column else inputs[:, self.columns]).to(self.weight.dtype).contiguous()
+        return _upper_gram(x).double(), (x.T @ target.to(x.dtype)).double()
+
+    def equations(self, xtx_upper: Tensor, xtb: Tensor) -> tuple[Tensor, Tensor]:
+        """(gram, rhs) from the token sums ``statistics`` returns."""
+        n, width = self.n_kept, self.unit_width
+        xtx = xtx_upper.triu() + xtx_upper.triu(1).T
+        gram = (self.weight_gram * xtx).view(n, width, n, width).sum(dim=(1, 3))
+        rhs = (xtb * self.weight.T.double()).sum(dim=1).view(n, width).sum(dim=1)
+        return gram, rhs
 
     def __call__(self, inputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``inputs``: [tokens, n_units * unit_width], the output projection's input; ``target``: [tokens, hidden]."""
-        x = inputs[:, self.columns].to(self.weight.dtype)
-        n, width = self.n_kept, self.unit_width
-        gram = (self.weight_gram * (x.T @ x).double()).view(n, width, n, width).sum(dim=(1, 3))
-        rhs = ((target.to(self.weight.dtype) @ self.weight) * x).sum(dim=0).double().view(n, width).sum(dim=1)
-        return gram, rhs
+        return self.equations(*self.statistics(inputs, target))
 
 
 def unit_normal_equations(inputs: Tensor, weight: Tensor, kept_units: Tensor, target: Tensor,
@@ -214,6 +286,31 @@ def _slimmed_copy(block: nn.Module, adapter, structure: MaskStructure, head: Ten
     return slim_block(copy_, adapter, heads.tolist(), neurons.tolist(), num_heads=structure.n_heads,
                       num_kv_heads=structure.n_kv_heads, head_dim=structure.head_dim,
                       head_scales=head_scales[heads], neuron_scales=neuron_scales[neurons])
+
+
+# The FFN fit's pass replays the contexts the attention fit's pass recorded when they take at most this much memory
+# (MiniLM-L6, 2048 sentences: about 70 MB per block); above it, the pass runs the attention again.
+REPLAY_MAX_BYTES = 1 << 30
+
+
+class _ReplayedAttention(nn.Module):
+    """Stands in for a slimmed student block's attention module in the FFN fit's pass (``replace_attention``): its
+    output is ``context``, the output projection's input that the attention fit's pass recorded for the batch being
+    run, through the projection when the replaced module holds it. Slimming puts the kept heads' scales in the
+    projection's columns, so their context is the same under the new scales, and the pass skips the query, key and
+    value projections and the attention itself."""
+
+    def __init__(self, projection_name: str | None, projection: nn.Linear | None):
+        super().__init__()
+        self.context: Tensor | None = None
+        self.projection_name = projection_name
+        if projection_name is not None:
+            self.add_module(projection_name, projection)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
+        if self.projection_name is None:
+            return self.context, None
+        return getattr(self, self.projection_name)(self.context), None
 
 
 class _StopBlock(Exception):
@@ -263,10 +360,6 @@ def _first_tokens(tokens: Tensor) -> Tensor:
     return first
 
 
-def _default_first_token_only(model: nn.Module, structure: MaskStructure) -> bool:
-    return structure.family == "bert-like" and type(model).__name__.endswith("ForSequenceClassification")
-
-
 @torch.no_grad()
 def tune_mask_scales(
     model: nn.Module,
@@ -287,7 +380,8 @@ def tune_mask_scales(
 
     ``batches``: dict batches (labels are not used). ``damp``/``max_abs_scale``: see ``solve_mask_scales``.
     ``first_token_only_last_ffn``: fit only the first token in the last block's FFN; None = yes for bert-like
-    sequence classifiers. ``teacher_targets``: the dense teacher's targets, recorded on these batches by the Fisher
+    sequence classifiers (``first_token_heads.reads_first_token_only``).
+    ``teacher_targets``: the dense teacher's targets, recorded on these batches by the Fisher
     pass (``teacher_targets.TeacherTargets``): the teacher passes are skipped. Not with teacher masks.
     """
     if teacher_targets is not None and (teacher_head_mask is not None or teacher_neuron_mask is not None):
@@ -301,9 +395,10 @@ def tune_mask_scales(
     neuron = neuron_mask.detach().to(device, torch.float32).clone()
     if tuple(neuron.shape) != (structure.n_layers, structure.n_neurons):
         raise ValueError(f"neuron_mask must be [{structure.n_layers}, {structure.n_neurons}], got {tuple(neuron.shape)}")
-    first_token_only = (
-        _default_first_token_only(model, structure) if first_token_only_last_ffn is None else first_token_only_last_ffn
-    )
+    first_token_only = reads_first_token_only(model) if first_token_only_last_ffn is None else first_token_only_last_ffn
+    if teacher_targets is not None and teacher_targets.last_ffn_first_token_only and not first_token_only:
+        raise ValueError("the recorded teacher targets of the last FFN are exact at the first token only (the Fisher "
+                         "pass runs a first-token classifier's last FFN there alone): fit the last FFN there")
     unit_width = structure.heads_per_unit * structure.head_dim
     slimmable = _can_slim(model)
     ids = _sample_ids(batches)
@@ -361,13 +456,18 @@ def tune_mask_scales(
                     return (_slimmed_copy(block, adapter, structure, head, neuron, layer),
                             torch.arange(kept_units.numel()), torch.arange(kept_neurons.numel()))
 
+                # contexts of the attention fit's pass, for the FFN fit's pass to replay (slimmed blocks only: the
+                # masked block's recorded context carries the old scales)
+                padded_tokens = sum(mask.numel() for mask in tokens)
+                keep_contexts = slimmed and padded_tokens * kept_units.numel() * unit_width * 4 <= REPLAY_MAX_BYTES
+                contexts: list[Tensor] = []
                 if kept_units.numel():
                     runner, units, _ = student_block()
                     out = runner.get_submodule(layout.attention_output)
                     bias = out.bias.detach() if out.bias is not None else 0.0
                     weight = out.weight.detach()
-                    attention_equations = KeptUnitEquations(weight, units, unit_width, _product_dtype(weight))
-                    equations = _FitEquations(heldout_samples > 0)
+                    equations = _FitEquations(KeptUnitEquations(weight, units, unit_width, _product_dtype(weight)),
+                                              heldout_samples > 0)
                     for block_input, target, fit, heldout in zip(student_inputs, attention_targets, fit_tokens,
                                                                  heldout_tokens):
                         with _recording(out, "input") as context, _stopping_after(out):
@@ -376,12 +476,15 @@ def tune_mask_scales(
                             except _StopBlock:
                                 pass
                         residual = block_input.hidden_states
-                        equations.add(attention_equations, context[0], target - bias - residual, fit, heldout)
+                        equations.add(context[0], target - bias - residual, fit, heldout)
+                        if keep_contexts:
+                            contexts.append(context[0])
                     solution = equations.solve(damp, max_abs_scale)  # scales of 1 when rejected
                     log.append(_log_entry(layer, "attention", kept_units.numel(), solution))
                     head[layer, kept_units] *= solution.scales.to(device, torch.float32)
 
                 runner, _, neurons = student_block()  # with the attention's new scales
+                replayed = replace_attention(runner, adapter, _ReplayedAttention) if contexts else None
                 ffn_out = runner.get_submodule(layout.ffn_out)
                 attention_out = runner.get_submodule(layout.attention_output)
                 ffn_in = runner.get_submodule(layout.ffn_in[0])
@@ -391,11 +494,12 @@ def tune_mask_scales(
                 if kept_neurons.numel():
                     weight = ffn_out.weight.detach()
                     bias = ffn_out.bias.detach() if ffn_out.bias is not None else 0.0
-
-                    ffn_equations = KeptUnitEquations(weight, neurons, 1, _product_dtype(weight))
-                    equations = _FitEquations(heldout_samples > 0)
-                    for block_input, target, fit, heldout in zip(student_inputs, ffn_targets, fit_tokens,
-                                                                 heldout_tokens):
+                    equations = _FitEquations(KeptUnitEquations(weight, neurons, 1, _product_dtype(weight)),
+                                              heldout_samples > 0)
+                    for index, (block_input, target, fit, heldout) in enumerate(zip(student_inputs, ffn_targets,
+                                                                                    fit_tokens, heldout_tokens)):
+                        if replayed is not None:
+                            replayed.context = contexts[index]
                         with _recording(ffn_out, "input") as activations, _recording(attention_out, "output") as attn, \
                                 _recording(ffn_in, "input") as ffn_input:
                             _run(runner, block_input)
@@ -404,7 +508,7 @@ def tune_mask_scales(
                             ffn_pass.append((activations[0], residual))
                         if last and first_token_only:
                             fit, heldout = fit & _first_tokens(fit), heldout & _first_tokens(heldout)
-                        equations.add(ffn_equations, activations[0], target - bias - residual, fit, heldout)
+                        equations.add(activations[0], target - bias - residual, fit, heldout)
                     solution = equations.solve(damp, max_abs_scale)  # scales of 1 when rejected
                     log.append(_log_entry(layer, "ffn", kept_neurons.numel(), solution))
                     neuron[layer, kept_neurons] *= solution.scales.to(device, torch.float32)

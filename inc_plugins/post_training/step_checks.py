@@ -14,21 +14,27 @@ real token (token logits [batch, seq, vocab]). The dense predictions are recorde
 dense model on these samples anyway (masks of exactly 1), so they cost nothing. A pruned model changes mostly the
 decisions the dense model made with a small margin (top-1 minus top-2 logit), so each candidate runs only on the
 ``CHECK_SAMPLES`` samples of smallest dense margin (a sample's margin is its smallest over its positions): a quarter
-of a forward pass of Kwon et al.'s 2048 samples per candidate, where the decisions a check compares are.
+of a forward pass of Kwon et al.'s 2048 samples per candidate, where the decisions a check compares are. Each
+candidate runs as a slimmed copy of the model (the pruned model's cost; families that cannot be slimmed run masked),
+and a classifier that reads one token runs its last FFN there alone (``models.first_token_heads``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from inc_plugins.models.structure_masks import MaskHooks
+from inc_plugins.models.architectures import UnsupportedModelError
+from inc_plugins.models.first_token_heads import first_token_last_ffn
+from inc_plugins.models.structure_masks import MaskHooks, expand_head_mask, mask_structure
+from inc_plugins.models.surgery_transformers import slim_model, slimming_adapter
 from inc_plugins.progress import progress
 
 from .data import batch_size, model_inputs, rebatch_by_length, take_sequences, token_mask
@@ -121,7 +127,7 @@ class DensePredictions:
     def record_dense(self, batches: Sequence[Mapping[str, Any]]) -> None:
         """Record by running the model (no masks) on ``batches``: for when no Fisher pass ran."""
         first = 0
-        with self.recording():
+        with self.recording(), first_token_last_ffn(self.model):
             for batch in progress(batches, desc="mask_search dense predictions", unit="batch"):
                 rows = batch_size(batch)
                 with self.piece(torch.arange(first, first + rows), batch):
@@ -145,6 +151,20 @@ def _select(batches: Sequence[Mapping[str, Any]], sample_ids: Tensor) -> tuple[l
     return rebatch_by_length(chosen, ids)
 
 
+def _slimmed_copy(model: nn.Module, unit_head_mask: Tensor, neuron_mask: Tensor) -> nn.Module | None:
+    """A copy of ``model`` without the units the masks prune, the kept units' scales folded in: the masked model's
+    outputs at the pruned model's cost. The copy shares every parameter slimming leaves as it is (slimming replaces
+    parameters, it never writes into them), so it costs the memory of the slimmed layers. None when the model's
+    family cannot be slimmed."""
+    try:
+        slimming_adapter(model)
+    except UnsupportedModelError:
+        return None
+    shared = {id(parameter): parameter for parameter in model.parameters()}
+    return slim_model(copy.deepcopy(model, shared), expand_head_mask(unit_head_mask, mask_structure(model)),
+                      neuron_mask)
+
+
 class StepChecker:
     """Counts, for candidate masks, how many of the dense model's predictions on the ``samples`` least-sure
     calibration samples the masked model repeats; ``check`` decides a step."""
@@ -164,19 +184,23 @@ class StepChecker:
         for head, neuron, agree in self._counted:
             if torch.equal(head, unit_head_mask) and torch.equal(neuron, neuron_mask):
                 return agree
-        was_training = self.model.training
-        self.model.eval()
+        # The slimmed copy runs only the kept units; a family that cannot be slimmed runs masked (every unit computed)
+        slimmed = _slimmed_copy(self.model, unit_head_mask, neuron_mask)
+        runner = slimmed if slimmed is not None else self.model
+        was_training = runner.training
+        runner.eval()
         agree = 0
         try:
-            with MaskHooks(self.model, unit_head_mask, neuron_mask), \
+            with MaskHooks(self.model, unit_head_mask, neuron_mask) if slimmed is None else nullcontext(), \
+                    first_token_last_ffn(runner), \
                     progress(desc="mask_search step check", unit="sample", total=len(self.sample_ids)) as bar:
                 for batch, ids in zip(self.batches, self.ids):
-                    logits = _logits(self.model(**model_inputs(self.model, batch)))
+                    logits = _logits(runner(**model_inputs(runner, batch)))
                     for sample, positions in zip(ids.tolist(), _positions(logits, batch)):
                         agree += int((positions.argmax(dim=-1).cpu() == self.predictions.top1[sample]).sum())
                     bar.update(len(ids))
         finally:
-            self.model.train(was_training)
+            runner.train(was_training)
         self._counted.append((unit_head_mask.clone(), neuron_mask.clone(), agree))
         return agree
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from inc_plugins.execution.calibration import first_output
 from inc_plugins.models.architectures import adapter_for
+from inc_plugins.models.first_token_heads import reads_first_token_only
 from inc_plugins.models.structure_masks import MaskStructure
 
 from .data import real_token_rows, token_mask
@@ -45,6 +46,9 @@ class TeacherTargets:
         adapter = adapter_for(model)
         self.layout, (_, self.blocks) = adapter.layout, adapter.blocks(model)
         self.pre_norm = structure.pre_norm
+        # the Fisher pass runs such a model's last FFN on the first token alone (first_token_heads): its FFN targets
+        # are exact there only, where tuning fits that FFN
+        self.last_ffn_first_token_only = reads_first_token_only(model)
         self.lengths = _real_tokens(batches)
         self.offsets = torch.cumsum(self.lengths, dim=0) - self.lengths
         total = int(self.lengths.sum())
@@ -96,7 +100,9 @@ class TeacherTargets:
                 rows, mask = self._piece
                 residual = seen["input"] + seen["attention"] if self.pre_norm else seen["ffn_input"]
                 self.attention[index][rows] = real_token_rows(seen["attention"] + seen["input"], mask).float()
-                self.ffn[index][rows] = real_token_rows(first_output(output).detach() + residual, mask).float()
+                # expand: under the first-token shortcut the last FFN ran on one position (exact there only)
+                target = (first_output(output).detach() + residual).expand(*mask.shape, -1)
+                self.ffn[index][rows] = real_token_rows(target, mask).float()
 
             handles += [block.register_forward_pre_hook(block_input, with_kwargs=True),
                         block.get_submodule(self.layout.attention_output).register_forward_hook(attention_output),
