@@ -13,8 +13,10 @@ import torch
 from benchmarks.suites.pruned_models import block_linears, magnitude_per_output, prune, pruning_settings
 from inc_plugins.perf.memory import PeakRss
 
-# magnitude needs no calibration: |W| ranked within each output row, the baseline Wanda is compared with
-PRUNERS = ("wanda", "sparse_gpt", "mask_search", "magnitude")
+# magnitude needs no calibration: |W| ranked within each output row, the baseline Wanda is compared with.
+# mask_search_full: the `make demo` stage (rearrangement, tuning and their step checks) on the mask search's own
+# calibration set (the minilm scale: the recipe's 2048 samples), where the others share the small cost set.
+PRUNERS = ("wanda", "sparse_gpt", "mask_search", "mask_search_full", "magnitude")
 
 
 def pruner_config(pruner: str, blocks: str) -> dict | None:
@@ -23,6 +25,8 @@ def pruner_config(pruner: str, blocks: str) -> dict | None:
         return None
     if pruner == "sparse_gpt":
         return {"pruning_type": "sparse_gpt", "target_sparsity": 0.5, "pattern": "1x1", "op_names": [blocks]}
+    if pruner == "mask_search_full":
+        return {**pruning_settings("slim40", blocks), "rearrange": True, "tune": True, "check_steps": True}
     return pruning_settings({"wanda": "wanda50", "mask_search": "slim40"}[pruner], blocks)
 
 
@@ -30,6 +34,7 @@ def pruner_config(pruner: str, blocks: str) -> dict | None:
 def test_pruning_cost(benchmark, pruner, settings, model_variants):
     task = model_variants.task
     config = pruner_config(pruner, task.blocks)
+    calibration = task.calibration if pruner == "mask_search_full" else task.cost_calibration
     peaks, measures, phases = [], set(), []
 
     def fresh_copy():
@@ -40,8 +45,8 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
             if config is None:
                 pruned = magnitude_per_output(model, task.blocks)
             else:
-                pruned, result = prune(model, config, task.cost_calibration)
-                if pruner == "mask_search":  # where the time goes: Fisher pass, search, rearrangement, tuning
+                pruned, result = prune(model, config, calibration)
+                if pruner.startswith("mask_search"):  # where the time goes: Fisher pass, search, rearrangement, ...
                     phases.append(result.phase_seconds)
         peaks.append(peak.increase_mb)
         measures.add(peak.method)
@@ -51,7 +56,7 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
     # pruning takes seconds to minutes: a fixed small round count, the first round included
     rounds = settings.rounds if settings.rounds is not None else 2
     pruned = benchmark.pedantic(prune_once, setup=fresh_copy, rounds=rounds, warmup_rounds=0, iterations=1)
-    samples = sum(batch["input_ids"].shape[0] for batch in task.cost_calibration)
+    samples = sum(batch["input_ids"].shape[0] for batch in calibration)
     benchmark.extra_info.update({
         "suite": "pruning_cost", "scale": settings.scale, "pruner": pruner, "peak_memory_measure": sorted(measures),
         "config": config or {"criterion": "|W| per output row", "target_sparsity": 0.5},
@@ -61,7 +66,7 @@ def test_pruning_cost(benchmark, pruner, settings, model_variants):
         **({"phase_seconds": phases} if phases else {}),
     })
     dense_parameters = sum(p.numel() for p in task.model.parameters())
-    if pruner == "mask_search":
+    if pruner.startswith("mask_search"):
         assert sum(p.numel() for p in pruned.parameters()) < dense_parameters  # slimmed
     else:
         assert sum(int((m.weight == 0).sum()) for m in block_linears(pruned, task.blocks)) > 0
