@@ -79,10 +79,13 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
     lines += ["", "## Before and after", "", "| | before | after |", "|---|---:|---:|"]
     lines += [f"| {label} | {b} | {a} |" for label, b, a in comparison_rows(report)]
     sparsity = report["layer_sparsity"]
-    if sparsity:
+    if sparsity and not _slimmed_without_zeros(report):
         values = list(sparsity.values())
         lines += ["", f"Per-layer sparsity over {len(values)} layers: min {min(values):.3f}, "
                       f"mean {sum(values) / len(values):.3f}, max {max(values):.3f}."]
+    elif sparsity:
+        lines += ["", "No weight is zero: the pruned heads and neurons were removed, not zeroed (the plot shows how "
+                      "many each block kept)."]
     benchmark = report.get("benchmark")
     if benchmark:
         shape = benchmark["inputs"]
@@ -95,6 +98,11 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
     lines += ["", "## Load the model", "", "```python", report["model"]["load"], "```", ""]
     return "\n".join(lines)
+
+
+def _slimmed_without_zeros(report: dict) -> bool:
+    """A slimmed model whose layers hold no zero weights: per-layer sparsity would be a column of zeros."""
+    return report["model"]["slimmed"] and not any(report["layer_sparsity"].values())
 
 
 def _searched_structure(report: dict) -> dict | None:
@@ -114,11 +122,14 @@ def plot_run(report: dict, path: Path) -> None:
     sparsity, structure = report["layer_sparsity"], _searched_structure(report)
     names, values = list(sparsity), list(sparsity.values())
     height = min(60.0, max(3.0, 0.16 * len(names) + 1.2))
+    zeros_panel = structure is None or not _slimmed_without_zeros(report)
     if structure is None:
         figure, axes = plt.subplots(figsize=(8, height))
-    else:
+    elif zeros_panel:
         figure, (heads, neurons, axes) = plt.subplots(
             1, 3, figsize=(14, max(height, 4.0)), gridspec_kw={"width_ratios": [1, 1, 2]})
+    else:  # slimmed: nothing is zero, the kept heads and neurons are the whole story
+        figure, (heads, neurons) = plt.subplots(1, 2, figsize=(9, max(0.5 * len(structure["kept_heads"]) + 1.5, 3.0)))
         for panel, kept, total, what in ((heads, structure["kept_heads"], structure["heads_per_layer"], "heads"),
                                          (neurons, structure["kept_neurons"], structure["neurons_per_layer"],
                                           "FFN neurons")):
@@ -131,13 +142,14 @@ def plot_run(report: dict, path: Path) -> None:
             panel.set_xlabel(f"{what} kept of {total}")
             panel.set_title(f"mask_search: {what}")
         heads.legend(loc="lower right", fontsize=7)
-    axes.barh(range(len(names)), values, color="tab:blue")
-    axes.set_yticks(range(len(names)), names, fontsize=max(3, min(8, 400 / max(1, len(names)))))
-    axes.invert_yaxis()
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("fraction of zero weights")
-    axes.set_title(f"{report['recipe']}: per-layer sparsity")
-    axes.grid(axis="x", alpha=0.3)
+    if zeros_panel:
+        axes.barh(range(len(names)), values, color="tab:blue")
+        axes.set_yticks(range(len(names)), names, fontsize=max(3, min(8, 400 / max(1, len(names)))))
+        axes.invert_yaxis()
+        axes.set_xlim(0, 1)
+        axes.set_xlabel("fraction of zero weights")
+        axes.set_title(f"{report['recipe']}: per-layer sparsity")
+        axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.partial.png")
     figure.savefig(staging, dpi=100)

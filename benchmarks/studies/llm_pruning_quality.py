@@ -1,9 +1,11 @@
-"""LLM pruning quality: perplexity, pruning time and peak memory of magnitude, SparseGPT and Wanda on SmolLM2-135M.
+"""LLM pruning quality: perplexity, pruning time and peak memory of magnitude, SparseGPT and Wanda (uniform, or with
+OWL's block sparsities: method wanda_owl) on SmolLM2-135M.
 
     python -m benchmarks.studies.llm_pruning_quality                       # the README table (about an hour on 2 cores)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --settings 50% 2:4   # ours vs INC's prune_wanda
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
+    python -m benchmarks.studies.llm_pruning_quality --methods wanda wanda_owl --settings 50% 60% 70%  # OWL
 
 Calibration: random windows of the State of the Union speeches; evaluation: the first consecutive windows of Moby
 Dick, so the two never overlap (window counts and lengths, evaluation batch and seed from
@@ -61,12 +63,16 @@ class BlockForwardTimer:
             h.remove()
 
 
-def _prune(model, method: str, pattern: str, sparsity: float, calibration) -> None:
+def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: dict | None = None) -> None:
     if method == "magnitude":
         magnitude_per_output(model, LLAMA_BLOCKS, pattern, sparsity)
         return
+    # wanda_owl: Wanda with OWL's outlier-weighted block sparsities (``owl``: owl_m / owl_lambda given on the command
+    # line; else the plugin's defaults, the paper's M = 5 and lambda = 0.08)
+    entry = ({"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})} if method == "wanda_owl"
+             else {"pruning_type": method})
     config = inc_plugins.pruning_config(pruning_configs=[
-        {"pruning_type": method, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
+        {**entry, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
     ])
     inc_plugins.prepare_pruning(model, config, dataloader=calibration)
 
@@ -87,7 +93,7 @@ def run_one(method: str, sparsity_name: str, settings: dict) -> dict:
         pattern, sparsity = settings["sparsities"][sparsity_name]
         timer = BlockForwardTimer(model.model.layers)
         with PeakRss() as peak:
-            total = seconds_of(lambda: _prune(model, method, pattern, sparsity, calibration))
+            total = seconds_of(lambda: _prune(model, method, pattern, sparsity, calibration, settings.get("owl")))
         timer.remove()
         linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
         result |= {
@@ -196,9 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-len", type=int, help="default: the recipe's")
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
-    parser.add_argument("--methods", nargs="+", choices=("magnitude", "sparse_gpt", "wanda"))
+    parser.add_argument("--methods", nargs="+", choices=("magnitude", "sparse_gpt", "wanda", "wanda_owl"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
-                        help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%; default: all)")
+                        help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%, 70%%; default: "
+                             "all)")
+    parser.add_argument("--owl-m", type=float, help="wanda_owl's owl_m (default: the plugin's, 5)")
+    parser.add_argument("--owl-lambda", type=float, help="wanda_owl's owl_lambda (default: the plugin's, 0.08)")
     parser.add_argument("--compare-inc", action="store_true",
                         help="instead: time our Wanda against INC's prune_wanda and compare their masks")
     args = parser.parse_args(argv)
@@ -211,6 +220,8 @@ def main(argv=None) -> int:
              "eval_len": args.eval_len, "eval_batch": args.eval_batch, "seed": args.seed, "methods": args.methods}
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["quick"] = args.quick
+    owl = {"owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
+    settings["owl"] = {key: value for key, value in owl.items() if value is not None}
     names = args.sparsities or list(settings["sparsities"])
     unknown = [name for name in names if name not in settings["sparsities"]]
     if unknown:

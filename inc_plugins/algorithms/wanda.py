@@ -115,6 +115,16 @@ def per_output_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.scatter_(1, order[:, :num_pruned], False)
 
 
+def rows_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[out_features, in_features]`` pruning the ``counts[r]`` lowest scores of row ``r``."""
+    _check_matrix(scores)
+    if counts.shape != scores.shape[:1] or bool((counts < 0).any() | (counts > scores.shape[1]).any()):
+        raise ValueError(f"counts must be [{scores.shape[0]}] within [0, {scores.shape[1]}], got {counts.tolist()}")
+    order = torch.sort(scores, dim=1, stable=True).indices
+    pruned_in_order = torch.arange(scores.shape[1], device=scores.device) < counts.to(scores.device)[:, None]
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, ~pruned_in_order)
+
+
 def per_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep mask shaped like ``scores`` pruning the ``int(numel * sparsity)`` lowest scores of the whole matrix."""
     _check_sparsity(sparsity)

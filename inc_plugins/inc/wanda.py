@@ -16,6 +16,10 @@ A ``"global"`` comparison group ranks every layer's scores together, which needs
 pruned, so it calibrates twice: one pass over the *dense* model fixes how many weights each layer loses; the
 sequential pass then chooses *which* ones, per layer, from statistics of the already-pruned earlier blocks. The
 total is exactly ``int(total * sparsity)``. The calibration batches are materialised in a list for the two passes.
+``layer_sparsity="owl"`` (OWL, Yin et al. 2024; math in ``algorithms.owl``) takes the same two passes: the dense
+pass measures each block's share of outlier scores and sets the blocks' sparsities (outlier-rich blocks pruned
+less), with per-layer counts that add up to exactly ``int(total * sparsity)``; the sequential pass prunes each
+layer to its count, per output row (the first rows one more when the count does not divide) or per layer.
 
 Layer selection follows INC: ``op_names`` / ``excluded_op_names`` are regexes searched in module names,
 ``pruning_op_types`` are substrings of class names; the model family's task heads (``lm_head``, ``classifier``,
@@ -45,11 +49,13 @@ from transformers.pytorch_utils import Conv1D
 
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
 from inc_plugins.algorithms.nm_mask import nm_mask
+from inc_plugins.algorithms.owl import outlier_ratio, owl_sparsities, pruned_counts, row_counts
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
     global_masks,
     per_layer_mask,
     per_output_mask,
+    rows_mask,
     variant_mask,
     wanda_scores,
 )
@@ -86,6 +92,14 @@ class WandaSettings(PluginSettings):
         "layers at once"))
     use_variant: bool = Field(False, description=(
         "the paper's Wanda variant (a cumulative-score threshold per row); only with per_output and '1x1'"))
+    layer_sparsity: Literal["uniform", "owl"] = Field("uniform", description=(
+        "'uniform': target_sparsity in every layer; 'owl': outlier-weighted layer-wise sparsity (Yin et al. 2024): "
+        "blocks with a larger share of outlier scores are pruned less, the total stays exactly target_sparsity; "
+        "only with pattern '1x1' and comparison_group per_output or per_layer"))
+    owl_m: float = Field(5.0, gt=0, description=(
+        "OWL: a score is an outlier above owl_m times the mean score of its block (the paper's M)"))
+    owl_lambda: float = Field(0.08, ge=0, lt=1, description=(
+        "OWL: block sparsities spread over target_sparsity +- owl_lambda (the paper's lambda)"))
 
     @field_validator("pattern")
     @classmethod
@@ -114,6 +128,12 @@ class WandaSettings(PluginSettings):
             raise ValueError(
                 f"use_variant works only with comparison_group 'per_output' and pattern '1x1', "
                 f"got comparison_group {group!r} and pattern {self.pattern!r}"
+            )
+        if self.layer_sparsity == "owl" and (nm is not None or group == "global" or self.use_variant):
+            raise ValueError(
+                f"layer_sparsity 'owl' sets each block's sparsity itself, so it works with pattern '1x1' and "
+                f"comparison_group 'per_output' or 'per_layer' without use_variant, got pattern {self.pattern!r}, "
+                f"comparison_group {group!r}, use_variant {self.use_variant}"
             )
         if nm is not None:
             if group != "per_output":
@@ -183,7 +203,9 @@ class WandaPruner(OneShotPruner):
     def _init(self) -> None:
         super()._init()
         self.feature_norms: dict[str, InputFeatureNorms] = {}
-        self.pruned_counts: dict[str, int] | None = None  # per layer, for comparison_group "global"
+        self.pruned_counts: dict[str, int] | None = None  # per layer, for comparison_group "global" and OWL
+        self.block_sparsity: dict[int, float] = {}  # OWL: each block's sparsity, by block index
+        self.outlier_ratios: dict[int, float] = {}  # OWL: each block's share of outlier scores in the dense model
         self.alphas: dict[str, float] = {}  # per layer, for use_variant
         self.pruned_layers: set[str] = set()
 
@@ -232,13 +254,15 @@ class WandaPruner(OneShotPruner):
         module = self.modules[name]
         if settings.nm is not None:
             return _from_nm_view(module, nm_mask(_nm_view(module, scores), *settings.nm))
-        if settings.comparison_group == "per_layer":
-            return per_layer_mask(scores, settings.target_sparsity)
-        if settings.comparison_group == "global":
+        if self.pruned_counts is not None:  # global ranking or OWL: counts fixed by the dense pass
             count = self.pruned_counts[name]
+            if settings.comparison_group == "per_output":
+                return rows_mask(scores, row_counts(count, *scores.shape))
             if count >= scores.numel():
                 return torch.zeros_like(scores, dtype=torch.bool)
             return per_layer_mask(scores, fraction_pruning_exactly(count, scores.numel()))
+        if settings.comparison_group == "per_layer":
+            return per_layer_mask(scores, settings.target_sparsity)
         if settings.use_variant:
             try:
                 keep, self.alphas[name] = variant_mask(scores, settings.target_sparsity)
@@ -249,8 +273,9 @@ class WandaPruner(OneShotPruner):
 
     def prune(self, names: Iterable[str]) -> None:
         """Compute the masks of ``names`` from their statistics, zero the pruned weights, store the masks."""
-        if self.settings.comparison_group == "global" and self.pruned_counts is None:
-            raise RuntimeError("comparison_group 'global' needs pruned_counts from a dense pass before prune()")
+        if self._needs_dense_pass(self.settings) and self.pruned_counts is None:
+            raise RuntimeError("comparison_group 'global' and layer_sparsity 'owl' need pruned_counts from a dense "
+                               "pass before prune()")
         for name in names:
             module = self.modules[name]
             keep = self._keep_matrix(name, self.scores(name))
@@ -258,6 +283,10 @@ class WandaPruner(OneShotPruner):
             self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
             self.pruned_layers.add(name)
             del self.feature_norms[name]  # the statistics of a pruned layer are never read again
+
+    @staticmethod
+    def _needs_dense_pass(settings: WandaSettings) -> bool:
+        return settings.comparison_group == "global" or settings.layer_sparsity == "owl"
 
     def on_train_begin(self, dataloader=None) -> None:
         if not self.pruned:
@@ -363,11 +392,36 @@ class WandaPruning(OneShotPruning):
             pruner.pruned_counts = {name: int((~mask).sum()) for name, mask in masks.items()}
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 
+    def _allocate_owl(self, pruners: Sequence[WandaPruner]) -> None:
+        """Per-layer pruned counts from each block's outlier ratio in the dense model's scores (``algorithms.owl``)."""
+        for pruner in pruners:
+            settings = pruner.settings
+            scores = {name: pruner.scores(name) for name in pruner.modules}
+            block_of = {name: self._block_of[id(pruner.modules[name])] for name in scores}
+            blocks = sorted(set(block_of.values()))
+            ratios = [outlier_ratio([s for name, s in scores.items() if block_of[name] == b], settings.owl_m)
+                      for b in blocks]
+            sizes = [sum(s.numel() for name, s in scores.items() if block_of[name] == b) for b in blocks]
+            try:
+                sparsity = dict(zip(blocks, owl_sparsities(ratios, sizes, settings.target_sparsity,
+                                                           settings.owl_lambda)))
+            except ValueError as error:
+                raise PruningConfigError(str(error)) from error
+            pruner.pruned_counts = pruned_counts({name: s.numel() for name, s in scores.items()}, block_of, sparsity,
+                                                 settings.target_sparsity)
+            pruner.block_sparsity = sparsity
+            pruner.outlier_ratios = dict(zip(blocks, ratios))
+            logger.info("Wanda OWL: block outlier ratios %s -> sparsities %s",
+                        [round(r, 4) for r in ratios], [round(sparsity[b], 4) for b in blocks])
+            pruner.feature_norms.clear()  # the sequential pass collects its own statistics
+
     def prune(self, dataloader, loss_func) -> None:
         global_pruners = [p for p in self.pruners if p.settings.comparison_group == "global"]
+        owl_pruners = [p for p in self.pruners if p.settings.layer_sparsity == "owl"]
         # Two passes read the data twice: a one-shot iterator would be empty the second time.
-        batches = list(dataloader) if global_pruners else dataloader
-        if global_pruners:
-            self._walk(batches, global_pruners, prune=False)
+        batches = list(dataloader) if global_pruners or owl_pruners else dataloader
+        if global_pruners or owl_pruners:
+            self._walk(batches, [*global_pruners, *owl_pruners], prune=False)
             self._allocate_global(global_pruners)
+            self._allocate_owl(owl_pruners)
         self._walk(batches, self.pruners, prune=True)
