@@ -121,6 +121,11 @@ class WandaSettings(PluginSettings):
         match = _NM_PATTERN.match(pattern_name(self.pattern))
         return (int(match.group(1)), int(match.group(2))) if match else None
 
+    @property
+    def needs_dense_pass(self) -> bool:
+        """A global ranking and OWL fix each layer's count from the dense model's scores before pruning."""
+        return self.comparison_group == "global" or self.layer_sparsity == "owl"
+
     @model_validator(mode="after")
     def _consistent(self) -> WandaSettings:
         nm, group = self.nm, self.comparison_group
@@ -273,7 +278,7 @@ class WandaPruner(OneShotPruner):
 
     def prune(self, names: Iterable[str]) -> None:
         """Compute the masks of ``names`` from their statistics, zero the pruned weights, store the masks."""
-        if self._needs_dense_pass(self.settings) and self.pruned_counts is None:
+        if self.settings.needs_dense_pass and self.pruned_counts is None:
             raise RuntimeError("comparison_group 'global' and layer_sparsity 'owl' need pruned_counts from a dense "
                                "pass before prune()")
         for name in names:
@@ -283,10 +288,6 @@ class WandaPruner(OneShotPruner):
             self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
             self.pruned_layers.add(name)
             del self.feature_norms[name]  # the statistics of a pruned layer are never read again
-
-    @staticmethod
-    def _needs_dense_pass(settings: WandaSettings) -> bool:
-        return settings.comparison_group == "global" or settings.layer_sparsity == "owl"
 
     def on_train_begin(self, dataloader=None) -> None:
         if not self.pruned:
@@ -416,12 +417,11 @@ class WandaPruning(OneShotPruning):
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 
     def prune(self, dataloader, loss_func) -> None:
-        global_pruners = [p for p in self.pruners if p.settings.comparison_group == "global"]
-        owl_pruners = [p for p in self.pruners if p.settings.layer_sparsity == "owl"]
+        dense_pass = [p for p in self.pruners if p.settings.needs_dense_pass]
         # Two passes read the data twice: a one-shot iterator would be empty the second time.
-        batches = list(dataloader) if global_pruners or owl_pruners else dataloader
-        if global_pruners or owl_pruners:
-            self._walk(batches, [*global_pruners, *owl_pruners], prune=False)
-            self._allocate_global(global_pruners)
-            self._allocate_owl(owl_pruners)
+        batches = list(dataloader) if dense_pass else dataloader
+        if dense_pass:
+            self._walk(batches, dense_pass, prune=False)
+            self._allocate_global([p for p in dense_pass if p.settings.comparison_group == "global"])
+            self._allocate_owl([p for p in dense_pass if p.settings.layer_sparsity == "owl"])
         self._walk(batches, self.pruners, prune=True)

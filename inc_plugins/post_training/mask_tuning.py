@@ -202,7 +202,7 @@ def _upper_gram(x: Tensor) -> Tensor:
     general product, and the largest cost of tuning an FFN of a thousand kept neurons."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0:
         syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
-        return torch.from_numpy(syrk(1.0, x.numpy().T))  # x^T as a column-major [features, tokens]: x^T x
+        return torch.from_numpy(syrk(1.0, x.detach().numpy().T))  # x^T, column-major [features, tokens]: x^T x
     return x.T @ x
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.first_token_heads import first_token_last_ffn
 from inc_plugins.models.structure_masks import MaskHooks, expand_head_mask, mask_structure
-from inc_plugins.models.surgery_transformers import slim_model, slimming_adapter
+from inc_plugins.models.surgery_transformers import SLIMMED_CONFIG_KEY, slim_model, slimming_adapter
 from inc_plugins.progress import progress
 
 from .data import batch_size, model_inputs, rebatch_by_length, take_sequences, token_mask
@@ -151,14 +151,16 @@ def _select(batches: Sequence[Mapping[str, Any]], sample_ids: Tensor) -> tuple[l
     return rebatch_by_length(chosen, ids)
 
 
-def _slimmed_copy(model: nn.Module, unit_head_mask: Tensor, neuron_mask: Tensor) -> nn.Module | None:
+def _slimmed_model(model: nn.Module, unit_head_mask: Tensor, neuron_mask: Tensor) -> nn.Module | None:
     """A copy of ``model`` without the units the masks prune, the kept units' scales folded in: the masked model's
     outputs at the pruned model's cost. The copy shares every parameter slimming leaves as it is (slimming replaces
     parameters, it never writes into them), so it costs the memory of the slimmed layers. None when the model's
-    family cannot be slimmed."""
+    family cannot be slimmed, or the model was slimmed already (its layers differ in size)."""
     try:
         slimming_adapter(model)
     except UnsupportedModelError:
+        return None
+    if getattr(model.config, SLIMMED_CONFIG_KEY, None) is not None:
         return None
     shared = {id(parameter): parameter for parameter in model.parameters()}
     return slim_model(copy.deepcopy(model, shared), expand_head_mask(unit_head_mask, mask_structure(model)),
@@ -185,7 +187,7 @@ class StepChecker:
             if torch.equal(head, unit_head_mask) and torch.equal(neuron, neuron_mask):
                 return agree
         # The slimmed copy runs only the kept units; a family that cannot be slimmed runs masked (every unit computed)
-        slimmed = _slimmed_copy(self.model, unit_head_mask, neuron_mask)
+        slimmed = _slimmed_model(self.model, unit_head_mask, neuron_mask)
         runner = slimmed if slimmed is not None else self.model
         was_training = runner.training
         runner.eval()
