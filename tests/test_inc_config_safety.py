@@ -173,11 +173,12 @@ def test_a_global_pattern_the_user_set_is_kept_for_plugin_entries():
 @pytest.mark.parametrize("where", ["local", "global"])
 def test_an_unknown_plugin_key_is_refused_naming_the_allowed_keys(where):
     entry = {"pruning_type": "wanda", "target_sparsity": 0.5}
-    config = (inc_plugins.pruning_config(pruning_configs=[{**entry, "dsnot": True}]) if where == "local"
-              else inc_plugins.pruning_config(**entry, dsnot=True))
+    config = (inc_plugins.pruning_config(pruning_configs=[{**entry, "sparsity_warmup": True}]) if where == "local"
+              else inc_plugins.pruning_config(**entry, sparsity_warmup=True))
     with pytest.raises(inc_plugins.PruningConfigError,
-                       match=r"pruning_type 'wanda' has no config key 'dsnot'\. .*Its own keys: comparison_group, "
-                             r"layer_sparsity, owl_lambda, owl_m, use_variant; INC's keys: .*op_names"):
+                       match=r"pruning_type 'wanda' has no config key 'sparsity_warmup'\. .*Its own keys: "
+                             r"comparison_group, dsnot, layer_sparsity, owl_lambda, owl_m, use_variant; INC's keys: "
+                             r".*op_names"):
         inc_plugins.prepare_pruning(tiny_llama_lm(), config, dataloader=token_batches(1, 2, 16))
 
 

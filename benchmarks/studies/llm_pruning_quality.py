@@ -6,6 +6,7 @@ OWL's block sparsities: method wanda_owl) on SmolLM2-135M.
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --settings 50% 2:4   # ours vs INC's prune_wanda
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
     python -m benchmarks.studies.llm_pruning_quality --methods wanda wanda_owl --settings 50% 60% 70%  # OWL
+    python -m benchmarks.studies.llm_pruning_quality --compare-inc --dsnot --settings 50%  # DSnoT: ours vs INC's
 
 Calibration: random windows of the State of the Union speeches; evaluation: the first consecutive windows of Moby
 Dick, so the two never overlap (window counts and lengths, evaluation batch and seed from
@@ -17,15 +18,15 @@ Pruning time excludes the blocks' forward passes (hooks included), as the Wanda 
 the pruning metric and the mask/weight update (SparseGPT's Hessian inversions and updates; Wanda's scores and sort).
 
 Writes <out>/llm_pruning_quality.{json,md} (--quick: llm_pruning_quality_quick.*); --compare-inc writes
-<out>/wanda_vs_inc.json.
+<out>/wanda_vs_inc.json (with --dsnot: wanda_dsnot_vs_inc.json).
 """
 
-import hashlib
 import json
 import math
 import multiprocessing
 import time
 
+import numpy
 import torch
 from neural_compressor.compression.pruner.wanda.prune import prune_wanda
 
@@ -69,8 +70,10 @@ def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: 
         return
     # wanda_owl: Wanda with OWL's outlier-weighted block sparsities (``owl``: owl_m / owl_lambda given on the command
     # line; else the plugin's defaults, the paper's M = 5 and lambda = 0.08)
-    entry = ({"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})} if method == "wanda_owl"
-             else {"pruning_type": method})
+    # wanda_dsnot: Wanda with DSnoT's swaps (INC's prune_wanda(dsnot=True) defaults)
+    entries = {"wanda_owl": {"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})},
+               "wanda_dsnot": {"pruning_type": "wanda", "dsnot": True}}
+    entry = entries.get(method, {"pruning_type": method})
     config = inc_plugins.pruning_config(pruning_configs=[
         {**entry, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
     ])
@@ -118,19 +121,21 @@ def run_inc_prune_wanda(sparsity_name: str, settings: dict) -> dict:
     windows = torch.utils.data.TensorDataset(torch.cat([batch[0] for batch in calibration]))
     loader = torch.utils.data.DataLoader(windows, batch_size=1)
     seconds = seconds_of(lambda: prune_wanda(model, loader, sparsity_ratio=sparsity, prune_n=n, prune_m=m,
-                                             nsamples=len(calibration)))
-    return {"seconds": seconds, "masks": _mask_fingerprints(model)}
+                                             nsamples=len(calibration), dsnot=settings["dsnot"]))
+    return {"seconds": seconds, "masks": _packed_masks(model)}
 
 
 def run_our_wanda(sparsity_name: str, settings: dict) -> dict:
     model, calibration, _ = _load(settings)
     pattern, sparsity = settings["sparsities"][sparsity_name]
-    seconds = seconds_of(lambda: _prune(model, "wanda", pattern, sparsity, calibration))
-    return {"seconds": seconds, "masks": _mask_fingerprints(model)}
+    method = "wanda_dsnot" if settings["dsnot"] else "wanda"
+    seconds = seconds_of(lambda: _prune(model, method, pattern, sparsity, calibration))
+    return {"seconds": seconds, "masks": _packed_masks(model)}
 
 
-def _mask_fingerprints(model) -> dict[str, str]:
-    return {name: hashlib.sha256((m.weight != 0).numpy().tobytes()).hexdigest()
+def _packed_masks(model) -> dict[str, bytes]:
+    """Each Linear's mask (weight != 0), a bit per weight: small enough to send back from the child process."""
+    return {name: numpy.packbits((m.weight != 0).numpy()).tobytes()
             for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -141,9 +146,15 @@ def compare_with_inc(sparsity_name: str, settings: dict) -> dict:
     if "error" in inc or "error" in ours:
         return {"setting": sparsity_name, "inc": inc, "ours": ours}
     differing = sorted(name for name in ours["masks"] if ours["masks"][name] != inc["masks"].get(name))
-    return {"setting": sparsity_name, "inc_seconds": inc["seconds"], "our_seconds": ours["seconds"],
-            "speedup_vs_inc": inc["seconds"] / ours["seconds"], "layers": len(ours["masks"]),
-            "layers_with_different_masks": differing}
+    weights = equal = 0
+    for name, packed in ours["masks"].items():
+        mine, theirs = (numpy.unpackbits(numpy.frombuffer(b, dtype=numpy.uint8)) for b in (packed, inc["masks"][name]))
+        weights += mine.size  # packbits pads to whole bytes with zeros in both: the padding agrees
+        equal += int((mine == theirs).sum())
+    return {"setting": sparsity_name, "dsnot": settings["dsnot"], "inc_seconds": inc["seconds"],
+            "our_seconds": ours["seconds"], "speedup_vs_inc": inc["seconds"] / ours["seconds"],
+            "layers": len(ours["masks"]), "layers_with_different_masks": differing,
+            "mask_agreement": equal / weights}
 
 
 def _run(method: str, sparsity_name: str, settings: dict) -> dict:
@@ -202,7 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-len", type=int, help="default: the recipe's")
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
-    parser.add_argument("--methods", nargs="+", choices=("magnitude", "sparse_gpt", "wanda", "wanda_owl"))
+    parser.add_argument("--methods", nargs="+",
+                        choices=("magnitude", "sparse_gpt", "wanda", "wanda_owl", "wanda_dsnot"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
                         help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%, 70%%; default: "
                              "all)")
@@ -210,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--owl-lambda", type=float, help="wanda_owl's owl_lambda (default: the plugin's, 0.08)")
     parser.add_argument("--compare-inc", action="store_true",
                         help="instead: time our Wanda against INC's prune_wanda and compare their masks")
+    parser.add_argument("--dsnot", action="store_true", help="with --compare-inc: both with DSnoT")
     args = parser.parse_args(argv)
     recipe = load_recipe(RECIPE)
     stage, corpus = recipe.pruning[0], recipe.corpus
@@ -220,6 +233,7 @@ def main(argv=None) -> int:
              "eval_len": args.eval_len, "eval_batch": args.eval_batch, "seed": args.seed, "methods": args.methods}
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["quick"] = args.quick
+    settings["dsnot"] = args.dsnot
     owl = {"owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
     settings["owl"] = {key: value for key, value in owl.items() if value is not None}
     names = args.sparsities or list(settings["sparsities"])
@@ -228,7 +242,8 @@ def main(argv=None) -> int:
         parser.error(f"--settings {unknown}: choose from {', '.join(settings['sparsities'])}")
 
     if args.compare_inc:
-        run = StudyRun(STUDY, args.quick, args.out, argv, name="wanda_vs_inc")
+        name = "wanda_dsnot_vs_inc" if args.dsnot else "wanda_vs_inc"
+        run = StudyRun(STUDY, args.quick, args.out, argv, name=name)
         comparisons = [compare_with_inc(name, settings) for name in names]
         run.write({"settings": settings, "comparisons": comparisons})
         print(json.dumps(comparisons, indent=2))

@@ -20,6 +20,9 @@ total is exactly ``int(total * sparsity)``. The calibration batches are material
 pass measures each block's share of outlier scores and sets the blocks' sparsities (outlier-rich blocks pruned
 less), with per-layer counts that add up to exactly ``int(total * sparsity)``; the sequential pass prunes each
 layer to its count, per output row (the first rows one more when the count does not divide) or per layer.
+``dsnot`` runs DSnoT (``algorithms.dsnot``) on each layer's per-output mask, from input statistics the hooks also
+collect (per-feature sums and pooled variances): INC's ``prune_wanda(dsnot=True)``, which ``pruning_type="wanda"``
+lacked.
 
 Layer selection follows INC: ``op_names`` / ``excluded_op_names`` are regexes searched in module names,
 ``pruning_op_types`` are substrings of class names; the model family's task heads (``lm_head``, ``classifier``,
@@ -47,6 +50,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
 from inc_plugins.algorithms.nm_mask import nm_mask
 from inc_plugins.algorithms.owl import outlier_ratio, owl_sparsities, pruned_counts, row_counts
@@ -96,6 +100,10 @@ class WandaSettings(PluginSettings):
         "'uniform': target_sparsity in every layer; 'owl': outlier-weighted layer-wise sparsity (Yin et al. 2024): "
         "blocks with a larger share of outlier scores are pruned less, the total stays exactly target_sparsity; "
         "only with pattern '1x1' and comparison_group per_output or per_layer"))
+    dsnot: bool = Field(False, description=(
+        "DSnoT (Zhang et al. 2024) after Wanda's mask, as INC's prune_wanda(dsnot=True): swap pruned and kept "
+        "weights of each row to bring its expected output back; only with pattern '1x1' and comparison_group "
+        "per_output, uniform layer sparsity, no use_variant"))
     owl_m: float = Field(5.0, gt=0, description=(
         "OWL: a score is an outlier above owl_m times the mean score of its block (the paper's M)"))
     owl_lambda: float = Field(0.08, ge=0, lt=1, description=(
@@ -139,6 +147,14 @@ class WandaSettings(PluginSettings):
                 f"layer_sparsity 'owl' sets each block's sparsity itself, so it works with pattern '1x1' and "
                 f"comparison_group 'per_output' or 'per_layer' without use_variant, got pattern {self.pattern!r}, "
                 f"comparison_group {group!r}, use_variant {self.use_variant}"
+            )
+        if self.dsnot and (nm is not None or group != "per_output" or self.use_variant
+                           or self.layer_sparsity != "uniform"):
+            raise ValueError(
+                f"dsnot swaps weights within each row of Wanda's per-output mask, so it works with pattern '1x1', "
+                f"comparison_group 'per_output', layer_sparsity 'uniform' and no use_variant, got pattern "
+                f"{self.pattern!r}, comparison_group {group!r}, layer_sparsity {self.layer_sparsity!r}, use_variant "
+                f"{self.use_variant}"
             )
         if nm is not None:
             if group != "per_output":
@@ -208,6 +224,7 @@ class WandaPruner(OneShotPruner):
     def _init(self) -> None:
         super()._init()
         self.feature_norms: dict[str, InputFeatureNorms] = {}
+        self.feature_moments: dict[str, InputFeatureMoments] = {}  # for dsnot
         self.pruned_counts: dict[str, int] | None = None  # per layer, for comparison_group "global" and OWL
         self.block_sparsity: dict[int, float] = {}  # OWL: each block's sparsity, by block index
         self.outlier_ratios: dict[int, float] = {}  # OWL: each block's share of outlier scores in the dense model
@@ -224,9 +241,10 @@ class WandaPruner(OneShotPruner):
         try:
             for name in names:
                 norms = self.feature_norms.setdefault(name, InputFeatureNorms())
+                moments = self.feature_moments.setdefault(name, InputFeatureMoments()) if self.settings.dsnot else None
                 handles.append(
                     self.modules[name].register_forward_pre_hook(
-                        self._accumulate(name, norms, block_index), with_kwargs=True
+                        self._accumulate(name, norms, moments, block_index), with_kwargs=True
                     )
                 )
             yield
@@ -235,13 +253,16 @@ class WandaPruner(OneShotPruner):
                 handle.remove()
 
     @staticmethod
-    def _accumulate(name: str, norms: InputFeatureNorms, block_index: int | None):
+    def _accumulate(name: str, norms: InputFeatureNorms, moments: InputFeatureMoments | None,
+                    block_index: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = layer_input(args, kwargs)
             rows = input_rows(module, x)
             where = f", block {block_index}" if block_index is not None else ""
             check_tensor(rows, name, "input activation", f"Wanda calibration{where}", error=NonFiniteActivationError)
             norms.update(rows, input_samples(module, x))
+            if moments is not None:
+                moments.update(rows, input_samples(module, x))
 
         return hook
 
@@ -268,6 +289,9 @@ class WandaPruner(OneShotPruner):
             return per_layer_mask(scores, fraction_pruning_exactly(count, scores.numel()))
         if settings.comparison_group == "per_layer":
             return per_layer_mask(scores, settings.target_sparsity)
+        if settings.dsnot:
+            return dsnot_keep_mask(weight_matrix(module).detach(), scores, self.feature_moments[name],
+                                   settings.target_sparsity)
         if settings.use_variant:
             try:
                 keep, self.alphas[name] = variant_mask(scores, settings.target_sparsity)
@@ -288,6 +312,7 @@ class WandaPruner(OneShotPruner):
             self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
             self.pruned_layers.add(name)
             del self.feature_norms[name]  # the statistics of a pruned layer are never read again
+            self.feature_moments.pop(name, None)
 
     def on_train_begin(self, dataloader=None) -> None:
         if not self.pruned:
