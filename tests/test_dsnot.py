@@ -1,11 +1,8 @@
 """DSnoT (inc_plugins.algorithms.dsnot) and Wanda's dsnot option: the same masks as INC 3.7.1's
 prune_wanda(dsnot=True), statistics as the reference computes them, and the swaps' bookkeeping."""
 
-import copy
-
 import pytest
 import torch
-
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import inc_plugins
@@ -13,7 +10,7 @@ from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask
 from inc_plugins.algorithms.wanda import InputFeatureNorms, per_output_mask, wanda_scores
 from inc_plugins.perf.synthetic import seeded_model
 from tests.fixtures.tiny_models import tiny_llama_lm
-from tests.test_wanda_math import _TinyModel
+from tests.test_wanda_math import _statistics_and_inc_masks, _TinyModel
 
 
 def test_moments_are_a_per_sample_sum_and_a_token_weighted_pool_of_batch_variances():
@@ -43,50 +40,17 @@ def test_swaps_keep_every_rows_count_and_leave_settled_rows_alone():
     assert not torch.equal(keep, wanda)  # some rows moved
 
 
-class _WideBlock(torch.nn.Module):
-    """Rows as wide as a small LLM's: INC's DSnoT goes wrong on narrow rows (see the module docstring)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(512, 512)
-        self.fc2 = torch.nn.Linear(512, 512)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_masks_equal_incs_prune_wanda_with_dsnot(sparsity):
-    from neural_compressor.compression.pruner.wanda.prune import prune_wanda
-
     torch.manual_seed(21)
-    model = _TinyModel()
-    model.layers = torch.nn.ModuleList([_WideBlock()])
+    model = _TinyModel(width=512, hidden=512)  # rows as wide as a small LLM's: INC's DSnoT fails on narrow ones
     inputs = torch.randn(6, 5, 512) + 0.5  # a mean away from 0: the expected outputs DSnoT restores are not ~0
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, torch.zeros(6)), batch_size=2)
-    block = model.layers[0]
-    norms = {name: InputFeatureNorms() for name in ("fc1", "fc2")}
-    moments = {name: InputFeatureMoments() for name in norms}
-
-    def record(module, args, output, name):
-        rows = args[0].reshape(-1, args[0].shape[-1])
-        norms[name].update(rows, num_samples=args[0].shape[0])
-        moments[name].update(rows, num_samples=args[0].shape[0])
-
-    hooks = [getattr(block, name).register_forward_hook(lambda m, a, o, name=name: record(m, a, o, name))
-             for name in norms]
-    with torch.no_grad():
-        for batch, _ in loader:
-            model(batch)
-    for hook in hooks:
-        hook.remove()
-    pruned = copy.deepcopy(model)
-    prune_wanda(pruned, loader, sparsity_ratio=sparsity, dsnot=True)
-    for name in norms:
-        weight = getattr(block, name).weight.detach()
-        ours = dsnot_keep_mask(weight, wanda_scores(weight, norms[name].squared_norms), moments[name], sparsity)
-        assert torch.equal(ours, getattr(pruned.layers[0], name).weight != 0), name
-        assert not torch.equal(ours, per_output_mask(wanda_scores(weight, norms[name].squared_norms), sparsity))
+    statistics, inc = _statistics_and_inc_masks(model, inputs, sparsity_ratio=sparsity, dsnot=True)
+    for name, (norms, moments) in statistics.items():
+        weight = getattr(model.layers[0], name).weight.detach()
+        ours = dsnot_keep_mask(weight, wanda_scores(weight, norms.squared_norms), moments, sparsity)
+        assert torch.equal(ours, inc[name]), name
+        assert not torch.equal(ours, per_output_mask(wanda_scores(weight, norms.squared_norms), sparsity))
 
 
 def wide_llama():

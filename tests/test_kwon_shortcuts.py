@@ -114,7 +114,7 @@ def test_tuning_on_slimmed_blocks_equals_tuning_on_masked_blocks(build, labels, 
     keep_heads[:, 0] = 0.5 + torch.rand(structure.n_layers, generator=generator)
     keep_neurons[0] = 0.0  # a layer without neurons runs the masked block
     slimmed = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
-    monkeypatch.setattr(mask_tuning, "_can_slim", lambda model: False)
+    monkeypatch.setattr(mask_tuning, "can_slim", lambda model: False)
     masked = tune_mask_scales(model, keep_heads, keep_neurons, batches, damp=0.5)
     assert [(e.layer, e.part, e.accepted) for e in slimmed.log] == [(e.layer, e.part, e.accepted) for e in masked.log]
     assert any(e.accepted for e in slimmed.log)  # some scales moved, so the comparison can fail

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inc_plugins.algorithms.dsnot import InputFeatureMoments
 from inc_plugins.algorithms.nm_mask import nm_mask
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
@@ -282,22 +283,22 @@ def test_global_rejects_empty_mapping():
 
 
 class _Block(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = 8, hidden: int = 16):
         super().__init__()
-        self.fc1 = torch.nn.Linear(8, 16)
-        self.fc2 = torch.nn.Linear(16, 8)
+        self.fc1 = torch.nn.Linear(width, hidden)
+        self.fc2 = torch.nn.Linear(hidden, width)
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
 class _TinyModel(torch.nn.Module):
-    """The least prune_wanda needs: a config with use_cache and a ModuleList of blocks."""
+    """The least prune_wanda needs: a config with use_cache and a ModuleList of blocks (one, of these widths)."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8, hidden: int = 16):
         super().__init__()
         self.config = types.SimpleNamespace(use_cache=False)
-        self.layers = torch.nn.ModuleList([_Block()])
+        self.layers = torch.nn.ModuleList([_Block(width, hidden)])
 
     def forward(self, x):
         for block in self.layers:
@@ -305,23 +306,24 @@ class _TinyModel(torch.nn.Module):
         return x
 
 
-def _our_masks_and_inc_masks(model, inputs, make_mask, **inc_kwargs):
-    """Our masks from our accumulator on the block's Linear inputs, and the zeros INC leaves in a copy."""
+def _statistics_and_inc_masks(model, inputs, **inc_kwargs):
+    """Per Linear of the block, our accumulators on its inputs ({name: (InputFeatureNorms, InputFeatureMoments)}),
+    and the zeros INC's prune_wanda(**inc_kwargs) leaves in a copy ({name: mask})."""
     from neural_compressor.compression.pruner.wanda.prune import prune_wanda
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(inputs, torch.zeros(len(inputs))), batch_size=2
     )
     block = model.layers[0]
-    norms = {name: InputFeatureNorms() for name in ("fc1", "fc2")}
-    hooks = [
-        getattr(block, name).register_forward_hook(
-            lambda module, args, output, name=name: norms[name].update(
-                args[0].reshape(-1, args[0].shape[-1]), num_samples=args[0].shape[0]
-            )
-        )
-        for name in norms
-    ]
+    statistics = {name: (InputFeatureNorms(), InputFeatureMoments()) for name in ("fc1", "fc2")}
+
+    def record(args, name):
+        rows = args[0].reshape(-1, args[0].shape[-1])
+        for accumulator in statistics[name]:
+            accumulator.update(rows, num_samples=args[0].shape[0])
+
+    hooks = [getattr(block, name).register_forward_hook(lambda module, args, output, name=name: record(args, name))
+             for name in statistics]
     with torch.no_grad():
         for batch, _ in loader:
             model(batch)
@@ -329,8 +331,15 @@ def _our_masks_and_inc_masks(model, inputs, make_mask, **inc_kwargs):
         hook.remove()
     pruned = copy.deepcopy(model)
     prune_wanda(pruned, loader, **inc_kwargs)
-    ours = {name: make_mask(wanda_scores(getattr(block, name).weight, norms[name].squared_norms)) for name in norms}
-    inc = {name: getattr(pruned.layers[0], name).weight != 0 for name in norms}
+    return statistics, {name: getattr(pruned.layers[0], name).weight != 0 for name in statistics}
+
+
+def _our_masks_and_inc_masks(model, inputs, make_mask, **inc_kwargs):
+    """Our masks from our accumulator on the block's Linear inputs, and the zeros INC leaves in a copy."""
+    statistics, inc = _statistics_and_inc_masks(model, inputs, **inc_kwargs)
+    block = model.layers[0]
+    ours = {name: make_mask(wanda_scores(getattr(block, name).weight, norms.squared_norms))
+            for name, (norms, _) in statistics.items()}
     return ours, inc
 
 

@@ -260,9 +260,10 @@ class WandaPruner(OneShotPruner):
             rows = input_rows(module, x)
             where = f", block {block_index}" if block_index is not None else ""
             check_tensor(rows, name, "input activation", f"Wanda calibration{where}", error=NonFiniteActivationError)
-            norms.update(rows, input_samples(module, x))
+            samples = input_samples(module, x)
+            norms.update(rows, samples)
             if moments is not None:
-                moments.update(rows, input_samples(module, x))
+                moments.update(rows, samples)
 
         return hook
 

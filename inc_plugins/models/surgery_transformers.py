@@ -119,6 +119,14 @@ def _slimmable(adapter: ArchitectureAdapter) -> bool:
     return adapter.family in _SUPPORTED_FAMILIES and adapter.layout is not None and not adapter.layout.fused_qkv
 
 
+def can_slim(model: nn.Module) -> bool:
+    """Whether ``slim_model`` supports ``model``'s family (``slimming_adapter`` without the error)."""
+    try:
+        return _slimmable(adapter_for(model))
+    except UnsupportedModelError:
+        return False
+
+
 def slimming_adapter(model: nn.Module) -> ArchitectureAdapter:
     """The adapter of `model`; UnsupportedModelError unless its family can be slimmed."""
     adapter = adapter_for(model)

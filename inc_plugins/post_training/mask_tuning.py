@@ -60,11 +60,11 @@ from torch import Tensor, nn
 
 from inc_plugins.algorithms.mask_tuning import ScaleSolution, choose_mask_scales
 from inc_plugins.execution.calibration import BlockInput, capture_block_inputs, first_output
-from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
+from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.first_token_heads import reads_first_token_only
 from inc_plugins.models.structure_masks import (MaskHooks, MaskStructure, expand_head_mask, group_head_mask,
                                                 mask_structure)
-from inc_plugins.models.surgery_transformers import replace_attention, slim_block, slimming_adapter
+from inc_plugins.models.surgery_transformers import can_slim, replace_attention, slim_block
 from inc_plugins.progress import progress
 
 from .data import real_token_rows, rebatch_by_length, token_mask
@@ -262,14 +262,6 @@ def unit_normal_equations(inputs: Tensor, weight: Tensor, kept_units: Tensor, ta
     return KeptUnitEquations(weight, kept_units, unit_width, _product_dtype(inputs))(inputs, target)
 
 
-def _can_slim(model: nn.Module) -> bool:
-    try:
-        slimming_adapter(model)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
 def _slimmed_copy(block: nn.Module, adapter, structure: MaskStructure, head: Tensor, neuron: Tensor,
                   layer: int) -> nn.Module:
     """A copy of block ``layer`` that computes only its kept units, their current scales folded into the output
@@ -400,7 +392,7 @@ def tune_mask_scales(
         raise ValueError("the recorded teacher targets of the last FFN are exact at the first token only (the Fisher "
                          "pass runs a first-token classifier's last FFN there alone): fit the last FFN there")
     unit_width = structure.heads_per_unit * structure.head_dim
-    slimmable = _can_slim(model)
+    slimmable = can_slim(model)
     ids = _sample_ids(batches)
     total = sum(len(batch_ids) for batch_ids in ids)
     batches, ids = rebatch_by_length(batches, ids)

@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.first_token_heads import first_token_last_ffn
 from inc_plugins.models.structure_masks import MaskHooks, expand_head_mask, mask_structure
-from inc_plugins.models.surgery_transformers import SLIMMED_CONFIG_KEY, slim_model, slimming_adapter
+from inc_plugins.models.surgery_transformers import SLIMMED_CONFIG_KEY, can_slim, slim_model
 from inc_plugins.progress import progress
 
 from .data import batch_size, model_inputs, rebatch_by_length, take_sequences, token_mask
@@ -156,11 +155,7 @@ def _slimmed_model(model: nn.Module, unit_head_mask: Tensor, neuron_mask: Tensor
     outputs at the pruned model's cost. The copy shares every parameter slimming leaves as it is (slimming replaces
     parameters, it never writes into them), so it costs the memory of the slimmed layers. None when the model's
     family cannot be slimmed, or the model was slimmed already (its layers differ in size)."""
-    try:
-        slimming_adapter(model)
-    except UnsupportedModelError:
-        return None
-    if getattr(model.config, SLIMMED_CONFIG_KEY, None) is not None:
+    if not can_slim(model) or getattr(model.config, SLIMMED_CONFIG_KEY, None) is not None:
         return None
     shared = {id(parameter): parameter for parameter in model.parameters()}
     return slim_model(copy.deepcopy(model, shared), expand_head_mask(unit_head_mask, mask_structure(model)),
