@@ -1,5 +1,6 @@
 """LLM pruning quality: perplexity, pruning time and peak memory of magnitude, SparseGPT and Wanda (uniform, or with
-OWL's block sparsities: method wanda_owl) on SmolLM2-135M.
+OWL's block sparsities: method wanda_owl; with DSnoT: wanda_dsnot; any of the three with the least-squares weight
+update: suffix _update) on SmolLM2-135M.
 
     python -m benchmarks.studies.llm_pruning_quality                       # the README table (about an hour on 2 cores)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
@@ -7,6 +8,7 @@ OWL's block sparsities: method wanda_owl) on SmolLM2-135M.
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
     python -m benchmarks.studies.llm_pruning_quality --methods wanda wanda_owl --settings 50% 60% 70%  # OWL
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --dsnot --settings 50%  # DSnoT: ours vs INC's
+    python -m benchmarks.studies.llm_pruning_quality --methods sparse_gpt wanda_update --settings 2:4  # weight update
 
 Calibration: random windows of the State of the Union speeches; evaluation: the first consecutive windows of Moby
 Dick, so the two never overlap (window counts and lengths, evaluation batch and seed from
@@ -71,9 +73,11 @@ def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: 
     # wanda_owl: Wanda with OWL's outlier-weighted block sparsities (``owl``: owl_m / owl_lambda given on the command
     # line; else the plugin's defaults, the paper's M = 5 and lambda = 0.08)
     # wanda_dsnot: Wanda with DSnoT's swaps (INC's prune_wanda(dsnot=True) defaults)
+    # *_update: the same, then each row's kept weights re-fitted by least squares (update_weights)
     entries = {"wanda_owl": {"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})},
                "wanda_dsnot": {"pruning_type": "wanda", "dsnot": True}}
-    entry = entries.get(method, {"pruning_type": method})
+    base = method.removesuffix("_update")
+    entry = entries.get(base, {"pruning_type": base}) | ({"update_weights": True} if base != method else {})
     config = inc_plugins.pruning_config(pruning_configs=[
         {**entry, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
     ])
@@ -214,7 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
     parser.add_argument("--methods", nargs="+",
-                        choices=("magnitude", "sparse_gpt", "wanda", "wanda_owl", "wanda_dsnot"))
+                        choices=("magnitude", "sparse_gpt", "wanda", "wanda_owl", "wanda_dsnot", "wanda_update",
+                                 "wanda_owl_update", "wanda_dsnot_update"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
                         help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%, 70%%; default: "
                              "all)")

@@ -22,7 +22,9 @@ less), with per-layer counts that add up to exactly ``int(total * sparsity)``; t
 layer to its count, per output row (the first rows one more when the count does not divide) or per layer.
 ``dsnot`` runs DSnoT (``algorithms.dsnot``) on each layer's per-output mask, from input statistics the hooks also
 collect (per-feature sums and pooled variances): INC's ``prune_wanda(dsnot=True)``, which ``pruning_type="wanda"``
-lacked.
+lacked. ``update_weights`` then re-fits each row's kept weights by least squares on the layer's calibration inputs
+(``algorithms.weight_update``: SparseGPT's objective, solved for the fixed mask); the hooks also sum each layer's
+X^T X, once per distinct input tensor (a block's query, key and value projections share one).
 
 Layer selection follows INC: ``op_names`` / ``excluded_op_names`` are regexes searched in module names,
 ``pruning_op_types`` are substrings of class names; the model family's task heads (``lm_head``, ``classifier``,
@@ -63,6 +65,7 @@ from inc_plugins.algorithms.wanda import (
     variant_mask,
     wanda_scores,
 )
+from inc_plugins.algorithms.weight_update import InputGram, refit_kept_weights
 from inc_plugins.execution.calibration import run_block, sequential_blocks
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
@@ -104,6 +107,9 @@ class WandaSettings(PluginSettings):
         "DSnoT (Zhang et al. 2024) after Wanda's mask, as INC's prune_wanda(dsnot=True): swap pruned and kept "
         "weights of each row to bring its expected output back; only with pattern '1x1' and comparison_group "
         "per_output, uniform layer sparsity, no use_variant"))
+    update_weights: bool = Field(False, description=(
+        "after the mask is chosen, re-fit each output row's kept weights by least squares on the layer's calibration "
+        "inputs (SparseGPT's objective, solved exactly for the fixed mask); any pattern and option"))
     owl_m: float = Field(5.0, gt=0, description=(
         "OWL: a score is an outlier above owl_m times the mean score of its block (the paper's M)"))
     owl_lambda: float = Field(0.08, ge=0, lt=1, description=(
@@ -207,6 +213,27 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 # --- the pruner ----------------------------------------------------------------------------------------------
 
 
+class _SharedInputGram:
+    """The last input's X^T X, for the next layer that reads the very same tensor.
+
+    A Llama block's query, key and value projections read one tensor, as do its gate and up projections: the product
+    is computed once per forward for each. Holding the tensor keeps its ``id`` from being reused meanwhile.
+    Convolutions unfold their input their own way, so they never share.
+    """
+
+    def __init__(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._product: torch.Tensor | None = None
+
+    def product(self, module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows.T @ rows`` in float32 (a torch product: SciPy's BLAS threads, busy-waiting between such small calls,
+        slowed every torch operation beside them several-fold on 2 cores)."""
+        if isinstance(module, nn.Conv2d) or x is not self._input:
+            rows = rows.detach().float()
+            self._input, self._product = (None if isinstance(module, nn.Conv2d) else x), rows.T @ rows
+        return self._product
+
+
 class NonFiniteActivationError(NonFiniteError):
     """A layer received NaN or Inf inputs during Wanda calibration: the ``NonFiniteError`` the layer hooks raise."""
 
@@ -225,6 +252,7 @@ class WandaPruner(OneShotPruner):
         super()._init()
         self.feature_norms: dict[str, InputFeatureNorms] = {}
         self.feature_moments: dict[str, InputFeatureMoments] = {}  # for dsnot
+        self.input_grams: dict[str, InputGram] = {}  # for update_weights
         self.pruned_counts: dict[str, int] | None = None  # per layer, for comparison_group "global" and OWL
         self.block_sparsity: dict[int, float] = {}  # OWL: each block's sparsity, by block index
         self.outlier_ratios: dict[int, float] = {}  # OWL: each block's share of outlier scores in the dense model
@@ -232,19 +260,26 @@ class WandaPruner(OneShotPruner):
         self.pruned_layers: set[str] = set()
 
     @contextlib.contextmanager
-    def collect_statistics(self, names: Iterable[str], block_index: int | None = None) -> Iterator[None]:
-        """Within the block, forward hooks on ``names`` add each input to ``feature_norms[name]``.
+    def collect_statistics(self, names: Iterable[str], block_index: int | None = None,
+                           scores_only: bool = False) -> Iterator[None]:
+        """Within the block, forward hooks on ``names`` add each input to ``feature_norms[name]`` (and, unless
+        ``scores_only``, as a dense pass needs, to what dsnot and update_weights read).
 
         Raises NonFiniteActivationError naming the layer if an input holds NaN or Inf.
         """
         handles = []
+        shared = _SharedInputGram()
+        settings = self.settings
         try:
             for name in names:
                 norms = self.feature_norms.setdefault(name, InputFeatureNorms())
-                moments = self.feature_moments.setdefault(name, InputFeatureMoments()) if self.settings.dsnot else None
+                moments = (self.feature_moments.setdefault(name, InputFeatureMoments())
+                           if settings.dsnot and not scores_only else None)
+                gram = (self.input_grams.setdefault(name, InputGram())
+                        if settings.update_weights and not scores_only else None)
                 handles.append(
                     self.modules[name].register_forward_pre_hook(
-                        self._accumulate(name, norms, moments, block_index), with_kwargs=True
+                        self._accumulate(name, norms, moments, gram, shared, block_index), with_kwargs=True
                     )
                 )
             yield
@@ -254,7 +289,7 @@ class WandaPruner(OneShotPruner):
 
     @staticmethod
     def _accumulate(name: str, norms: InputFeatureNorms, moments: InputFeatureMoments | None,
-                    block_index: int | None):
+                    gram: InputGram | None, shared: _SharedInputGram, block_index: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = layer_input(args, kwargs)
             rows = input_rows(module, x)
@@ -264,6 +299,8 @@ class WandaPruner(OneShotPruner):
             norms.update(rows, samples)
             if moments is not None:
                 moments.update(rows, samples)
+            if gram is not None:
+                gram.add(shared.product(module, x, rows), rows.shape[0])
 
         return hook
 
@@ -309,11 +346,23 @@ class WandaPruner(OneShotPruner):
         for name in names:
             module = self.modules[name]
             keep = self._keep_matrix(name, self.scores(name))
+            if self.settings.update_weights:
+                self._refit(name, keep)
             apply_matrix_mask(module, keep)
             self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
             self.pruned_layers.add(name)
             del self.feature_norms[name]  # the statistics of a pruned layer are never read again
             self.feature_moments.pop(name, None)
+            self.input_grams.pop(name, None)
+
+    def _refit(self, name: str, keep: torch.Tensor) -> None:
+        """Write the least-squares refit of the layer's kept weights (``algorithms.weight_update``) into it."""
+        module = self.modules[name]
+        refit = refit_kept_weights(weight_matrix(module), keep, self.input_grams[name].matrix)
+        with torch.no_grad():
+            module.weight.copy_(matrix_to_weight_layout(module, refit.weight))
+        logger.debug("Wanda update_weights: %s output error %.4g -> %.4g (%d iterations)", name,
+                     refit.masked_error, refit.refit_error, refit.iterations)
 
     def on_train_begin(self, dataloader=None) -> None:
         if not self.pruned:
@@ -400,7 +449,7 @@ class WandaPruning(OneShotPruning):
                 if layers:
                     with contextlib.ExitStack() as hooks:
                         for pruner, names in layers:
-                            hooks.enter_context(pruner.collect_statistics(names, index))
+                            hooks.enter_context(pruner.collect_statistics(names, index, scores_only=not prune))
                         for block_input in inputs:
                             run_block(block, block_input)
                     if prune:
