@@ -13,7 +13,7 @@ import inc_plugins
 from inc_plugins.inc import one_shot
 from inc_plugins.inc.compat import IncompatibleINCError, check_inc_version
 from tests.fixtures.calibration_data import token_batches
-from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm
+from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_llama_lm, tiny_opt_lm
 
 
 def linear_sparsity(model, name_filter):
@@ -290,6 +290,26 @@ def test_sparse_gpt_runs_on_a_transformers5_decoder():
     assert "forward" not in model.model.layers[0].__dict__  # the tuple adapter is gone afterwards
     with torch.no_grad():
         assert torch.isfinite(model(**batches[0]).logits).all()
+
+
+def test_sparse_gpt_in_incs_own_calling_pattern_on_an_opt_decoder():
+    """INC 3.7.1's test_pruning_sparsegpt.py calls prepare_pruning(model, config, dataloader=...) and then
+    on_train_begin(dataloader), which runs INC's SparseGPT driver again."""
+    model = tiny_opt_lm()
+    batches = [{"input_ids": b["input_ids"]} for b in token_batches(3, 2, 16)]
+    config = inc_plugins.pruning_config(pruning_configs=[{"pruning_type": "sparse_gpt", "target_sparsity": 0.5,
+                                                          "pattern": "1x1", "op_names": ["model.decoder.layers"]}])
+    pruning = inc_plugins.prepare_pruning(model, config, dataloader=batches)
+    pruning.on_train_begin(batches)
+
+    sparsity = linear_sparsity(model, lambda n: n.startswith("model.decoder.layers"))
+    assert len(sparsity) == 12 and all(abs(s - 0.5) < 0.01 for s in sparsity.values()), sparsity
+    assert "forward" not in model.model.decoder.layers[0].__dict__
+    with torch.no_grad():
+        assert torch.isfinite(model(**batches[0]).logits).all()
+    batches[1]["input_ids"] = batches[1]["input_ids"].float().fill_(float("nan"))
+    with pytest.raises(inc_plugins.NonFiniteError, match="batch 1"):
+        pruning.on_train_begin(batches)  # the same check as at prepare_pruning
 
 
 def test_inc_sparse_gpt_without_the_adapter_breaks_on_transformers5():

@@ -5,13 +5,19 @@ Tensor, so `[0]` silently takes the first sequence of the batch and the next lay
 Wrapping each layer's forward so that it always returns a tuple restores the contract INC expects.
 INC also replays each layer twice with the keyword arguments it captured, so a captured KV cache would grow
 between replays: the cache is switched off while INC runs.
+
+The driver runs at construction when given a dataloader, and again in each ``on_train_begin(dataloader)`` (INC's own
+tests call both): ``adapt_on_train_begin`` gives that second entry the same adapter and the same NaN check.
 """
 
 import contextlib
 import functools
 
 import torch
+from neural_compressor.compression.pruner.pruning import SparseGPTPruning
 from neural_compressor.compression.pruner.utils import get_layers
+
+from ..finite_checks import check_model_and_calibration
 
 
 def _tuple_forward(forward):
@@ -42,3 +48,18 @@ def tuple_layer_outputs(model: torch.nn.Module):
             layer.__dict__.pop("forward", None)
         if use_cache:
             config.use_cache = use_cache
+
+
+def adapt_on_train_begin(pruning: SparseGPTPruning, model: torch.nn.Module) -> None:
+    """``pruning.on_train_begin(dataloader)`` checks the model and data for NaN and runs within
+    ``tuple_layer_outputs(model)``."""
+    on_train_begin = pruning.on_train_begin
+
+    @functools.wraps(on_train_begin)
+    def adapted(dataloader=None):
+        if dataloader is not None:
+            check_model_and_calibration(model, dataloader, "sparse_gpt")
+        with tuple_layer_outputs(model):
+            return on_train_begin(dataloader)
+
+    pruning.on_train_begin = adapted

@@ -11,13 +11,14 @@ import logging
 import torch
 from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_pruning
+from neural_compressor.compression.pruner.pruning import SparseGPTPruning
 from neural_compressor.compression.pruner.utils import process_config
 
 from ..finite_checks import check_model_and_calibration
 from . import one_shot
 from .config import inc_defaults_restored, private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
-from .decoder_outputs import tuple_layer_outputs
+from .decoder_outputs import adapt_on_train_begin, tuple_layer_outputs
 
 
 def settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -112,7 +113,11 @@ def prepare_pruning(
             with _inc_quiet_about_plugin_keys(), inc_defaults_restored():
                 started = inc_prepare_pruning(model, _sub_config(config, inc_entries), optimizer, dataloader,
                                               loss_func, device=device)
-        prunings.extend(started if isinstance(started, list) else [started])
+        started = started if isinstance(started, list) else [started]
+        for pruning in started:
+            if isinstance(pruning, SparseGPTPruning):
+                adapt_on_train_begin(pruning, model)  # INC runs SparseGPT again in on_train_begin(dataloader)
+        prunings.extend(started)
 
     if any(is_plugin):
         plugin_types = {e["pruning_type"] for e, p in zip(settings, is_plugin) if p}
