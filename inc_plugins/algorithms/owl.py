@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["apportion", "outlier_ratio", "owl_sparsities", "pruned_counts", "row_counts"]
+__all__ = ["apportion", "block_sizes", "outlier_ratio", "owl_sparsities", "pruned_counts", "row_counts"]
 
 
 def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
@@ -64,22 +64,28 @@ def apportion(total: int, quotas: Sequence[float], capacities: Sequence[int]) ->
     return counts
 
 
+def block_sizes(layer_sizes: Mapping[str, int], layer_block: Mapping[str, int]) -> dict[int, int]:
+    """Each block's pruned parameters (the sum of its layers' sizes), by block index in increasing order."""
+    return {b: sum(n for name, n in layer_sizes.items() if layer_block[name] == b)
+            for b in sorted(set(layer_block.values()))}
+
+
 def pruned_counts(layer_sizes: Mapping[str, int], layer_block: Mapping[str, int], block_sparsity: Mapping[int, float],
                   target: float) -> dict[str, int]:
     """Weights to prune per layer: ``int(total * target)`` in all, shared among blocks by their sparsities, then
     among each block's layers by size."""
     total = sum(layer_sizes.values())
-    blocks = sorted(set(layer_block.values()))
-    block_sizes = [sum(n for name, n in layer_sizes.items() if layer_block[name] == b) for b in blocks]
-    quotas = [n * block_sparsity[b] for b, n in zip(blocks, block_sizes)]
+    sizes_by_block = block_sizes(layer_sizes, layer_block)
+    blocks, sizes = list(sizes_by_block), list(sizes_by_block.values())
+    quotas = [n * block_sparsity[b] for b, n in zip(blocks, sizes)]
     if abs(sum(quotas) - total * target) > 1e-6 * total + 1:
         raise ValueError(f"block sparsities {block_sparsity} do not average to {target} over the blocks' weights")
-    per_block = apportion(int(total * target), quotas, block_sizes)
+    per_block = apportion(int(total * target), quotas, sizes)
     counts: dict[str, int] = {}
-    for block, size, count in zip(blocks, block_sizes, per_block):
+    for block, size, count in zip(blocks, sizes, per_block):
         names = [name for name in layer_sizes if layer_block[name] == block]
-        sizes = [layer_sizes[name] for name in names]
-        counts.update(zip(names, apportion(count, [count * n / size for n in sizes], sizes)))
+        layers = [layer_sizes[name] for name in names]
+        counts.update(zip(names, apportion(count, [count * n / size for n in layers], layers)))
     return counts
 
 

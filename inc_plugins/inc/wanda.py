@@ -55,7 +55,7 @@ from transformers.pytorch_utils import Conv1D
 from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
 from inc_plugins.algorithms.nm_mask import nm_mask
-from inc_plugins.algorithms.owl import outlier_ratio, owl_sparsities, pruned_counts, row_counts
+from inc_plugins.algorithms.owl import block_sizes, outlier_ratio, owl_sparsities, pruned_counts, row_counts
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
     global_masks,
@@ -474,17 +474,17 @@ class WandaPruning(OneShotPruning):
             settings = pruner.settings
             scores = {name: pruner.scores(name) for name in pruner.modules}
             block_of = {name: self._block_of[id(pruner.modules[name])] for name in scores}
-            blocks = sorted(set(block_of.values()))
+            layer_sizes = {name: s.numel() for name, s in scores.items()}
+            sizes = block_sizes(layer_sizes, block_of)
+            blocks = list(sizes)
             ratios = [outlier_ratio([s for name, s in scores.items() if block_of[name] == b], settings.owl_m)
                       for b in blocks]
-            sizes = [sum(s.numel() for name, s in scores.items() if block_of[name] == b) for b in blocks]
             try:
-                sparsity = dict(zip(blocks, owl_sparsities(ratios, sizes, settings.target_sparsity,
+                sparsity = dict(zip(blocks, owl_sparsities(ratios, list(sizes.values()), settings.target_sparsity,
                                                            settings.owl_lambda)))
             except ValueError as error:
                 raise PruningConfigError(str(error)) from error
-            pruner.pruned_counts = pruned_counts({name: s.numel() for name, s in scores.items()}, block_of, sparsity,
-                                                 settings.target_sparsity)
+            pruner.pruned_counts = pruned_counts(layer_sizes, block_of, sparsity, settings.target_sparsity)
             pruner.block_sparsity = sparsity
             pruner.outlier_ratios = dict(zip(blocks, ratios))
             logger.info("Wanda OWL: block outlier ratios %s -> sparsities %s",
