@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inc_plugins.algorithms.weight_update import DAMPING, InputGram, refit_kept_weights
-from inc_plugins.inc.wanda import WandaPruner
+from inc_plugins.inc.wanda import WandaPruner, _SharedInputGram
 from inc_plugins.models.layer_views import input_rows, weight_matrix
 from tests.test_wanda_pruner import FIXTURES, wanda
 
@@ -147,3 +147,12 @@ def test_each_layer_refits_on_the_sequential_pass_tokens_only(monkeypatch, entry
     wanda(build(), batches, update_weights=True, **entry)
     expected = sum(batch["input_ids"].numel() for batch in batches)
     assert tokens == {name: expected for name in names}
+
+
+def test_layers_share_one_product_only_while_their_input_is_unchanged():
+    shared, x = _SharedInputGram(), torch.randn(4, 6)
+    linear = torch.nn.Linear(6, 6)
+    first = shared.product(linear, x, x)
+    assert shared.product(linear, x, x) is first  # the same tensor: the same product
+    x.mul_(2.0)
+    torch.testing.assert_close(shared.product(linear, x, x), x.T @ x)

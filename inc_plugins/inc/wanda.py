@@ -217,20 +217,23 @@ class _SharedInputGram:
     """The last input's X^T X, for the next layer that reads the very same tensor.
 
     A Llama block's query, key and value projections read one tensor, as do its gate and up projections: the product
-    is computed once per forward for each. Holding the tensor keeps its ``id`` from being reused meanwhile.
-    Convolutions unfold their input their own way, so they never share.
+    is computed once per forward for each. Holding the tensor keeps its ``id`` from being reused meanwhile, and its
+    version counter tells if it was changed in place since. Convolutions unfold their input their own way, so they
+    never share.
     """
 
     def __init__(self) -> None:
         self._input: torch.Tensor | None = None
+        self._version = -1
         self._product: torch.Tensor | None = None
 
     def product(self, module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows.T @ rows`` in float32 (a torch product: SciPy's BLAS threads, busy-waiting between such small calls,
         slowed every torch operation beside them several-fold on 2 cores)."""
-        if isinstance(module, nn.Conv2d) or x is not self._input:
+        if isinstance(module, nn.Conv2d) or x is not self._input or x._version != self._version:
             rows = rows.detach().float()
-            self._input, self._product = (None if isinstance(module, nn.Conv2d) else x), rows.T @ rows
+            self._input, self._version = (None, -1) if isinstance(module, nn.Conv2d) else (x, x._version)
+            self._product = rows.T @ rows
         return self._product
 
 
@@ -262,8 +265,8 @@ class WandaPruner(OneShotPruner):
     @contextlib.contextmanager
     def collect_statistics(self, names: Iterable[str], block_index: int | None = None,
                            scores_only: bool = False) -> Iterator[None]:
-        """Within the block, forward hooks on ``names`` add each input to ``feature_norms[name]`` (and, unless
-        ``scores_only``, as a dense pass needs, to what dsnot and update_weights read).
+        """Within the block, forward hooks on ``names`` add each input to ``feature_norms[name]`` and, unless
+        ``scores_only`` (a dense pass needs the scores alone), to the statistics dsnot and update_weights read.
 
         Raises NonFiniteActivationError naming the layer if an input holds NaN or Inf.
         """
