@@ -65,7 +65,7 @@ def test_llm_pruning_quality_quick(tmp_path):
     run_study("llm_pruning_quality", out=tmp_path)
     data = results(tmp_path / "llm_pruning_quality_quick.json", "settings", "results")
     methods = [r["method"] for r in data["results"]]
-    assert methods == ["dense", "magnitude", "sparse_gpt", "wanda"]
+    assert methods == ["dense", "magnitude", "sparse_gpt", "wanda", "wanda_update"]
     assert all("error" not in r for r in data["results"]), data["results"]
     assert all(r["peak_rss_mb"] >= r["peak_rss_increase_mb"] >= 0 for r in data["results"][1:])
 

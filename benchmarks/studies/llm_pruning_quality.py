@@ -2,7 +2,7 @@
 OWL's block sparsities: method wanda_owl; with DSnoT: wanda_dsnot; any of the three with the least-squares weight
 update: suffix _update) on SmolLM2-135M.
 
-    python -m benchmarks.studies.llm_pruning_quality                       # the README table (about an hour on 2 cores)
+    python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~70 min)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --settings 50% 2:4   # ours vs INC's prune_wanda
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
