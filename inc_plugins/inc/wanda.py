@@ -109,7 +109,7 @@ class WandaSettings(PluginSettings):
         "per_output, uniform layer sparsity, no use_variant"))
     update_weights: bool = Field(False, description=(
         "after the mask is chosen, re-fit each output row's kept weights by least squares on the layer's calibration "
-        "inputs (SparseGPT's objective, solved exactly for the fixed mask); any pattern and option"))
+        "inputs (SparseGPT's objective, solved for the fixed mask); any pattern and option"))
     owl_m: float = Field(5.0, gt=0, description=(
         "OWL: a score is an outlier above owl_m times the mean score of its block (the paper's M)"))
     owl_lambda: float = Field(0.08, ge=0, lt=1, description=(
