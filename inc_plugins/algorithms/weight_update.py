@@ -15,10 +15,11 @@ Every row has its own K_r, so no factorisation is shared; a Cholesky solve per r
 576 x 1536 SmolLM2 layer at 50%, about 270 s for the model). Instead all rows run preconditioned conjugate gradients
 together, each iteration two products of an [out, in] matrix with an [in, in] one. The preconditioner is H^-1
 restricted to each row's kept inputs (one Cholesky of H per layer): on SmolLM2's layers at 2:4 it removes all but 0.1%
-of the error the exact solution removes in 6-12 iterations, where diag(H) (Jacobi) took 11-50 single-product ones. The iteration starts
-from the masked weights; each step lowers the layer's output error by a known amount (CG's step times the residual's
-preconditioned norm), and it stops once a step removes at most ``TOLERANCE`` times the error removed so far, or after
-``MAX_ITERATIONS``. float32 throughout (the Cholesky in float64 if float32 finds H not positive definite).
+of the error the exact solution removes in 6-12 iterations, where diag(H) (Jacobi) took 11-50 single-product ones.
+The iteration starts from the masked weights; each step lowers the layer's output error by a known amount (CG's
+step times the residual's preconditioned norm), and it stops once a step removes at most ``TOLERANCE`` times the error
+removed so far, or after ``MAX_ITERATIONS``. float32 throughout (the Cholesky in float64 if float32 finds H not
+positive definite).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ INC also replays each layer twice with the keyword arguments it captured, so a c
 between replays: the cache is switched off while INC runs.
 
 The driver runs at construction when given a dataloader, and again in each ``on_train_begin(dataloader)`` (INC's own
-tests call both): ``adapt_on_train_begin`` gives that second entry the same adapter and the same NaN check.
+tests call both): both run within ``sparse_gpt_run``, the adapter plus a NaN check of the model and data.
 """
 
 import contextlib
@@ -50,16 +50,22 @@ def tuple_layer_outputs(model: torch.nn.Module):
             config.use_cache = use_cache
 
 
+@contextlib.contextmanager
+def sparse_gpt_run(model: torch.nn.Module, dataloader):
+    """Where INC's SparseGPT driver runs: the model and calibration data checked for NaN first (INC's solves would
+    spread one through every weight), then ``tuple_layer_outputs(model)``."""
+    check_model_and_calibration(model, dataloader, "sparse_gpt")
+    with tuple_layer_outputs(model):
+        yield
+
+
 def adapt_on_train_begin(pruning: SparseGPTPruning, model: torch.nn.Module) -> None:
-    """``pruning.on_train_begin(dataloader)`` checks the model and data for NaN and runs within
-    ``tuple_layer_outputs(model)``."""
+    """``pruning.on_train_begin(dataloader)`` runs within ``sparse_gpt_run``."""
     on_train_begin = pruning.on_train_begin
 
     @functools.wraps(on_train_begin)
     def adapted(dataloader=None):
-        if dataloader is not None:
-            check_model_and_calibration(model, dataloader, "sparse_gpt")
-        with tuple_layer_outputs(model):
+        with sparse_gpt_run(model, dataloader):
             return on_train_begin(dataloader)
 
     pruning.on_train_begin = adapted

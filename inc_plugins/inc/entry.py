@@ -14,11 +14,10 @@ from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_
 from neural_compressor.compression.pruner.pruning import SparseGPTPruning
 from neural_compressor.compression.pruner.utils import process_config
 
-from ..finite_checks import check_model_and_calibration
 from . import one_shot
 from .config import inc_defaults_restored, private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
-from .decoder_outputs import adapt_on_train_begin, tuple_layer_outputs
+from .decoder_outputs import adapt_on_train_begin, sparse_gpt_run
 
 
 def settings_per_pruner(config: WeightPruningConfig) -> list[dict]:
@@ -107,9 +106,8 @@ def prepare_pruning(
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys
         inc_entries = _with_plugin_keys(config, [e for e, p in zip(local_entries, is_plugin) if not p])
         uses_sparse_gpt = any("gpt" in e["pruning_type"] for e, p in zip(settings, is_plugin) if not p)
-        if uses_sparse_gpt and dataloader is not None:  # INC's SparseGPT would spread a NaN through its solves
-            check_model_and_calibration(model, dataloader, "sparse_gpt")
-        with tuple_layer_outputs(model) if uses_sparse_gpt and dataloader is not None else contextlib.nullcontext():
+        with (sparse_gpt_run(model, dataloader) if uses_sparse_gpt and dataloader is not None
+              else contextlib.nullcontext()):
             with _inc_quiet_about_plugin_keys(), inc_defaults_restored():
                 started = inc_prepare_pruning(model, _sub_config(config, inc_entries), optimizer, dataloader,
                                               loss_func, device=device)
