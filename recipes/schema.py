@@ -10,7 +10,6 @@ from pydantic import Field, TypeAdapter, ValidationError, create_model, model_va
 import inc_plugins  # registers the plugins' pruning types, which stages name
 from inc_plugins.inc import one_shot
 from inc_plugins.inc.config_checks import check_pruner_settings
-from inc_plugins.inc.one_shot import plugin_settings_model
 from inc_plugins.inc.layer_selection import compiled
 
 from .recipe_base import (BatchSize, CalibrationSamples, Description, Fraction, LayerNames, LearningRate, LocalPath,
@@ -188,10 +187,7 @@ class _StageCommon(Strict):
         """The pruner name, pattern, sparsity and settings checks of inc_plugins, before any model is loaded."""
         settings = self.inc_settings()
         try:
-            check_pruner_settings(settings)
-            settings_model = plugin_settings_model(self.pruning_type)
-            if settings_model is not None:
-                settings_model.from_config(settings)
+            check_pruner_settings(settings)  # the type's settings model included
             compiled(self.op_names, "op_names")  # INC reads them as regular expressions
             compiled(self.excluded_op_names, "excluded_op_names")
         except inc_plugins.PruningConfigError as err:
@@ -226,13 +222,16 @@ def _plugin_fields() -> dict:
     """The plugins' own keys, declared once in their settings models, as optional stage keys (None: the pruner's
     default). A key two types share must mean the same there."""
     fields: dict = {}
+    types_reading: dict[str, list[str]] = {}
     for pruning_type, settings_model in one_shot.PLUGIN_SETTINGS_MODELS.items():
         for name in sorted(one_shot.TYPE_CONFIG_KEYS[pruning_type] - set(_StageCommon.model_fields)):
             info = settings_model.model_fields[name]
             annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
             if name in fields and fields[name][0] != annotation | None:
                 raise TypeError(f"plugin key {name!r} has different types in two pruning types' settings")
-            fields[name] = (annotation | None, Field(default=None, description=f"{pruning_type}: {info.description}"))
+            types_reading.setdefault(name, []).append(pruning_type)
+            fields[name] = (annotation | None, Field(
+                default=None, description=f"{', '.join(types_reading[name])}: {info.description}"))
     # a recipe names its latency table by file (the Python API also takes a loaded table)
     fields["latency_table"] = (Annotated[str, Field(max_length=4096)] | None,
                                Field(default=None, description=fields["latency_table"][1].description))

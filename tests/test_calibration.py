@@ -12,8 +12,10 @@ from inc_plugins.execution.calibration import (
     BlockInput,
     capture_block_inputs,
     first_output,
+    merged_inputs,
     run_block,
     sequential_blocks,
+    split_batches,
 )
 from inc_plugins.models.architectures import adapter_for
 from tests.fixtures.calibration_data import PAD_TOKEN_ID, image_batches, token_batches
@@ -106,6 +108,52 @@ def test_sequential_walk_reproduces_the_full_forward_pass(name):
     assert walked == list(range(len(blocks)))
     for got, batch in zip(outputs, batches, strict=True):
         torch.testing.assert_close(got, final_hidden(model, batch))
+
+
+def unpadded_windows(n_batches: int, seq_len: int = 12, seed: int = 2) -> list[tuple[torch.Tensor]]:
+    """Synthetic batch-1 token windows without padding, as a causal-LM recipe calibrates."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, 100, (1, seq_len), generator=generator),) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2", "bert"])
+def test_merged_calls_reproduce_the_unmerged_walk(name):
+    build = FAMILIES[name][0]
+    model, batches = build(), unpadded_windows(5)
+    _, blocks = adapter_for(model).blocks(model)
+    expected = reference_block_inputs(model, blocks, batches)
+    for index, block, inputs in sequential_blocks(model, batches, merge_tokens=24):
+        assert [x.batch_sizes for x in inputs] == [(1, 1), (1, 1), ()], "two windows of 12 tokens per call"
+        torch.testing.assert_close(torch.cat([x.hidden_states for x in inputs]), torch.cat(expected[index]))
+        if index == len(blocks) - 1:
+            got = torch.cat([run_block(block, x) for x in inputs])
+    torch.testing.assert_close(got, torch.cat([FAMILIES[name][2](model, (ids,) if name != "bert" else
+                                                                 {"input_ids": ids}) for (ids,) in batches]))
+
+
+def test_batches_with_their_own_padding_masks_are_not_merged():
+    model, batches = tiny_llama_lm(), tokens("lm")  # padded: each batch has its own attention mask
+    _, _, inputs = next(sequential_blocks(model, batches, merge_tokens=10_000))
+    assert len(inputs) == len(batches) and all(x.batch_sizes == () for x in inputs)
+
+
+def test_merging_stops_at_a_change_of_length_and_at_the_token_budget():
+    model = tiny_llama_lm()
+    _, blocks = adapter_for(model).blocks(model)
+    batches = unpadded_windows(3) + unpadded_windows(2, seq_len=8) + unpadded_windows(1, seq_len=40)
+    inputs = merged_inputs(capture_block_inputs(model, blocks, batches), max_tokens=30)
+    assert [(x.batch_sizes, x.hidden_states.shape[:2]) for x in inputs] == [
+        ((1, 1), (2, 12)), ((), (1, 12)), ((1, 1), (2, 8)), ((), (1, 40))]
+
+
+def test_split_batches_gives_each_merged_batch_its_rows_and_samples():
+    rows = torch.arange(12.0)[:, None]  # 4 samples of 3 tokens, from batches of 1, 2 and 1 samples
+    parts = split_batches(rows, 4, (1, 2, 1))
+    assert [(p.flatten().tolist(), samples) for p, samples in parts] == [
+        ([0, 1, 2], 1), ([3, 4, 5, 6, 7, 8], 2), ([9, 10, 11], 1)]
+    # a layer that saw the call's input flattened to 2-D counted one sample: one per batch, as unmerged
+    assert [samples for _, samples in split_batches(rows, 1, (1, 2, 1))] == [1, 1, 1]
+    assert split_batches(rows, 4, ()) == [(rows, 4)]
 
 
 def test_padding_masks_reach_the_blocks():

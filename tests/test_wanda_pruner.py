@@ -457,3 +457,46 @@ def test_wanda_score_needs_steps_to_see_inputs():
     modules = {"linear": nn.Linear(8, 8)}
     with pytest.raises(inc_plugins.PruningConfigError, match="end_step >= 1"):
         CRITERIA["wanda_score"](modules, info, get_pattern(info, modules))
+
+
+# --- merged block calls ----------------------------------------------------------------------------------------
+
+
+def test_merged_block_calls_keep_the_per_batch_statistics_and_masks(monkeypatch):
+    """The walk runs batch-1 windows through each block several at a time; Wanda's norms and DSnoT's pooled
+    per-batch variances must still be those of one batch per call (the reference's running statistics)."""
+    import inc_plugins.inc.wanda as wanda_module
+
+    generator = torch.Generator().manual_seed(3)
+    windows = [(torch.randint(1, 100, (1, 16), generator=generator),) for _ in range(6)]
+    statistics = {}
+    original_prune = WandaPruner.prune
+
+    def recording(self, names):
+        for name in names:
+            moments = self.feature_moments[name]
+            statistics[name] = (self.feature_norms[name].squared_norms.clone(), moments.sums.clone(),
+                                moments.variance.clone(), self.input_grams[name].matrix.clone())
+        original_prune(self, names)
+
+    monkeypatch.setattr(WandaPruner, "prune", recording)
+    runs = []
+    for merge_tokens in (0, wanda_module.MERGE_TOKENS):
+        monkeypatch.setattr(wanda_module, "MERGE_TOKENS", merge_tokens)
+        model, calls = tiny_llama_lm(), []
+        handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+        wanda(model, windows, dsnot=True, update_weights=True)
+        handle.remove()
+        runs.append((model, dict(statistics), calls))
+    (unmerged, alone, unmerged_calls), (merged, together, merged_calls) = runs
+    assert unmerged_calls[-1] == 1 and merged_calls[-1] == 6  # the second run really merged the windows
+    # block 0 (later blocks read the refitted blocks' outputs, and the refit's iterations stop at a tolerance)
+    for name in [name for name in alone if name.startswith("model.layers.0.")]:
+        norms, sums, variance, gram = alone[name]
+        merged_norms, merged_sums, merged_variance, merged_gram = together[name]
+        torch.testing.assert_close(merged_norms, norms, rtol=1e-6, atol=0)
+        torch.testing.assert_close(merged_sums, sums, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged_variance, variance, rtol=1e-5, atol=0)
+        torch.testing.assert_close(merged_gram, gram, rtol=1e-5, atol=1e-5)
+        module, merged_module = unmerged.get_submodule(name), merged.get_submodule(name)
+        assert torch.equal(weight_matrix(module) != 0, weight_matrix(merged_module) != 0), name

@@ -5,7 +5,8 @@ removes, and the registered type's refit of real (synthetic) model layers agains
 import pytest
 import torch
 
-from inc_plugins.algorithms.weight_update import DAMPING, InputGram, refit_kept_weights
+from inc_plugins.algorithms.input_gram import InputGram
+from inc_plugins.algorithms.weight_update import DAMPING, refit_kept_weights
 from inc_plugins.inc.wanda import WandaPruner, _SharedInputGram
 from inc_plugins.models.layer_views import input_rows, weight_matrix
 from tests.test_wanda_pruner import FIXTURES, wanda
@@ -71,16 +72,17 @@ def test_a_feature_that_never_fires_gets_its_weights_pruned_without_nan():
     torch.testing.assert_close(refit.weight.double(), _lstsq_refit(x, weight, keep), rtol=1e-3, atol=1e-4)
 
 
-def test_gram_sums_every_batchs_product():
+def test_gram_is_two_over_n_times_the_sum_of_every_batchs_product():
     generator = torch.Generator().manual_seed(7)
     first, second = torch.randn(5, 4, generator=generator), torch.randn(3, 4, generator=generator)
     gram = InputGram()
-    gram.add(first.T @ first, 5)
-    gram.add(second.T @ second, 3)
-    torch.testing.assert_close(gram.matrix, first.T @ first + second.T @ second)
-    assert gram.num_tokens == 8
+    for rows, samples in [(first, 2), (second, 1)]:
+        gram.add(gram.batch_products([(rows, samples)]), [(rows, samples)])
+    torch.testing.assert_close(gram.matrix, 2 / 3 * (first.T @ first + second.T @ second))
+    assert (gram.num_tokens, gram.num_samples) == (8, 3)
+    wrong = [(torch.randn(2, 5), 1)]
     with pytest.raises(ValueError, match="features"):
-        gram.add(torch.eye(5), 2)
+        gram.add(InputGram().batch_products(wrong), wrong)
 
 
 def test_refit_rejects_mismatched_shapes_and_non_bool_masks():
@@ -149,10 +151,13 @@ def test_each_layer_refits_on_the_sequential_pass_tokens_only(monkeypatch, entry
     assert tokens == {name: expected for name in names}
 
 
-def test_layers_share_one_product_only_while_their_input_is_unchanged():
-    shared, x = _SharedInputGram(), torch.randn(4, 6)
-    linear = torch.nn.Linear(6, 6)
-    first = shared.product(linear, x, x)
-    assert shared.product(linear, x, x) is first  # the same tensor: the same product
+def test_layers_share_the_products_only_while_their_input_and_state_are_unchanged():
+    shared, x, linear = _SharedInputGram(), torch.randn(4, 6), torch.nn.Linear(6, 6)
+    batches = [(x, 1)]
+    gram, other = InputGram(), InputGram()
+    first = shared.batch_products(linear, x, gram, batches)
+    assert shared.batch_products(linear, x, other, batches) is first  # the same tensor and state: the same products
+    other.add(first, batches)
+    torch.testing.assert_close(shared.batch_products(linear, x, other, batches)[0], x.T @ x)  # other state: rescaled
     x.mul_(2.0)
-    torch.testing.assert_close(shared.product(linear, x, x), x.T @ x)
+    torch.testing.assert_close(shared.batch_products(linear, x, gram, batches)[0], 2 * x.T @ x)

@@ -28,36 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DAMPING", "MAX_ITERATIONS", "TOLERANCE", "InputGram", "Refit", "refit_kept_weights"]
+__all__ = ["DAMPING", "MAX_ITERATIONS", "TOLERANCE", "Refit", "refit_kept_weights"]
 
 DAMPING = 0.01  # SparseGPT's default percdamp
 TOLERANCE = 1e-3  # stop once a step removes less than this fraction of the error removed so far
 MAX_ITERATIONS = 100
-
-
-class InputGram:
-    """X^T X of a layer's input rows ``[tokens, in_features]``, summed over calibration batches in float32."""
-
-    def __init__(self) -> None:
-        self._sum: torch.Tensor | None = None
-        self.num_tokens = 0
-
-    def add(self, product: torch.Tensor, num_tokens: int) -> None:
-        """Add ``rows.T @ rows`` of ``num_tokens`` float32 input rows (computed by the caller: layers that read the
-        same input share one product)."""
-        if self._sum is None:
-            self._sum = torch.zeros_like(product)
-        elif product.shape != self._sum.shape:
-            raise ValueError(f"rows have {product.shape[0]} features but earlier batches had {self._sum.shape[0]}")
-        self._sum += product
-        self.num_tokens += num_tokens
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        """``[in_features, in_features]`` float32: X^T X over every row added."""
-        if self._sum is None:
-            raise RuntimeError("no activations were added: call add() with at least one batch first")
-        return self._sum
 
 
 @dataclass(frozen=True)
@@ -73,7 +48,8 @@ class Refit:
 def refit_kept_weights(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING,
                        tolerance: float = TOLERANCE, max_iterations: int = MAX_ITERATIONS) -> Refit:
     """The least-squares refit of ``weight`` ``[out, in]`` under the mask ``keep`` (bool ``[out, in]``, True = kept),
-    from the inputs' ``gram`` X^T X ``[in, in]`` (see the module docstring)."""
+    from the inputs' ``gram`` X^T X ``[in, in]``, or any positive multiple of it such as ``InputGram``'s 2/n X^T X
+    (see the module docstring)."""
     if weight.dim() != 2 or keep.shape != weight.shape or gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight [out, in], keep [out, in] and gram [in, in] expected, got {list(weight.shape)}, "
                          f"{list(keep.shape)} and {list(gram.shape)}")

@@ -8,11 +8,17 @@ one block's inputs for the calibration batches, never the activations of every l
         ...  # hook the block's layers, run_block(block, x) for x in inputs, collect statistics
         ...  # prune the block
         # on the next iteration, `inputs` hold the pruned block's outputs
+
+With `merge_tokens`, consecutive batches that share every other argument of the block call (same sequence length,
+the same attention mask and position embeddings) run through each block as one call of up to that many tokens:
+one batch of 128 tokens leaves a small model's matrix products too short to keep the cores busy (a SmolLM2-135M
+block: 10.1 ms per 128-token window alone, 6.2 ms in calls of 8 windows, identical outputs). Statistics that depend
+on how the data was batched read `BlockInput.batch_sizes` to split a merged call back into its batches.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,6 +30,10 @@ from inc_plugins.models.batch_inputs import model_call
 
 CALIBRATION = "block-by-block calibration"
 
+# Tokens per merged block call for pruners that merge batches (see the module docstring): from 1024 on, a SmolLM2
+# block's products run as fast per token as they get on 2 cores, while its activations stay a few MB.
+MERGE_TOKENS = 1024
+
 
 @dataclass
 class BlockInput:
@@ -33,11 +43,14 @@ class BlockInput:
     `args`/`kwargs`: everything else the model passed to the block (attention mask, rotary
     `position_embeddings`, `position_ids`, ...), shared unchanged by every block. When replayed, hidden
     states go first, positionally, as every supported block's `forward` takes them.
+    `batch_sizes`: the sizes of the calibration batches concatenated, in order, along dim 0 of `hidden_states`
+    (`merged_inputs`); empty for one batch as it was captured.
     """
 
     hidden_states: Tensor
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    batch_sizes: tuple[int, ...] = ()
 
 
 class _StopForward(Exception):
@@ -104,6 +117,78 @@ def capture_block_inputs(
     return captured
 
 
+def _same_broadcast_arguments(first: Any, other: Any) -> bool:
+    """True if two block-call arguments are equal and any tensor among them has batch dimension 1 (or none), so
+    one copy serves a call on the two batches concatenated."""
+    if isinstance(first, Tensor) or isinstance(other, Tensor):
+        return (isinstance(first, Tensor) and isinstance(other, Tensor) and first.dim() == other.dim()
+                and (first.dim() == 0 or first.shape[0] == 1) and (first is other or torch.equal(first, other)))
+    if isinstance(first, (tuple, list)):
+        return (type(first) is type(other) and len(first) == len(other)
+                and all(_same_broadcast_arguments(a, b) for a, b in zip(first, other)))
+    if isinstance(first, dict):
+        return (isinstance(other, dict) and first.keys() == other.keys()
+                and all(_same_broadcast_arguments(first[key], other[key]) for key in first))
+    return type(first) is type(other) and first == other
+
+
+def _mergeable(first: BlockInput, other: BlockInput) -> bool:
+    a, b = first.hidden_states, other.hidden_states
+    return (a.dim() == 3 and b.shape[1:] == a.shape[1:] and b.dtype == a.dtype and b.device == a.device
+            and _same_broadcast_arguments((first.args, first.kwargs), (other.args, other.kwargs)))
+
+
+def _tokens(block_input: BlockInput) -> int:
+    return block_input.hidden_states.shape[0] * block_input.hidden_states.shape[1]
+
+
+def merged_inputs(inputs: list[BlockInput], max_tokens: int) -> list[BlockInput]:
+    """`inputs` with runs of consecutive mergeable batches concatenated into calls of at most `max_tokens` tokens.
+
+    Mergeable: hidden states `[batch, seq, hidden]` of one shape past the batch dimension, and every other argument
+    equal, its tensors with batch dimension 1 (they broadcast over the merged batch). A batch of `max_tokens` or
+    more stays alone. The merged input's `batch_sizes` lists the batches it holds.
+    """
+    groups: list[list[BlockInput]] = []
+    for block_input in inputs:
+        group = groups[-1] if groups else None
+        if (group is not None and _mergeable(group[0], block_input)
+                and sum(map(_tokens, group)) + _tokens(block_input) <= max_tokens):
+            group.append(block_input)
+        else:
+            groups.append([block_input])
+    return [group[0] if len(group) == 1 else replace(
+        group[0], hidden_states=torch.cat([x.hidden_states for x in group]),
+        batch_sizes=tuple(x.hidden_states.shape[0] for x in group)) for group in groups]
+
+
+def split_batches(rows: Tensor, num_samples: int, batch_sizes: tuple[int, ...]) -> list[tuple[Tensor, int]]:
+    """A layer's input rows from one block call, as (rows, samples) per calibration batch of the call.
+
+    `rows` `[tokens, features]` hold the call's samples one after another and `num_samples` is how many the layer
+    counted (`input_samples`); `batch_sizes` is the call's `BlockInput.batch_sizes`. A layer that saw its input
+    flattened to 2-D counts one sample per call, and so one per batch here, as it would have unmerged.
+    """
+    if len(batch_sizes) <= 1:
+        return [(rows, num_samples)]
+    total = sum(batch_sizes)
+    if rows.shape[0] % total:
+        raise RuntimeError(f"{rows.shape[0]} input rows cannot be split into the {total} samples of a merged call")
+    per_sample = rows.shape[0] // total
+    counts = batch_sizes if num_samples == total else (num_samples,) * len(batch_sizes)
+    return list(zip(rows.split([size * per_sample for size in batch_sizes]), counts))
+
+
+def _batch_labels(inputs: list[BlockInput]) -> list[str]:
+    """Per input, 'batch 3' or, for a merged call, 'batches 3-10' (indices of the calibration batches)."""
+    labels, first = [], 0
+    for block_input in inputs:
+        count = len(block_input.batch_sizes) or 1
+        labels.append(f"batch {first}" if count == 1 else f"batches {first}-{first + count - 1}")
+        first += count
+    return labels
+
+
 def first_output(output: Tensor | tuple[Any, ...]) -> Tensor:
     """The hidden states a block returned: the output itself when it is a Tensor (transformers 5 BERT,
     DistilBERT, Llama, OPT and GPT-2 layers, CNN blocks) or its first element when it is a tuple
@@ -130,7 +215,8 @@ def advance_inputs(block: nn.Module, inputs: list[BlockInput]) -> None:
 
 
 def sequential_blocks(
-    model: nn.Module, batches: Iterable[Any], blocks: Sequence[nn.Module] | None = None, during: str = CALIBRATION
+    model: nn.Module, batches: Iterable[Any], blocks: Sequence[nn.Module] | None = None, during: str = CALIBRATION,
+    merge_tokens: int = 0,
 ) -> Iterator[tuple[int, nn.Module, list[BlockInput]]]:
     """Walk the model's blocks in order, yielding (index, block, inputs) with the block's recorded inputs.
 
@@ -143,6 +229,8 @@ def sequential_blocks(
     parameters are checked before any block runs, each calibration batch and the first block's inputs as they
     are captured, and each block's outputs as they are recomputed, so the error names where NaN or Inf first
     appear (a weight, the data, or the block whose computation overflowed).
+
+    `merge_tokens` > 0: the inputs are `merged_inputs(captured, merge_tokens)` (see the module docstring).
     """
     if blocks is None:
         _, blocks = adapter_for(model).blocks(model)
@@ -150,11 +238,14 @@ def sequential_blocks(
     names = {id(module): name for name, module in model.named_modules()}
     with _eval_mode(model):
         inputs = capture_block_inputs(model, blocks, batches, during)
+        if merge_tokens > 0:
+            inputs = merged_inputs(inputs, merge_tokens)
+        labels = _batch_labels(inputs)
         for index, block in enumerate(blocks):
             yield index, block, inputs
             if index < len(blocks) - 1:
                 advance_inputs(block, inputs)
                 name = names.get(id(block), f"block {index}")
-                for batch_index, block_input in enumerate(inputs):
+                for block_input, label in zip(inputs, labels):
                     check_tensor(block_input.hidden_states, name, "output activation",
-                                 f"{during}, block {index}, batch {batch_index}")
+                                 f"{during}, block {index}, {label}")

@@ -10,7 +10,7 @@ from neural_compressor.compression.pruner.criteria import CRITERIA
 from inc_plugins.plugin_settings import PruningConfigError
 
 from . import one_shot
-from .one_shot import INC_CONFIG_KEYS, default_pattern
+from .one_shot import INC_CONFIG_KEYS, default_pattern, plugin_settings_model
 
 __all__ = ["ALLOWED_PATTERNS", "INC_CONFIG_KEYS", "PruningConfigError", "check_pruner_settings", "default_pattern",
            "known_pruning_types", "pattern_name", "require_pattern"]
@@ -92,7 +92,8 @@ def check_pruner_settings(settings: Mapping[str, Any]) -> None:
     """Raise PruningConfigError naming the bad key, the given value and what is allowed.
 
     `settings` is one pruner's resolved settings; with no "pattern" (or None) the pruning type's default applies.
-    The values of a plugin type's own keys are checked by its settings model when it prunes.
+    A type with a settings model (the plugins' types, and "sparse_gpt", which INC's driver may run) has its values
+    checked by it too.
     """
     pruning_type = settings.get("pruning_type")
     allowed = known_pruning_types()
@@ -106,3 +107,6 @@ def check_pruner_settings(settings: Mapping[str, Any]) -> None:
     pattern = settings.get("pattern")
     _check_pattern(default_pattern(pruning_type) if pattern is None else pattern, pruning_type, sparsity)
     _check_keys(settings, pruning_type)
+    settings_model = plugin_settings_model(pruning_type)
+    if settings_model is not None:
+        settings_model.from_config(settings)

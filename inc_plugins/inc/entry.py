@@ -100,7 +100,7 @@ def prepare_pruning(
     _check_entries(config, settings)
 
     local_entries = config.pruning_configs or [{}]
-    is_plugin = [one_shot.is_plugin_type(entry["pruning_type"]) for entry in settings]
+    is_plugin = [one_shot.runs_as_plugin(entry) for entry in settings]
     prunings = []
     if not all(is_plugin):
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys

@@ -8,7 +8,9 @@ INC's own flows. The config keys each type accepts are the fields of its setting
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from neural_compressor import WeightPruningConfig
 from neural_compressor.compression.pruner.pruners.base import register_pruner
@@ -38,6 +40,7 @@ class OneShotType:
     settings: type[PluginSettings]  # its config keys (INC's own keys among them, e.g. target_sparsity, are INC's)
     needs_data: bool  # False: it prunes from the weights alone and `dataloader=` may be omitted
     default_pattern: str  # the pattern of config entries that set none (INC's "4x1" is wrong for most plugins)
+    inc_builtin: bool  # INC has a type of this name, which runs entries that set none of the plugin's own keys
 
 
 # pruning_type -> how to run it
@@ -51,27 +54,33 @@ PLUGIN_CONFIG_KEYS: set[str] = set()
 
 
 def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSettings], needs_data: bool = True,
-                              default_pattern: str = INC_DEFAULT_PATTERN):
+                              default_pattern: str = INC_DEFAULT_PATTERN, inc_builtin: bool = False):
     """Class decorator: route configs with this `pruning_type` to the class, registered in INC's PRUNINGS as
     "<pruning_type>_pruning"; its `pruner_class` (if it has one) becomes INC's PRUNERS["pt_<pruning_type>"].
 
     `settings`: the type's settings model; its fields that INC does not know are the type's own config keys (any
-    other key besides INC's is refused). The class gets `pruning_type`, `settings_model` and `needs_data` as
-    class attributes. `needs_data=False` lets callers omit the dataloader (it is then None).
+    other key besides INC's is refused). The class gets `pruning_type`, `settings_model`, `needs_data` and
+    `inc_registry_name` as class attributes. `needs_data=False` lets callers omit the dataloader (it is then None).
+
+    `inc_builtin=True`: INC 3.7.1 has a one-shot type of this name (e.g. "sparse_gpt"), which keeps running every
+    entry that sets none of the settings' own keys (`runs_as_plugin`); the class and its pruner are registered in
+    INC's registries as "plugin_<pruning_type>" so INC's own stay where they are.
     """
     clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
-    if clashes:
+    if clashes and not inc_builtin:
         raise ValueError(f"pruning type {pruning_type!r} contains {clashes}, which INC's dispatch reserves")
     if not (isinstance(settings, type) and issubclass(settings, PluginSettings)):
         raise TypeError(f"settings of {pruning_type!r} must be a PluginSettings subclass, got {settings!r}")
 
     def register(cls):
-        register_pruning(f"{pruning_type}_pruning")(cls)
+        registry_name = f"plugin_{pruning_type}" if inc_builtin else pruning_type
+        register_pruning(f"{registry_name}_pruning")(cls)
         pruner_class = getattr(cls, "pruner_class", None)
         if pruner_class is not None:
-            register_pruner(f"pt_{pruning_type}")(pruner_class)
+            register_pruner(f"pt_{registry_name}")(pruner_class)
         cls.pruning_type, cls.settings_model, cls.needs_data = pruning_type, settings, needs_data
-        ONE_SHOT_TYPES[pruning_type] = OneShotType(cls, settings, needs_data, default_pattern)
+        cls.inc_registry_name = registry_name
+        ONE_SHOT_TYPES[pruning_type] = OneShotType(cls, settings, needs_data, default_pattern, inc_builtin)
         PLUGIN_SETTINGS_MODELS[pruning_type] = settings
         own = frozenset(settings.model_fields) - INC_CONFIG_KEYS
         TYPE_CONFIG_KEYS[pruning_type] = own
@@ -81,8 +90,15 @@ def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSetting
     return register
 
 
-def is_plugin_type(pruning_type: str) -> bool:
-    return pruning_type in ONE_SHOT_TYPES
+def runs_as_plugin(settings: Mapping[str, Any]) -> bool:
+    """Whether a config entry (its resolved settings) runs a plugin pruning class rather than INC's own flows: every
+    entry of a plugin type, and an entry of an INC built-in type the plugins also implement when it sets one of the
+    plugin's own keys."""
+    registered = ONE_SHOT_TYPES.get(settings["pruning_type"])
+    if registered is None:
+        return False
+    own = TYPE_CONFIG_KEYS[settings["pruning_type"]]
+    return not registered.inc_builtin or any(settings.get(key) is not None for key in own)
 
 
 def one_shot_pruning_class(pruning_type: str) -> type:

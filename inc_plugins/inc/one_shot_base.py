@@ -21,6 +21,7 @@ A type's file holds only what differs: its settings model, ``prune`` and, if nee
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,7 @@ class OneShotPruning(BasePruning):
     pruning_type: ClassVar[str] = ""
     settings_model: ClassVar[type[PluginSettings]] = PluginSettings
     needs_data: ClassVar[bool] = True
+    inc_registry_name: ClassVar[str] = ""
 
     def __init__(self, config, model: nn.Module, dataloader=None, loss_func=None, device=None):
         if dataloader is None and self.needs_data:
@@ -189,7 +191,11 @@ class OneShotPruning(BasePruning):
                         f"narrow their op_names / excluded_op_names"
                     )
                 owner[name] = index
-            pruner = get_pruner(info, layers)  # INC's PRUNERS["pt_<type>"]
+            pruner_info = info
+            if self.inc_registry_name != self.pruning_type:  # a type INC also has: its pruner is "pt_plugin_<type>"
+                pruner_info = copy.copy(info)
+                pruner_info["pruning_type"] = self.inc_registry_name
+            pruner = get_pruner(pruner_info, layers)  # INC's PRUNERS["pt_<type>"]
             if not isinstance(pruner, self.pruner_class):  # pragma: no cover - registry misconfiguration
                 raise RuntimeError(f"INC built {type(pruner).__name__} for pruning_type {self.pruning_type!r}, "
                                    f"expected {self.pruner_class.__name__}")

@@ -2,7 +2,8 @@
 
 A new one-shot pruning type is one file in this package (a ``PluginSettings`` model and a ``OneShotPruning``
 subclass with a ``prune`` method) and one ``register_one_shot_pruning`` line below. Names must avoid the
-substrings INC dispatches on ("gpt", "retrain", "block", "free", "progressive").
+substrings INC dispatches on ("gpt", "retrain", "block", "free", "progressive"), unless the type is one of INC's own
+that the plugins also implement (`inc_builtin=True`: "sparse_gpt").
 """
 
 from neural_compressor.compression.pruner.criteria import register_criterion
@@ -14,11 +15,15 @@ from .network_slimming import BNL1Regularizer, NetworkSlimmingPruning, NetworkSl
 from .network_trimming import NetworkTrimmingPruning, NetworkTrimmingSettings
 from .one_shot import register_one_shot_pruning
 from .particle_filter import ParticleFilterPruning, ParticleFilterSettings
+from .sparse_gpt import PluginSparseGPTPruning, SparseGPTSettings
 from .wanda import WandaPruning, WandaSettings
 from .wanda_score_criterion import WandaScoreCriterion
 
 # one-shot types: PRUNINGS["<type>_pruning"], PRUNERS["pt_<type>"], routed by inc_plugins.prepare_pruning
 register_one_shot_pruning("wanda", settings=WandaSettings, default_pattern="1x1")(WandaPruning)
+# INC's own driver runs sparse_gpt entries unless they set layer_sparsity / owl_m / owl_lambda (see inc/sparse_gpt.py)
+register_one_shot_pruning("sparse_gpt", settings=SparseGPTSettings, default_pattern="1x1",
+                          inc_builtin=True)(PluginSparseGPTPruning)
 register_one_shot_pruning("mask_search", settings=MaskSearchSettings, default_pattern="1xchannel")(MaskSearchPruning)
 register_one_shot_pruning("network_trimming", settings=NetworkTrimmingSettings,
                           default_pattern="1xchannel")(NetworkTrimmingPruning)

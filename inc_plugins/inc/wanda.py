@@ -23,8 +23,9 @@ layer to its count, per output row (the first rows one more when the count does 
 ``dsnot`` runs DSnoT (``algorithms.dsnot``) on each layer's per-output mask, from input statistics the hooks also
 collect (per-feature sums and pooled variances): INC's ``prune_wanda(dsnot=True)``, which ``pruning_type="wanda"``
 lacked. ``update_weights`` then re-fits each row's kept weights by least squares on the layer's calibration inputs
-(``algorithms.weight_update``: SparseGPT's objective, solved for the fixed mask); the hooks also sum each layer's
-X^T X, once per distinct input tensor (a block's query, key and value projections share one).
+(``algorithms.weight_update``: SparseGPT's objective, solved for the fixed mask); the hooks also accumulate each
+layer's X^T X (``algorithms.input_gram``), once per distinct input tensor (a block's query, key and value projections
+share one).
 
 Layer selection follows INC: ``op_names`` / ``excluded_op_names`` are regexes searched in module names,
 ``pruning_op_types`` are substrings of class names; the model family's task heads (``lm_head``, ``classifier``,
@@ -35,20 +36,22 @@ no calibrated statistics in the block walk: they stay dense, are left out of the
 ``PRUNERS["pt_wanda"]`` -> ``WandaPruner``: the INC pruner of one config entry (``.modules``, ``.masks`` in each
 weight's own layout, ``.pattern`` from INC's ``get_pattern``), which collects the input statistics with hooks and
 prunes its layers one block at a time. For training-aware pruning with Wanda's scores see
-``wanda_score_criterion`` (pruning type "wanda_score").
+``wanda_score_criterion`` (pruning type "wanda_score"). The plugins' SparseGPT (``inc.sparse_gpt``) subclasses both
+to run on the same walk and hooks.
+
+The walk merges batch-1 windows into block calls of up to ``calibration.MERGE_TOKENS`` tokens; the hooks still update
+the running statistics batch by batch (``_CurrentCall``), so they are those of unmerged calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -65,44 +68,37 @@ from inc_plugins.algorithms.wanda import (
     variant_mask,
     wanda_scores,
 )
-from inc_plugins.algorithms.weight_update import InputGram, refit_kept_weights
-from inc_plugins.execution.calibration import run_block, sequential_blocks
+from inc_plugins.algorithms.input_gram import InputGram
+from inc_plugins.algorithms.weight_update import refit_kept_weights
+from inc_plugins.execution.calibration import MERGE_TOKENS, run_block, sequential_blocks, split_batches
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
-from inc_plugins.plugin_settings import PluginSettings
 
-from .config_checks import PruningConfigError, pattern_name
+from .calibrated_sparsity import CalibratedSparsitySettings
+from .config_checks import PruningConfigError
 from .one_shot_base import OneShotPruner, OneShotPruning
 
 __all__ = ["NonFiniteActivationError", "WandaPruner", "WandaPruning", "WandaSettings", "layer_input",
-           "matrix_to_weight_layout"]
+           "matrix_to_weight_layout", "nm_column_order"]
 
 logger = logging.getLogger(__name__)
-
-_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
 # --- settings ------------------------------------------------------------------------------------------------
 
 
-class WandaSettings(PluginSettings):
+class WandaSettings(CalibratedSparsitySettings):
     """The keys of a ``pruning_type="wanda"`` config entry."""
 
-    target_sparsity: float = Field(ge=0, lt=1, description=(
-        "fraction of the weights of each comparison group to prune, in [0, 1); with an N:M pattern exactly N/M"))
-    pattern: str = Field("1x1", max_length=50, description=(
-        "'1x1' (unstructured) or 'N:M' (N of every M consecutive input weights of a row pruned, e.g. '2:4')"))
+    method: ClassVar[str] = "Wanda"
+
     comparison_group: Literal["per_output", "per_layer", "global"] = Field("per_output", description=(
         "which weights are ranked together: each output row (the paper's choice), each layer, or all selected "
         "layers at once"))
     use_variant: bool = Field(False, description=(
         "the paper's Wanda variant (a cumulative-score threshold per row); only with per_output and '1x1'"))
-    layer_sparsity: Literal["uniform", "owl"] = Field("uniform", description=(
-        "'uniform': target_sparsity in every layer; 'owl': outlier-weighted layer-wise sparsity (Yin et al. 2024): "
-        "blocks with a larger share of outlier scores are pruned less, the total stays exactly target_sparsity; "
-        "only with pattern '1x1' and comparison_group per_output or per_layer"))
     dsnot: bool = Field(False, description=(
         "DSnoT (Zhang et al. 2024) after Wanda's mask, as INC's prune_wanda(dsnot=True): swap pruned and kept "
         "weights of each row to bring its expected output back; only with pattern '1x1' and comparison_group "
@@ -110,30 +106,6 @@ class WandaSettings(PluginSettings):
     update_weights: bool = Field(False, description=(
         "after the mask is chosen, re-fit each output row's kept weights by least squares on the layer's calibration "
         "inputs (SparseGPT's objective, solved for the fixed mask); any pattern and option"))
-    owl_m: float = Field(5.0, gt=0, description=(
-        "OWL: a score is an outlier above owl_m times the mean score of its block (the paper's M)"))
-    owl_lambda: float = Field(0.08, ge=0, lt=1, description=(
-        "OWL: block sparsities spread over target_sparsity +- owl_lambda (the paper's lambda)"))
-
-    @field_validator("pattern")
-    @classmethod
-    def _wanda_pattern(cls, pattern: str) -> str:
-        name = pattern_name(pattern)
-        nm = _NM_PATTERN.match(name)
-        if name != "1x1" and nm is None:
-            raise ValueError(
-                f"pattern {pattern!r}: Wanda supports '1x1' (unstructured) and 'N:M' (N of every M weights pruned, "
-                f"e.g. '2:4'). For block patterns such as '4x1', train with pruning_type 'wanda_score'"
-            )
-        if nm is not None and not 0 < int(nm.group(1)) < int(nm.group(2)):
-            raise ValueError(f"pattern {pattern!r}: N:M prunes N of every M weights, so it needs 0 < N < M")
-        return pattern
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        """(N pruned, M) of an N:M pattern; None for '1x1'."""
-        match = _NM_PATTERN.match(pattern_name(self.pattern))
-        return (int(match.group(1)), int(match.group(2))) if match else None
 
     @property
     def needs_dense_pass(self) -> bool:
@@ -148,7 +120,7 @@ class WandaSettings(PluginSettings):
                 f"use_variant works only with comparison_group 'per_output' and pattern '1x1', "
                 f"got comparison_group {group!r} and pattern {self.pattern!r}"
             )
-        if self.layer_sparsity == "owl" and (nm is not None or group == "global" or self.use_variant):
+        if self.layer_sparsity == "owl" and (group == "global" or self.use_variant):
             raise ValueError(
                 f"layer_sparsity 'owl' sets each block's sparsity itself, so it works with pattern '1x1' and "
                 f"comparison_group 'per_output' or 'per_layer' without use_variant, got pattern {self.pattern!r}, "
@@ -162,17 +134,11 @@ class WandaSettings(PluginSettings):
                 f"{self.pattern!r}, comparison_group {group!r}, layer_sparsity {self.layer_sparsity!r}, use_variant "
                 f"{self.use_variant}"
             )
-        if nm is not None:
-            if group != "per_output":
-                raise ValueError(
-                    f"pattern {self.pattern!r} fixes N of every M weights of each row, so comparison_group must be "
-                    f"'per_output', got {group!r}"
-                )
-            if not math.isclose(self.target_sparsity, nm[0] / nm[1], abs_tol=1e-9):
-                raise ValueError(
-                    f"pattern {self.pattern!r} prunes exactly {nm[0]} of every {nm[1]} weights (sparsity "
-                    f"{nm[0] / nm[1]:g}); set target_sparsity to {nm[0] / nm[1]:g}, got {self.target_sparsity!r}"
-                )
+        if nm is not None and group != "per_output":
+            raise ValueError(
+                f"pattern {self.pattern!r} fixes N of every M weights of each row, so comparison_group must be "
+                f"'per_output', got {group!r}"
+            )
         return self
 
 
@@ -186,23 +152,26 @@ def matrix_to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Te
     return matrix.reshape(module.weight.shape)
 
 
-def _nm_view(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    """The ``[out, in]`` matrix with input features in the order N:M groups run along.
+def nm_column_order(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` matrix's columns in the order N:M groups run along: ``matrix[:, nm_column_order(module)]``.
 
     Linear / Conv1D: ``weight_matrix``'s order. Conv2d: INC's N:M layout ``[out, kh, kw, in_channels]``, so a
     group of M spans input channels at one kernel position (as INC's own N:M pattern and sparse conv kernels
     group them), not ``weight_matrix``'s channel-major order.
     """
+    columns = torch.arange(weight_matrix(module).shape[1], device=module.weight.device)
     if isinstance(module, nn.Conv2d):
-        return matrix.reshape(module.weight.shape).permute(0, 2, 3, 1).reshape(matrix.shape[0], -1)
-    return matrix
+        _, in_channels, kh, kw = module.weight.shape
+        return columns.reshape(in_channels, kh, kw).permute(1, 2, 0).flatten()
+    return columns
+
+
+def _nm_view(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    return matrix[:, nm_column_order(module)]
 
 
 def _from_nm_view(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Conv2d):
-        out, in_channels, kh, kw = module.weight.shape
-        return matrix.reshape(out, kh, kw, in_channels).permute(0, 3, 1, 2).reshape(out, -1)
-    return matrix
+    return matrix[:, torch.argsort(nm_column_order(module))]
 
 
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -214,31 +183,47 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class _SharedInputGram:
-    """The last input's X^T X, for the next layer that reads the very same tensor.
+    """The last input's per-batch X^T X products (``InputGram.batch_products``), for the next layer that reads the very
+    same tensor from the same state.
 
-    A Llama block's query, key and value projections read one tensor, as do its gate and up projections: the product
-    is computed once per forward for each. Holding the tensor keeps its ``id`` from being reused meanwhile, and its
-    version counter tells if it was changed in place since. Convolutions unfold their input their own way, so they
-    never share.
+    A Llama block's query, key and value projections read one tensor, as do its gate and up projections: the products
+    are computed once per block call for each (one per calibration batch the call merges, so up to
+    ``MERGE_TOKENS`` / window length matrices of [in, in] are held). Holding the tensor keeps its ``id`` from being
+    reused meanwhile, and its version counter tells if it was changed in place since. Convolutions unfold their input
+    their own way, so they never share. Torch products, not SciPy's: SciPy's BLAS threads, busy-waiting between such
+    small calls, slowed every torch operation beside them several-fold on 2 cores.
     """
 
     def __init__(self) -> None:
         self._input: torch.Tensor | None = None
         self._version = -1
-        self._product: torch.Tensor | None = None
+        self._num_samples = -1
+        self._products: list[torch.Tensor] = []
 
-    def product(self, module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``rows.T @ rows`` in float32 (a torch product: SciPy's BLAS threads, busy-waiting between such small calls,
-        slowed every torch operation beside them several-fold on 2 cores)."""
-        if isinstance(module, nn.Conv2d) or x is not self._input or x._version != self._version:
-            rows = rows.detach().float()
-            self._input, self._version = (None, -1) if isinstance(module, nn.Conv2d) else (x, x._version)
-            self._product = rows.T @ rows
-        return self._product
+    def batch_products(self, module: nn.Module, x: torch.Tensor, gram: InputGram,
+                       batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        if (isinstance(module, nn.Conv2d) or x is not self._input or x._version != self._version
+                or gram.num_samples != self._num_samples):
+            shareable = not isinstance(module, nn.Conv2d)
+            self._input, self._version = (x, x._version) if shareable else (None, -1)
+            self._num_samples = gram.num_samples if shareable else -1
+            self._products = gram.batch_products(batches)
+        return self._products
+
+
+class _CurrentCall:
+    """The calibration batches the block call in progress merges (``BlockInput.batch_sizes``), set by the walk.
+
+    Wanda's norms and DSnoT's moments are running statistics that the reference updates batch by batch (DSnoT pools
+    per-batch variances): the hooks update them per batch of a merged call, so they are those of unmerged calls.
+    """
+
+    batch_sizes: tuple[int, ...] = ()
 
 
 class NonFiniteActivationError(NonFiniteError):
-    """A layer received NaN or Inf inputs during Wanda calibration: the ``NonFiniteError`` the layer hooks raise."""
+    """A layer received NaN or Inf inputs during calibration (Wanda's or the plugins' SparseGPT's, which runs on this
+    walk): the ``NonFiniteError`` the layer hooks raise."""
 
 
 class WandaPruner(OneShotPruner):
@@ -262,27 +247,39 @@ class WandaPruner(OneShotPruner):
         self.alphas: dict[str, float] = {}  # per layer, for use_variant
         self.pruned_layers: set[str] = set()
 
+    @property
+    def collects_moments(self) -> bool:
+        """Whether the hooks also collect the per-feature sums and variances DSnoT reads."""
+        return self.settings.dsnot
+
+    @property
+    def collects_gram(self) -> bool:
+        """Whether the hooks also sum each layer's X^T X (the least-squares update reads it)."""
+        return self.settings.update_weights
+
     @contextlib.contextmanager
     def collect_statistics(self, names: Iterable[str], block_index: int | None = None,
-                           scores_only: bool = False) -> Iterator[None]:
+                           scores_only: bool = False, call: _CurrentCall | None = None) -> Iterator[None]:
         """Within the block, forward hooks on ``names`` add each input to ``feature_norms[name]`` and, unless
         ``scores_only`` (a dense pass needs the scores alone), to the statistics dsnot and update_weights read.
+        ``call`` tells the hooks which batches a merged block call holds (None: every call is one batch).
 
         Raises NonFiniteActivationError naming the layer if an input holds NaN or Inf.
         """
         handles = []
         shared = _SharedInputGram()
-        settings = self.settings
         try:
             for name in names:
                 norms = self.feature_norms.setdefault(name, InputFeatureNorms())
                 moments = (self.feature_moments.setdefault(name, InputFeatureMoments())
-                           if settings.dsnot and not scores_only else None)
+                           if self.collects_moments and not scores_only else None)
                 gram = (self.input_grams.setdefault(name, InputGram())
-                        if settings.update_weights and not scores_only else None)
+                        if self.collects_gram and not scores_only else None)
                 handles.append(
                     self.modules[name].register_forward_pre_hook(
-                        self._accumulate(name, norms, moments, gram, shared, block_index), with_kwargs=True
+                        self._accumulate(name, norms, moments, gram, shared, call or _CurrentCall(),
+                                         f"{self.settings.method} calibration", block_index),
+                        with_kwargs=True,
                     )
                 )
             yield
@@ -292,18 +289,20 @@ class WandaPruner(OneShotPruner):
 
     @staticmethod
     def _accumulate(name: str, norms: InputFeatureNorms, moments: InputFeatureMoments | None,
-                    gram: InputGram | None, shared: _SharedInputGram, block_index: int | None):
+                    gram: InputGram | None, shared: _SharedInputGram, call: _CurrentCall, during: str,
+                    block_index: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = layer_input(args, kwargs)
             rows = input_rows(module, x)
             where = f", block {block_index}" if block_index is not None else ""
-            check_tensor(rows, name, "input activation", f"Wanda calibration{where}", error=NonFiniteActivationError)
-            samples = input_samples(module, x)
-            norms.update(rows, samples)
-            if moments is not None:
-                moments.update(rows, samples)
+            check_tensor(rows, name, "input activation", f"{during}{where}", error=NonFiniteActivationError)
+            batches = split_batches(rows, input_samples(module, x), call.batch_sizes)
+            for batch_rows, samples in batches:
+                norms.update(batch_rows, samples)
+                if moments is not None:
+                    moments.update(batch_rows, samples)
             if gram is not None:
-                gram.add(shared.product(module, x, rows), rows.shape[0])
+                gram.add(shared.batch_products(module, x, gram, batches), batches)
 
         return hook
 
@@ -403,20 +402,21 @@ class WandaPruning(OneShotPruning):
                 unsupported.append(f"{name!r} ({error})")
         if unsupported:
             raise PruningConfigError(
-                f"Wanda cannot prune {', '.join(unsupported)}; exclude them with excluded_op_names"
+                f"{self.settings_model.method} cannot prune {', '.join(unsupported)}; exclude them with "
+                f"excluded_op_names"
             )
         outside = [name for name, module in selected.items() if id(module) not in self._block_of]
         inside = {name: module for name, module in selected.items() if id(module) in self._block_of}
         if outside:
             logger.warning(
-                "Wanda calibrates layers block by block, so these selected layers outside the model's blocks "
+                "%s calibrates layers block by block, so these selected layers outside the model's blocks "
                 "stay dense: %s (exclude them with excluded_op_names to silence this warning)",
-                outside,
+                self.settings_model.method, outside,
             )
         if not inside:
             raise PruningConfigError(
                 f"config entry {index} selects only layers outside the model's blocks ({outside}): "
-                f"Wanda has no calibrated statistics for them"
+                f"{self.settings_model.method} has no calibrated statistics for them"
             )
         if settings.nm is not None:
             m = settings.nm[1]
@@ -445,20 +445,24 @@ class WandaPruning(OneShotPruning):
         """One sequential pass: statistics of ``pruners``' layers block by block, pruning each block if ``prune``."""
         by_block = self._layers_by_block(pruners)
         last = max(by_block)
-        with contextlib.closing(sequential_blocks(self._model, batches, self._blocks, "Wanda calibration")) as walk:
-            for index, block, inputs in progress(walk, desc=f"Wanda {'pruning' if prune else 'dense pass'}",
+        call = _CurrentCall()
+        method = self.settings_model.method
+        walk = sequential_blocks(self._model, batches, self._blocks, f"{method} calibration", merge_tokens=MERGE_TOKENS)
+        with contextlib.closing(walk):
+            for index, block, inputs in progress(walk, desc=f"{method} {'pruning' if prune else 'dense pass'}",
                                                  unit="block", total=last + 1):
                 layers = by_block.get(index, [])
                 if layers:
                     with contextlib.ExitStack() as hooks:
                         for pruner, names in layers:
-                            hooks.enter_context(pruner.collect_statistics(names, index, scores_only=not prune))
+                            hooks.enter_context(pruner.collect_statistics(names, index, not prune, call))
                         for block_input in inputs:
+                            call.batch_sizes = block_input.batch_sizes
                             run_block(block, block_input)
                     if prune:
                         for pruner, names in layers:
                             pruner.prune(names)
-                    logger.info("Wanda: block %d %s", index, "pruned" if prune else "calibrated (dense pass)")
+                    logger.info("%s: block %d %s", method, index, "pruned" if prune else "calibrated (dense pass)")
                 if index == last:
                     break  # later blocks hold no selected layer: no need to recompute their inputs
 
@@ -490,7 +494,7 @@ class WandaPruning(OneShotPruning):
             pruner.pruned_counts = pruned_counts(layer_sizes, block_of, sparsity, settings.target_sparsity)
             pruner.block_sparsity = sparsity
             pruner.outlier_ratios = dict(zip(blocks, ratios))
-            logger.info("Wanda OWL: block outlier ratios %s -> sparsities %s",
+            logger.info("%s OWL: block outlier ratios %s -> sparsities %s", self.settings_model.method,
                         [round(r, 4) for r in ratios], [round(sparsity[b], 4) for b in blocks])
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 

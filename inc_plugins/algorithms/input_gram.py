@@ -1,0 +1,56 @@
+"""SparseGPT's Hessian statistic of a layer's calibration inputs, accumulated as the reference accumulates it.
+
+``H = 2/n X^T X`` over the n calibration samples seen, updated batch by batch in the reference's float32 arithmetic
+(INC 3.7.1's ``SparseGPT.add_batch``): before a batch of b samples the sum is rescaled by n / (n + b), and the
+batch's rows, transposed and scaled by sqrt(2 / (n + b)), add their product. The same batches in the same order
+therefore give INC's matrix bit for bit, and SparseGPT's mask choices agree with INC's even on exact ties of its
+costs (SmolLM2's de-quantized weights have many, and one tie broken the other way changes every later block). The
+solves that read H (SparseGPT's, and the least-squares refit of ``weight_update``) do not depend on its scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["InputGram"]
+
+
+class InputGram:
+    """2/n X^T X of a layer's input rows ``[tokens, in_features]`` over the calibration batches, in float32."""
+
+    def __init__(self) -> None:
+        self._matrix: torch.Tensor | None = None
+        self.num_samples = 0
+        self.num_tokens = 0
+
+    def batch_products(self, batches: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """The products that ``add`` would add for ``batches`` ((rows, samples) each, in order) next: layers that read
+        the same input from the same state can share them."""
+        products, seen = [], self.num_samples
+        for rows, samples in batches:
+            seen += samples
+            x = math.sqrt(2 / seen) * rows.detach().T.float()  # [in_features, tokens], the reference's layout
+            products.append(x.matmul(x.t()))
+        return products
+
+    def add(self, products: Sequence[torch.Tensor], batches: Sequence[tuple[torch.Tensor, int]]) -> None:
+        """Add the ``batch_products(batches)`` of ``batches``, computed from this state (by this gram or a sharer)."""
+        for product, (rows, samples) in zip(products, batches, strict=True):
+            if self._matrix is None:
+                self._matrix = torch.zeros_like(product)
+            elif product.shape != self._matrix.shape:
+                raise ValueError(f"rows have {product.shape[0]} features but earlier batches had {self._matrix.shape[0]}")
+            self._matrix *= self.num_samples / (self.num_samples + samples)
+            self.num_samples += samples
+            self.num_tokens += rows.shape[0]
+            self._matrix += product
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``[in_features, in_features]`` float32: 2/n X^T X over the n samples added."""
+        if self._matrix is None:
+            raise RuntimeError("no activations were added: call add() with at least one batch first")
+        return self._matrix
