@@ -214,8 +214,9 @@ class _SharedInputGram:
 class _CurrentCall:
     """The calibration batches the block call in progress merges (``BlockInput.batch_sizes``), set by the walk.
 
-    Wanda's norms and DSnoT's moments are running statistics that the reference updates batch by batch (DSnoT pools
-    per-batch variances): the hooks update them per batch of a merged call, so they are those of unmerged calls.
+    Wanda's norms, DSnoT's moments and SparseGPT's X^T X are running statistics that the references update batch by
+    batch (DSnoT pools per-batch variances): the hooks update them per batch of a merged call, so they are those of
+    unmerged calls, bit for bit.
     """
 
     batch_sizes: tuple[int, ...] = ()
