@@ -1,7 +1,7 @@
 """LLM pruning quality: perplexity, pruning time and peak memory of magnitude, SparseGPT and Wanda (uniform, or with
 OWL's block sparsities: method wanda_owl; with DSnoT: wanda_dsnot; any of the three with the least-squares weight
 update: suffix _update) on SmolLM2-135M. SparseGPT is INC's driver (sparse_gpt) or the plugins' (sparse_gpt_plugin,
-uniform; sparse_gpt_owl, OWL's block sparsities).
+uniform; sparse_gpt_owl, OWL's block sparsities); magnitude_owl is one_shot_magnitude with OWL's block sparsities.
 
     python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~70 min)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
@@ -11,6 +11,7 @@ uniform; sparse_gpt_owl, OWL's block sparsities).
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --dsnot --settings 50%  # DSnoT: ours vs INC's
     python -m benchmarks.studies.llm_pruning_quality --methods sparse_gpt wanda_update --settings 2:4  # weight update
     python -m benchmarks.studies.llm_pruning_quality --methods sparse_gpt sparse_gpt_plugin sparse_gpt_owl --settings 70%
+    python -m benchmarks.studies.llm_pruning_quality --methods magnitude magnitude_owl --settings 70% 50%
 
 Calibration: random windows of the State of the Union speeches; evaluation: the first consecutive windows of Moby
 Dick, so the two never overlap (window counts and lengths, evaluation batch and seed from
@@ -80,7 +81,8 @@ def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: 
     entries = {"wanda_owl": {"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})},
                "wanda_dsnot": {"pruning_type": "wanda", "dsnot": True},
                "sparse_gpt_plugin": {"pruning_type": "sparse_gpt", "layer_sparsity": "uniform"},
-               "sparse_gpt_owl": {"pruning_type": "sparse_gpt", "layer_sparsity": "owl", **(owl or {})}}
+               "sparse_gpt_owl": {"pruning_type": "sparse_gpt", "layer_sparsity": "owl", **(owl or {})},
+               "magnitude_owl": {"pruning_type": "one_shot_magnitude", "layer_sparsity": "owl", **(owl or {})}}
     base = method.removesuffix("_update")
     entry = entries.get(base, {"pruning_type": base}) | ({"update_weights": True} if base != method else {})
     config = inc_plugins.pruning_config(pruning_configs=[
@@ -223,8 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
     parser.add_argument("--methods", nargs="+",
-                        choices=("magnitude", "sparse_gpt", "sparse_gpt_plugin", "sparse_gpt_owl", "wanda", "wanda_owl",
-                                 "wanda_dsnot", "wanda_update", "wanda_owl_update", "wanda_dsnot_update"))
+                        choices=("magnitude", "magnitude_owl", "sparse_gpt", "sparse_gpt_plugin", "sparse_gpt_owl",
+                                 "wanda", "wanda_owl", "wanda_dsnot", "wanda_update", "wanda_owl_update",
+                                 "wanda_dsnot_update"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
                         help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%, 70%%; default: "
                              "all)")

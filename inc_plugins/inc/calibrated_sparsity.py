@@ -1,5 +1,5 @@
-"""The config keys that the block-walking one-shot types share (Wanda, the plugins' SparseGPT): what to prune, and
-how the sparsity is spread over the layers (uniform or OWL's outlier-weighted block sparsities)."""
+"""The config keys that the block-walking one-shot types share (Wanda, the plugins' SparseGPT, one-shot magnitude):
+what to prune, and how the sparsity is spread over the layers (uniform or OWL's outlier-weighted block sparsities)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class CalibratedSparsitySettings(PluginSettings):
         if name != "1x1" and nm is None:
             raise ValueError(
                 f"pattern {pattern!r}: {cls.method} supports '1x1' (unstructured) and 'N:M' (N of every M weights "
-                f"pruned, e.g. '2:4'). For block patterns such as '4x1', train with pruning_type 'wanda_score'"
+                f"pruned, e.g. '2:4'). For block patterns such as '4x1', prune while training (pruning_type "
+                f"'wanda_score', or INC's 'magnitude' or 'snip_momentum')"
             )
         if nm is not None and not 0 < int(nm.group(1)) < int(nm.group(2)):
             raise ValueError(f"pattern {pattern!r}: N:M prunes N of every M weights, so it needs 0 < N < M")

@@ -14,6 +14,7 @@ from .mask_search import MaskSearchPruning, MaskSearchSettings
 from .network_slimming import BNL1Regularizer, NetworkSlimmingPruning, NetworkSlimmingSettings
 from .network_trimming import NetworkTrimmingPruning, NetworkTrimmingSettings
 from .one_shot import register_one_shot_pruning
+from .one_shot_magnitude import MagnitudeSettings, OneShotMagnitudePruning
 from .particle_filter import ParticleFilterPruning, ParticleFilterSettings
 from .sparse_gpt import PluginSparseGPTPruning, SparseGPTSettings
 from .wanda import WandaPruning, WandaSettings
@@ -21,6 +22,8 @@ from .wanda_score_criterion import WandaScoreCriterion
 
 # one-shot types: PRUNINGS["<type>_pruning"], PRUNERS["pt_<type>"], routed by inc_plugins.prepare_pruning
 register_one_shot_pruning("wanda", settings=WandaSettings, default_pattern="1x1")(WandaPruning)
+register_one_shot_pruning("one_shot_magnitude", settings=MagnitudeSettings, needs_data=False,
+                          default_pattern="1x1")(OneShotMagnitudePruning)
 # INC's own driver runs sparse_gpt entries unless they set layer_sparsity / owl_m / owl_lambda (see inc/sparse_gpt.py)
 register_one_shot_pruning("sparse_gpt", settings=SparseGPTSettings, default_pattern="1x1",
                           inc_builtin=True)(PluginSparseGPTPruning)

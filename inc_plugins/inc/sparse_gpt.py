@@ -44,13 +44,8 @@ class PluginSparseGPTPruner(WandaPruner):
 
     settings: SparseGPTSettings
 
-    @property
-    def collects_moments(self) -> bool:
-        return False
-
-    @property
-    def collects_gram(self) -> bool:
-        return True
+    collects_moments = False  # (WandaPruner's properties, fixed here)
+    collects_gram = True
 
     def prune(self, names: Iterable[str]) -> None:
         settings = self.settings
