@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .sparse_gpt import DAMPING  # SparseGPT's percdamp, declared with SparseGPT
+
 __all__ = ["DAMPING", "MAX_ITERATIONS", "TOLERANCE", "Refit", "refit_kept_weights"]
 
-DAMPING = 0.01  # SparseGPT's default percdamp
 TOLERANCE = 1e-3  # stop once a step removes less than this fraction of the error removed so far
 MAX_ITERATIONS = 100
 

@@ -58,9 +58,14 @@ class CalibratedSparsitySettings(PluginSettings):
         return (int(match.group(1)), int(match.group(2))) if match else None
 
     @property
+    def ranks_globally(self) -> bool:
+        """Whether every layer's scores are ranked together (Wanda's comparison_group 'global')."""
+        return False
+
+    @property
     def needs_dense_pass(self) -> bool:
-        """OWL fixes each layer's count from the dense model's scores before pruning."""
-        return self.layer_sparsity == "owl"
+        """A global ranking and OWL fix each layer's count from the dense model's scores before pruning."""
+        return self.ranks_globally or self.layer_sparsity == "owl"
 
     @model_validator(mode="after")
     def _nm_sparsity(self) -> CalibratedSparsitySettings:

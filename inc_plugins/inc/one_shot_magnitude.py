@@ -13,16 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-import torch
-
-from inc_plugins.algorithms.nm_mask import nm_mask
-from inc_plugins.algorithms.owl import row_counts
-from inc_plugins.algorithms.wanda import per_output_mask, rows_mask
 from inc_plugins.models.layer_views import apply_matrix_mask, weight_matrix
 
 from .calibrated_sparsity import CalibratedSparsitySettings
 from .config_checks import PruningConfigError
-from .wanda import WandaPruner, WandaPruning, matrix_to_weight_layout, nm_column_order
+from .wanda import WandaPruner, WandaPruning
 
 __all__ = ["MagnitudeSettings", "OneShotMagnitudePruner", "OneShotMagnitudePruning"]
 
@@ -41,22 +36,12 @@ class OneShotMagnitudePruner(WandaPruner):
     collects_moments = False  # (WandaPruner's properties, fixed here)
     collects_gram = False
 
-    def _magnitude_keep(self, module: torch.nn.Module, scores: torch.Tensor, name: str) -> torch.Tensor:
-        settings = self.settings
-        if settings.nm is not None:
-            order = nm_column_order(module)
-            return nm_mask(scores[:, order], *settings.nm)[:, torch.argsort(order)]
-        if self.pruned_counts is not None:  # OWL: each layer's count, spread over its rows
-            return rows_mask(scores, row_counts(self.pruned_counts[name], *scores.shape))
-        return per_output_mask(scores, settings.target_sparsity)
-
     def prune(self, names: Iterable[str]) -> None:
         for name in names:
             module = self.modules[name]
-            keep = self._magnitude_keep(module, weight_matrix(module).detach().abs().float(), name)
+            keep = self._per_output_keep(name, weight_matrix(module).detach().abs().float())  # |W| as the scores
             apply_matrix_mask(module, keep)
-            self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
-            self.pruned_layers.add(name)
+            self._record_mask(name, keep)
             self.feature_norms.pop(name, None)
 
 

@@ -66,22 +66,13 @@ class PluginSparseGPTPruner(WandaPruner):
             weight, keep = result.weight[:, restore], result.keep[:, restore]
             with torch.no_grad():
                 module.weight.copy_(matrix_to_weight_layout(module, weight))
-            self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
-            self.pruned_layers.add(name)
+            self._record_mask(name, keep)
             logger.debug("SparseGPT: %s pruned to %.4f", name, 1 - float(keep.float().mean()))
             del self.feature_norms[name], self.input_grams[name]  # never read again
 
 
 class PluginSparseGPTPruning(WandaPruning):
-    """One-shot SparseGPT over every ``sparse_gpt`` config entry routed to the plugins; prunes at construction."""
+    """One-shot SparseGPT over every ``sparse_gpt`` config entry routed to the plugins; prunes at construction (Wanda's
+    flow: OWL's dense pass if asked, then the sequential pass)."""
 
     pruner_class = PluginSparseGPTPruner
-
-    def prune(self, dataloader, loss_func) -> None:
-        owl = [p for p in self.pruners if p.settings.needs_dense_pass]
-        # Two passes read the data twice: a one-shot iterator would be empty the second time.
-        batches = list(dataloader) if owl else dataloader
-        if owl:
-            self._walk(batches, owl, prune=False)
-            self._allocate_owl(owl)
-        self._walk(batches, self.pruners, prune=True)

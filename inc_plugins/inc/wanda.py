@@ -108,9 +108,8 @@ class WandaSettings(CalibratedSparsitySettings):
         "inputs (SparseGPT's objective, solved for the fixed mask); any pattern and option"))
 
     @property
-    def needs_dense_pass(self) -> bool:
-        """A global ranking and OWL fix each layer's count from the dense model's scores before pruning."""
-        return self.comparison_group == "global" or self.layer_sparsity == "owl"
+    def ranks_globally(self) -> bool:
+        return self.comparison_group == "global"
 
     @model_validator(mode="after")
     def _consistent(self) -> WandaSettings:
@@ -316,22 +315,28 @@ class WandaPruner(OneShotPruner):
             )
         return wanda_scores(weight_matrix(self.modules[name]), self.feature_norms[name].squared_norms)
 
-    def _keep_matrix(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+    def _per_output_keep(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        """The keep mask from ``scores`` ranked within each output row: N of every M inputs pruned, or the layer's count
+        fixed by a dense pass spread over its rows (the first rows one more), or target_sparsity of each row."""
         settings = self.settings
         module = self.modules[name]
         if settings.nm is not None:
             return _from_nm_view(module, nm_mask(_nm_view(module, scores), *settings.nm))
-        if self.pruned_counts is not None:  # global ranking or OWL: counts fixed by the dense pass
+        if self.pruned_counts is not None:
+            return rows_mask(scores, row_counts(self.pruned_counts[name], *scores.shape))
+        return per_output_mask(scores, settings.target_sparsity)
+
+    def _keep_matrix(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        settings = self.settings
+        if settings.comparison_group != "per_output":  # per layer, or global (a per-layer count from the dense pass)
+            if self.pruned_counts is None:
+                return per_layer_mask(scores, settings.target_sparsity)
             count = self.pruned_counts[name]
-            if settings.comparison_group == "per_output":
-                return rows_mask(scores, row_counts(count, *scores.shape))
             if count >= scores.numel():
                 return torch.zeros_like(scores, dtype=torch.bool)
             return per_layer_mask(scores, fraction_pruning_exactly(count, scores.numel()))
-        if settings.comparison_group == "per_layer":
-            return per_layer_mask(scores, settings.target_sparsity)
-        if settings.dsnot:
-            return dsnot_keep_mask(weight_matrix(module).detach(), scores, self.feature_moments[name],
+        if settings.dsnot:  # (uniform, '1x1': the settings refuse the rest)
+            return dsnot_keep_mask(weight_matrix(self.modules[name]).detach(), scores, self.feature_moments[name],
                                    settings.target_sparsity)
         if settings.use_variant:
             try:
@@ -339,7 +344,13 @@ class WandaPruner(OneShotPruner):
             except ValueError as error:
                 raise ValueError(f"layer {name!r}: {error}") from error
             return keep
-        return per_output_mask(scores, settings.target_sparsity)
+        return self._per_output_keep(name, scores)
+
+    def _record_mask(self, name: str, keep: torch.Tensor) -> None:
+        """Store the layer's mask (``keep`` ``[out, in]``) in its weight's own layout, as INC's masks are."""
+        module = self.modules[name]
+        self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
+        self.pruned_layers.add(name)
 
     def prune(self, names: Iterable[str]) -> None:
         """Compute the masks of ``names`` from their statistics, zero the pruned weights, store the masks."""
@@ -352,8 +363,7 @@ class WandaPruner(OneShotPruner):
             if self.settings.update_weights:
                 self._refit(name, keep)
             apply_matrix_mask(module, keep)
-            self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
-            self.pruned_layers.add(name)
+            self._record_mask(name, keep)
             del self.feature_norms[name]  # the statistics of a pruned layer are never read again
             self.feature_moments.pop(name, None)
             self.input_grams.pop(name, None)
@@ -505,6 +515,6 @@ class WandaPruning(OneShotPruning):
         batches = list(dataloader) if dense_pass else dataloader
         if dense_pass:
             self._walk(batches, dense_pass, prune=False)
-            self._allocate_global([p for p in dense_pass if p.settings.comparison_group == "global"])
+            self._allocate_global([p for p in dense_pass if p.settings.ranks_globally])
             self._allocate_owl([p for p in dense_pass if p.settings.layer_sparsity == "owl"])
         self._walk(batches, self.pruners, prune=True)
