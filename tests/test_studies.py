@@ -65,9 +65,17 @@ def test_llm_pruning_quality_quick(tmp_path):
     run_study("llm_pruning_quality", out=tmp_path)
     data = results(tmp_path / "llm_pruning_quality_quick.json", "settings", "results")
     methods = [r["method"] for r in data["results"]]
-    assert methods == ["dense", "magnitude", "sparse_gpt", "wanda", "wanda_update"]
-    assert all("error" not in r for r in data["results"]), data["results"]
+    assert methods == ["dense", "magnitude", "magnitude_dsnot", "sparse_gpt", "wanda", "wanda_dsnot", "wanda_owl",
+                       "wanda_update", "wanda_dsnot_update", "wanda_owl_update"]
+    assert all("error" not in r and "not_applicable" not in r for r in data["results"]), data["results"]
     assert all(r["peak_rss_mb"] >= r["peak_rss_increase_mb"] >= 0 for r in data["results"][1:])
+
+
+def test_llm_pruning_quality_lists_what_a_pattern_cannot_run():
+    from benchmarks.studies.llm_pruning_quality import not_applicable
+
+    assert "works with pattern '1x1'" in not_applicable("wanda_owl_update", "2:4", 0.5)
+    assert not_applicable("wanda_dsnot", "2:4", 0.5) is None and not_applicable("magnitude", "2:4", 0.5) is None
 
 
 def test_wanda_against_incs_prune_wanda_quick(tmp_path):

@@ -5,7 +5,7 @@ removes, and the registered type's refit of real (synthetic) model layers agains
 import pytest
 import torch
 
-from inc_plugins.algorithms.input_gram import InputGram
+from inc_plugins.algorithms.input_gram import InputGram, symmetric_product
 from inc_plugins.algorithms.weight_update import DAMPING, refit_kept_weights
 from inc_plugins.inc.wanda import WandaPruner, _SharedInputGram
 from inc_plugins.models.layer_views import input_rows, weight_matrix
@@ -83,6 +83,15 @@ def test_gram_is_two_over_n_times_the_sum_of_every_batchs_product():
     wrong = [(torch.randn(2, 5), 1)]
     with pytest.raises(ValueError, match="features"):
         gram.add(InputGram().batch_products(wrong), wrong)
+
+
+@pytest.mark.parametrize("features", [1, 3, 7, 64])
+def test_symmetric_product_is_x_times_its_transpose(features):
+    x = torch.randn(features, 33, generator=torch.Generator().manual_seed(features))
+    product = symmetric_product(x)  # 4 panels: fewer features than panels leaves some empty
+    torch.testing.assert_close(product, x @ x.T)
+    gram, batches = InputGram(), [(x.T, 3)]
+    torch.testing.assert_close(gram.batch_products(batches, symmetric=True)[0], gram.batch_products(batches)[0])
 
 
 def test_refit_rejects_mismatched_shapes_and_non_bool_masks():

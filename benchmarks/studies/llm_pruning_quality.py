@@ -1,9 +1,10 @@
 """LLM pruning quality: perplexity, pruning time and peak memory of magnitude, SparseGPT and Wanda (uniform, or with
 OWL's block sparsities: method wanda_owl; with DSnoT: wanda_dsnot; any of the three with the least-squares weight
 update: suffix _update) on SmolLM2-135M. SparseGPT is INC's driver (sparse_gpt) or the plugins' (sparse_gpt_plugin,
-uniform; sparse_gpt_owl, OWL's block sparsities); magnitude_owl is one_shot_magnitude with OWL's block sparsities.
+uniform; sparse_gpt_owl, OWL's block sparsities); magnitude_owl / magnitude_dsnot are one_shot_magnitude with OWL's
+block sparsities / DSnoT's swaps. A method the pruner refuses at a pattern (OWL at N:M) is listed as not applicable.
 
-    python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~70 min)
+    python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~75 min)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --settings 50% 2:4   # ours vs INC's prune_wanda
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
@@ -39,6 +40,7 @@ import inc_plugins
 from benchmarks.studies.common import StudyRun, machine_line, study_parser, study_settings
 from benchmarks.studies.sources import causal_lm
 from benchmarks.suites.pruned_models import LLAMA_BLOCKS, magnitude_per_output
+from inc_plugins.inc.config_checks import PruningConfigError, check_pruner_settings
 from inc_plugins.perf.memory import PeakRss
 from inc_plugins.perf.timing import seconds_of
 from recipes.perplexity import perplexity
@@ -69,25 +71,41 @@ class BlockForwardTimer:
             h.remove()
 
 
-def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: dict | None = None) -> None:
-    if method == "magnitude":
-        magnitude_per_output(model, LLAMA_BLOCKS, pattern, sparsity)
-        return
+def _entry(method: str, pattern: str, sparsity: float, owl: dict | None = None) -> dict:
+    """The INC config entry of a method other than ``magnitude`` (the benchmarks' own per-row magnitude)."""
     # wanda_owl: Wanda with OWL's outlier-weighted block sparsities (``owl``: owl_m / owl_lambda given on the command
     # line; else the plugin's defaults, the paper's M = 5 and lambda = 0.08)
-    # wanda_dsnot: Wanda with DSnoT's swaps (INC's prune_wanda(dsnot=True) defaults)
+    # wanda_dsnot: Wanda with DSnoT's swaps (INC's prune_wanda(dsnot=True) defaults); magnitude_dsnot: from magnitude's
+    # mask (one_shot_magnitude)
     # *_update: the same, then each row's kept weights re-fitted by least squares (update_weights)
     # sparse_gpt_plugin / sparse_gpt_owl: the plugins' SparseGPT (a layer_sparsity key routes sparse_gpt there)
     entries = {"wanda_owl": {"pruning_type": "wanda", "layer_sparsity": "owl", **(owl or {})},
                "wanda_dsnot": {"pruning_type": "wanda", "dsnot": True},
                "sparse_gpt_plugin": {"pruning_type": "sparse_gpt", "layer_sparsity": "uniform"},
                "sparse_gpt_owl": {"pruning_type": "sparse_gpt", "layer_sparsity": "owl", **(owl or {})},
-               "magnitude_owl": {"pruning_type": "one_shot_magnitude", "layer_sparsity": "owl", **(owl or {})}}
+               "magnitude_owl": {"pruning_type": "one_shot_magnitude", "layer_sparsity": "owl", **(owl or {})},
+               "magnitude_dsnot": {"pruning_type": "one_shot_magnitude", "dsnot": True}}
     base = method.removesuffix("_update")
     entry = entries.get(base, {"pruning_type": base}) | ({"update_weights": True} if base != method else {})
-    config = inc_plugins.pruning_config(pruning_configs=[
-        {**entry, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
-    ])
+    return {**entry, "pattern": pattern, "target_sparsity": sparsity, "op_names": [LLAMA_BLOCKS]}
+
+
+def not_applicable(method: str, pattern: str, sparsity: float) -> str | None:
+    """Why the pruner refuses this method at this pattern (e.g. OWL with N:M), or None."""
+    if method == "magnitude":
+        return None
+    try:
+        check_pruner_settings(_entry(method, pattern, sparsity))
+    except PruningConfigError as error:
+        return str(error)
+    return None
+
+
+def _prune(model, method: str, pattern: str, sparsity: float, calibration, owl: dict | None = None) -> None:
+    if method == "magnitude":
+        magnitude_per_output(model, LLAMA_BLOCKS, pattern, sparsity)
+        return
+    config = inc_plugins.pruning_config(pruning_configs=[_entry(method, pattern, sparsity, owl)])
     inc_plugins.prepare_pruning(model, config, dataloader=calibration)
 
 
@@ -209,6 +227,8 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['setting']} | {r['method']} | failed: {r['error']} | | | |")
             continue
+        if "not_applicable" in r:
+            continue  # (the JSON says why)
         ppl = r["perplexity"]
         lines.append(f"| {r['setting']} | {r['method']} | {ppl:.2f} | {r['prune_seconds']:.2f} | "
                      f"{r['total_seconds']:.1f} | {r['peak_rss_mb']:.0f} |" if math.isfinite(ppl) else
@@ -225,7 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
     parser.add_argument("--methods", nargs="+",
-                        choices=("magnitude", "magnitude_owl", "sparse_gpt", "sparse_gpt_plugin", "sparse_gpt_owl",
+                        choices=("magnitude", "magnitude_owl", "magnitude_dsnot", "sparse_gpt", "sparse_gpt_plugin", "sparse_gpt_owl",
                                  "wanda", "wanda_owl", "wanda_dsnot", "wanda_update", "wanda_owl_update",
                                  "wanda_dsnot_update"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
@@ -265,7 +285,9 @@ def main(argv=None) -> int:
     results = [run_isolated("dense", "dense", settings)]
     for name in names:
         for method in settings["methods"]:
-            results.append(run_isolated(method, name, settings))
+            reason = not_applicable(method, *settings["sparsities"][name])
+            results.append({"method": method, "setting": name, "not_applicable": reason} if reason
+                           else run_isolated(method, name, settings))
             print(json.dumps(results[-1]), flush=True)
     written = run.write({"settings": settings, "results": results}, markdown)
     print(markdown(written))

@@ -18,11 +18,22 @@ rows as wide as an LLM's, 100 cycles never get there, and the masks are the refe
 The statistics are the reference's (``InputFeatureMoments``, in its float32 arithmetic), so masks are INC's up to
 float ties. ``mean(x_j)`` is the reference's ``sum_metric_row``: the sum over tokens divided by the number of
 samples, a mean up to a factor every row shares.
+
+The mask DSnoT starts from need not be Wanda's: the paper and its code (``--initial_method``) also start from
+magnitude's. ``initial_scores`` chooses the starting mask; the kept weights are still offered for pruning in Wanda's
+order, as the authors' code does.
+
+N:M (``dsnot_nm_keep_mask``; the reference's ``prune_n`` branch, which INC's ``DSnoT`` has but its ``prune_wanda``
+never passes ``prune_n`` to, so INC's N:M with ``dsnot=True`` ends unstructured): a swap must stay inside one group of
+M, so each cycle grows the next pruned weight of the grow order and prunes the kept weight of the lowest starting
+score in *its* group; a row also stops when a swap would flip the sign of ``e_i`` (the reference's rule there).
 """
 
 import torch
 
-__all__ = ["InputFeatureMoments", "dsnot_keep_mask"]
+from .nm_mask import nm_mask
+
+__all__ = ["InputFeatureMoments", "dsnot_keep_mask", "dsnot_nm_keep_mask"]
 
 
 class InputFeatureMoments:
@@ -47,6 +58,13 @@ class InputFeatureMoments:
                          else (self.variance * self.num_tokens + variance * tokens) / (self.num_tokens + tokens))
         self.num_tokens += tokens
         self.sums += torch.sum(x, dim=1) / self.num_samples
+
+    def reordered(self, order: torch.Tensor) -> "InputFeatureMoments":
+        """The same statistics with the features in ``order`` (an N:M view's column order)."""
+        moments = InputFeatureMoments()
+        moments.sums, moments.variance = self.sums[order], self.variance[order]
+        moments.num_samples, moments.num_tokens = self.num_samples, self.num_tokens
+        return moments
 
 
 def _signed_order(values: torch.Tensor) -> torch.Tensor:
@@ -74,10 +92,22 @@ def _walk(order: torch.Tensor, from_back: torch.Tensor, pointers: torch.Tensor) 
     return order.gather(1, position.clamp(0, order.shape[1] - 1)), inside
 
 
+def _grow_order(expected: torch.Tensor, pruned: torch.Tensor, moments: InputFeatureMoments,
+                var_power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``e_i`` ``[out, 1]``, and its positions by ``W_ij * mean(x_j) / var(x_j) ** var_power``, the kept
+    weights counted as 0 (the order pruned weights are grown in, from either end)."""
+    lost = torch.where(pruned, expected, torch.zeros_like(expected))
+    error = lost.sum(dim=1, keepdim=True)
+    if var_power:
+        lost /= torch.pow(moments.variance.reshape(1, -1), var_power)
+    return error, torch.sort(lost, dim=1, stable=True).indices
+
+
 def dsnot_keep_mask(weight: torch.Tensor, scores: torch.Tensor, moments: InputFeatureMoments,
                     sparsity: float, var_power: float = 1.0, max_cycles: int = 100,
-                    update_threshold: float = 0.1) -> torch.Tensor:
-    """Keep mask ``[out, in]`` (True = keep): Wanda's per-row mask from ``scores``, then DSnoT's swaps.
+                    update_threshold: float = 0.1, initial_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask ``[out, in]`` (True = keep): the per-row mask from ``initial_scores`` (default ``scores``), then
+    DSnoT's swaps.
 
     ``weight``: ``[out, in]``; ``scores``: its Wanda scores; ``moments``: the layer's input statistics. Every row
     keeps its count of pruned weights, ``int(in * sparsity)``.
@@ -85,15 +115,11 @@ def dsnot_keep_mask(weight: torch.Tensor, scores: torch.Tensor, moments: InputFe
     rows, columns = scores.shape
     expected = weight * moments.sums.reshape(1, -1)  # W_ij * mean(x_j): what each weight adds to the output
     pruned_count = int(columns * sparsity)
-    order = torch.sort(scores, dim=-1, stable=True).indices
-    initially_pruned, initially_kept = order[:, :pruned_count], order[:, pruned_count:]
+    order = torch.sort(scores if initial_scores is None else initial_scores, dim=-1, stable=True).indices
+    initially_pruned = order[:, :pruned_count]
     pruned = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, initially_pruned, True)
 
-    lost = expected.clone().scatter_(1, initially_kept, 0)
-    error = lost.sum(dim=1, keepdim=True)
-    if var_power:
-        lost /= torch.pow(moments.variance.reshape(1, -1), var_power)
-    grow_order = torch.sort(lost, dim=1, stable=True).indices
+    error, grow_order = _grow_order(expected, pruned, moments, var_power)
     kept_by_score = torch.sort(scores.clone().scatter_(1, initially_pruned, float("inf")), dim=1,
                                stable=True).indices[:, : columns - pruned_count]
     prune_order = kept_by_score.gather(1, _signed_order(expected.gather(1, kept_by_score)))
@@ -116,4 +142,38 @@ def dsnot_keep_mask(weight: torch.Tensor, scores: torch.Tensor, moments: InputFe
         pruned.scatter_(1, grow, pruned.gather(1, grow) & ~active)
         error += torch.where(active, pruned_value, torch.zeros_like(pruned_value))
         error -= torch.where(active, grown_value, torch.zeros_like(grown_value))
+    return ~pruned
+
+
+def dsnot_nm_keep_mask(weight: torch.Tensor, initial_scores: torch.Tensor, moments: InputFeatureMoments, n: int,
+                       m: int, var_power: float = 1.0, max_cycles: int = 100,
+                       update_threshold: float = 0.1) -> torch.Tensor:
+    """Keep mask ``[out, in]`` (True = keep): the N:M mask pruning the ``n`` lowest ``initial_scores`` of every ``m``
+    consecutive inputs (``nm_mask``), then DSnoT's swaps within the groups (module docstring). Every group keeps
+    exactly ``m - n`` weights.
+    """
+    pruned = ~nm_mask(initial_scores, n, m)  # (nm_mask checks the shapes)
+    expected = weight * moments.sums.reshape(1, -1)
+    error, grow_order = _grow_order(expected, pruned, moments, var_power)
+    start_sign = torch.sign(error)
+    # the kept weights' starting scores, to pick the one a swap prunes in each group; pruned (or swapped out): inf
+    offer = torch.where(pruned, float("inf"), initial_scores.float())
+    pointers = torch.tensor([0, grow_order.shape[1] - 1], device=weight.device).repeat(weight.shape[0], 1)
+    active = torch.ones_like(error, dtype=torch.bool)
+    for _ in range(max_cycles):
+        if not bool(active.any()):
+            break
+        grow, grow_inside = _walk(grow_order, error > 0, pointers)
+        group = grow - grow % m + torch.arange(m, device=weight.device)  # [out, m]: the grown weight's group
+        lowest, position = offer.gather(1, group).min(dim=1, keepdim=True)
+        shrink = group.gather(1, position)
+        grown_value, pruned_value = expected.gather(1, grow), expected.gather(1, shrink)
+        # a real swap: the grown weight is pruned and its group still has a kept weight to give up
+        real = grow_inside & pruned.gather(1, grow) & torch.isfinite(lowest)
+        after = error + pruned_value - grown_value
+        active &= (error.abs() > update_threshold) & (torch.sign(after) == start_sign) & real
+        pruned.scatter_(1, shrink, pruned.gather(1, shrink) | active)
+        pruned.scatter_(1, grow, pruned.gather(1, grow) & ~active)
+        offer.scatter_(1, shrink, torch.where(active, float("inf"), offer.gather(1, shrink)))
+        error = torch.where(active, after, error)
     return ~pruned

@@ -1,5 +1,6 @@
 """The config keys that the block-walking one-shot types share (Wanda, the plugins' SparseGPT, one-shot magnitude):
-what to prune, and how the sparsity is spread over the layers (uniform or OWL's outlier-weighted block sparsities)."""
+what to prune, and how the sparsity is spread over the layers (uniform or OWL's outlier-weighted block sparsities);
+and DSnoT, for the types whose mask comes from ranking scores (Wanda, magnitude)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from inc_plugins.plugin_settings import PluginSettings
 
 from .config_checks import pattern_name
 
-__all__ = ["CalibratedSparsitySettings"]
+__all__ = ["CalibratedSparsitySettings", "ScoredMaskSettings"]
 
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -81,3 +82,26 @@ class CalibratedSparsitySettings(PluginSettings):
                 f"{nm[0] / nm[1]:g}); set target_sparsity to {nm[0] / nm[1]:g}, got {self.target_sparsity!r}"
             )
         return self
+
+
+class ScoredMaskSettings(CalibratedSparsitySettings):
+    """The keys of a type whose mask ranks scores per output row (Wanda's, magnitude's), which DSnoT can refine."""
+
+    dsnot: bool = Field(False, description=(
+        "DSnoT (Zhang et al. 2024) after the mask, as INC's prune_wanda(dsnot=True): swap pruned and kept weights "
+        "of each row (with an N:M pattern, within a group of M) to bring its expected output back; needs "
+        "calibration data; with layer_sparsity 'uniform' (Wanda: comparison_group 'per_output', no use_variant)"))
+
+    @model_validator(mode="after")
+    def _dsnot_uniform(self) -> ScoredMaskSettings:
+        if self.dsnot and self.layer_sparsity != "uniform":
+            raise ValueError(
+                f"dsnot swaps weights within each row of a mask with the same count in every row, so it works with "
+                f"layer_sparsity 'uniform', got {self.layer_sparsity!r}"
+            )
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the mask needs calibration data (DSnoT's input statistics, or a dense pass)."""
+        return self.dsnot or self.needs_dense_pass

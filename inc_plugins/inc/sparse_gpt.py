@@ -46,6 +46,7 @@ class PluginSparseGPTPruner(WandaPruner):
 
     collects_moments = False  # (WandaPruner's properties, fixed here)
     collects_gram = True
+    gram_per_batch = True  # INC's add_batch arithmetic, so the masks are INC's even on exact ties
 
     def prune(self, names: Iterable[str]) -> None:
         settings = self.settings

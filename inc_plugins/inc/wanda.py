@@ -20,12 +20,13 @@ total is exactly ``int(total * sparsity)``. The calibration batches are material
 pass measures each block's share of outlier scores and sets the blocks' sparsities (outlier-rich blocks pruned
 less), with per-layer counts that add up to exactly ``int(total * sparsity)``; the sequential pass prunes each
 layer to its count, per output row (the first rows one more when the count does not divide) or per layer.
-``dsnot`` runs DSnoT (``algorithms.dsnot``) on each layer's per-output mask, from input statistics the hooks also
-collect (per-feature sums and pooled variances): INC's ``prune_wanda(dsnot=True)``, which ``pruning_type="wanda"``
-lacked. ``update_weights`` then re-fits each row's kept weights by least squares on the layer's calibration inputs
-(``algorithms.weight_update``: SparseGPT's objective, solved for the fixed mask); the hooks also accumulate each
-layer's X^T X (``algorithms.input_gram``), once per distinct input tensor (a block's query, key and value projections
-share one).
+``dsnot`` runs DSnoT (``algorithms.dsnot``) on each layer's per-output or N:M mask, from input statistics the hooks
+also collect (per-feature sums and pooled variances): INC's ``prune_wanda(dsnot=True)``, which ``pruning_type="wanda"``
+lacked (INC's own N:M with dsnot ends unstructured; here the swaps stay within the groups of M). ``update_weights``
+then re-fits each row's kept weights by least squares on the layer's calibration inputs (``algorithms.weight_update``:
+SparseGPT's objective, solved for the fixed mask); the hooks also accumulate each layer's X^T X
+(``algorithms.input_gram``), once per distinct input tensor (a block's query, key and value projections share one)
+and block call.
 
 Layer selection follows INC: ``op_names`` / ``excluded_op_names`` are regexes searched in module names,
 ``pruning_op_types`` are substrings of class names; the model family's task heads (``lm_head``, ``classifier``,
@@ -55,7 +56,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask
+from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask, dsnot_nm_keep_mask
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
 from inc_plugins.algorithms.nm_mask import nm_mask
 from inc_plugins.algorithms.owl import block_sizes, outlier_ratio, owl_sparsities, pruned_counts, row_counts
@@ -76,7 +77,7 @@ from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.layer_views import apply_matrix_mask, input_rows, input_samples, weight_matrix
 
-from .calibrated_sparsity import CalibratedSparsitySettings
+from .calibrated_sparsity import ScoredMaskSettings
 from .config_checks import PruningConfigError
 from .one_shot_base import OneShotPruner, OneShotPruning
 
@@ -89,7 +90,7 @@ logger = logging.getLogger(__name__)
 # --- settings ------------------------------------------------------------------------------------------------
 
 
-class WandaSettings(CalibratedSparsitySettings):
+class WandaSettings(ScoredMaskSettings):
     """The keys of a ``pruning_type="wanda"`` config entry."""
 
     method: ClassVar[str] = "Wanda"
@@ -99,10 +100,6 @@ class WandaSettings(CalibratedSparsitySettings):
         "layers at once"))
     use_variant: bool = Field(False, description=(
         "the paper's Wanda variant (a cumulative-score threshold per row); only with per_output and '1x1'"))
-    dsnot: bool = Field(False, description=(
-        "DSnoT (Zhang et al. 2024) after Wanda's mask, as INC's prune_wanda(dsnot=True): swap pruned and kept "
-        "weights of each row to bring its expected output back; only with pattern '1x1' and comparison_group "
-        "per_output, uniform layer sparsity, no use_variant"))
     update_weights: bool = Field(False, description=(
         "after the mask is chosen, re-fit each output row's kept weights by least squares on the layer's calibration "
         "inputs (SparseGPT's objective, solved for the fixed mask); any pattern and option"))
@@ -125,13 +122,10 @@ class WandaSettings(CalibratedSparsitySettings):
                 f"comparison_group 'per_output' or 'per_layer' without use_variant, got pattern {self.pattern!r}, "
                 f"comparison_group {group!r}, use_variant {self.use_variant}"
             )
-        if self.dsnot and (nm is not None or group != "per_output" or self.use_variant
-                           or self.layer_sparsity != "uniform"):
+        if self.dsnot and (group != "per_output" or self.use_variant):
             raise ValueError(
-                f"dsnot swaps weights within each row of Wanda's per-output mask, so it works with pattern '1x1', "
-                f"comparison_group 'per_output', layer_sparsity 'uniform' and no use_variant, got pattern "
-                f"{self.pattern!r}, comparison_group {group!r}, layer_sparsity {self.layer_sparsity!r}, use_variant "
-                f"{self.use_variant}"
+                f"dsnot swaps weights within each row of Wanda's per-output mask, so it works with comparison_group "
+                f"'per_output' and no use_variant, got comparison_group {group!r}, use_variant {self.use_variant}"
             )
         if nm is not None and group != "per_output":
             raise ValueError(
@@ -182,15 +176,15 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class _SharedInputGram:
-    """The last input's per-batch X^T X products (``InputGram.batch_products``), for the next layer that reads the very
-    same tensor from the same state.
+    """The last input's X^T X products (``InputGram.batch_products``), for the next layer that reads the very same
+    tensor from the same state (its pruner adds products the same way: per batch or per call).
 
     A Llama block's query, key and value projections read one tensor, as do its gate and up projections: the products
-    are computed once per block call for each (one per calibration batch the call merges, so up to
-    ``MERGE_TOKENS`` / window length matrices of [in, in] are held). Holding the tensor keeps its ``id`` from being
-    reused meanwhile, and its version counter tells if it was changed in place since. Convolutions unfold their input
-    their own way, so they never share. Torch products, not SciPy's: SciPy's BLAS threads, busy-waiting between such
-    small calls, slowed every torch operation beside them several-fold on 2 cores.
+    are computed once per block call for each (SparseGPT's: one per calibration batch the call merges, so up to
+    ``MERGE_TOKENS`` / window length matrices of [in, in] are held; Wanda's refit: one). Holding the tensor keeps its
+    ``id`` from being reused meanwhile, and its version counter tells if it was changed in place since. Convolutions
+    unfold their input their own way, so they never share. Torch products, not SciPy's: SciPy's BLAS threads,
+    busy-waiting between such small calls, slowed every torch operation beside them several-fold on 2 cores.
     """
 
     def __init__(self) -> None:
@@ -200,13 +194,13 @@ class _SharedInputGram:
         self._products: list[torch.Tensor] = []
 
     def batch_products(self, module: nn.Module, x: torch.Tensor, gram: InputGram,
-                       batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+                       batches: list[tuple[torch.Tensor, int]], symmetric: bool = False) -> list[torch.Tensor]:
         if (isinstance(module, nn.Conv2d) or x is not self._input or x._version != self._version
                 or gram.num_samples != self._num_samples):
             shareable = not isinstance(module, nn.Conv2d)
             self._input, self._version = (x, x._version) if shareable else (None, -1)
             self._num_samples = gram.num_samples if shareable else -1
-            self._products = gram.batch_products(batches)
+            self._products = gram.batch_products(batches, symmetric)
         return self._products
 
 
@@ -215,7 +209,7 @@ class _CurrentCall:
 
     Wanda's norms, DSnoT's moments and SparseGPT's X^T X are running statistics that the references update batch by
     batch (DSnoT pools per-batch variances): the hooks update them per batch of a merged call, so they are those of
-    unmerged calls, bit for bit.
+    unmerged calls, bit for bit. (Wanda's refit reads X^T X alone, which it sums per call.)
     """
 
     batch_sizes: tuple[int, ...] = ()
@@ -257,6 +251,8 @@ class WandaPruner(OneShotPruner):
         """Whether the hooks also sum each layer's X^T X (the least-squares update reads it)."""
         return self.settings.update_weights
 
+    gram_per_batch = False  # the refit needs X^T X, not INC's rounding of it: one product per merged block call
+
     @contextlib.contextmanager
     def collect_statistics(self, names: Iterable[str], block_index: int | None = None,
                            scores_only: bool = False, call: _CurrentCall | None = None) -> Iterator[None]:
@@ -277,8 +273,8 @@ class WandaPruner(OneShotPruner):
                         if self.collects_gram and not scores_only else None)
                 handles.append(
                     self.modules[name].register_forward_pre_hook(
-                        self._accumulate(name, norms, moments, gram, shared, call or _CurrentCall(),
-                                         f"{self.settings.method} calibration", block_index),
+                        self._accumulate(name, norms, moments, gram, self.gram_per_batch, shared,
+                                         call or _CurrentCall(), f"{self.settings.method} calibration", block_index),
                         with_kwargs=True,
                     )
                 )
@@ -289,8 +285,8 @@ class WandaPruner(OneShotPruner):
 
     @staticmethod
     def _accumulate(name: str, norms: InputFeatureNorms, moments: InputFeatureMoments | None,
-                    gram: InputGram | None, shared: _SharedInputGram, call: _CurrentCall, during: str,
-                    block_index: int | None):
+                    gram: InputGram | None, gram_per_batch: bool, shared: _SharedInputGram, call: _CurrentCall,
+                    during: str, block_index: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = layer_input(args, kwargs)
             rows = input_rows(module, x)
@@ -302,7 +298,10 @@ class WandaPruner(OneShotPruner):
                 if moments is not None:
                     moments.update(batch_rows, samples)
             if gram is not None:
-                gram.add(shared.batch_products(module, x, gram, batches), batches)
+                # SparseGPT keeps INC's arithmetic batch by batch; Wanda's refit adds the whole call at once
+                gram_batches = batches if gram_per_batch else [(rows, input_samples(module, x))]
+                gram.add(shared.batch_products(module, x, gram, gram_batches, symmetric=not gram_per_batch),
+                         gram_batches)
 
         return hook
 
@@ -335,9 +334,8 @@ class WandaPruner(OneShotPruner):
             if count >= scores.numel():
                 return torch.zeros_like(scores, dtype=torch.bool)
             return per_layer_mask(scores, fraction_pruning_exactly(count, scores.numel()))
-        if settings.dsnot:  # (uniform, '1x1': the settings refuse the rest)
-            return dsnot_keep_mask(weight_matrix(self.modules[name]).detach(), scores, self.feature_moments[name],
-                                   settings.target_sparsity)
+        if settings.dsnot:  # (uniform: the settings refuse the rest)
+            return self._dsnot_keep(name, scores, scores)
         if settings.use_variant:
             try:
                 keep, self.alphas[name] = variant_mask(scores, settings.target_sparsity)
@@ -345,6 +343,17 @@ class WandaPruner(OneShotPruner):
                 raise ValueError(f"layer {name!r}: {error}") from error
             return keep
         return self._per_output_keep(name, scores)
+
+    def _dsnot_keep(self, name: str, initial_scores: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """DSnoT's mask (``algorithms.dsnot``) from the per-output mask of ``initial_scores`` (Wanda's or |W|), the
+        kept weights offered for pruning by Wanda's ``scores``; N:M groups in INC's column order."""
+        settings, module = self.settings, self.modules[name]
+        weight, moments = weight_matrix(module).detach(), self.feature_moments[name]
+        if settings.nm is None:
+            return dsnot_keep_mask(weight, scores, moments, settings.target_sparsity, initial_scores=initial_scores)
+        order = nm_column_order(module)
+        keep = dsnot_nm_keep_mask(weight[:, order], initial_scores[:, order], moments.reordered(order), *settings.nm)
+        return _from_nm_view(module, keep)
 
     def _record_mask(self, name: str, keep: torch.Tensor) -> None:
         """Store the layer's mask (``keep`` ``[out, in]``) in its weight's own layout, as INC's masks are."""
