@@ -191,3 +191,45 @@ def test_magnitude_with_dsnot_swaps_the_magnitude_masks_rows_and_needs_data():
     with pytest.raises(inc_plugins.PruningConfigError, match="need calibration data"):
         inc_plugins.prepare_pruning(wide_llama(),
                                     inc_plugins.pruning_config(pruning_configs=[{**config, "dsnot": True}]))
+
+
+def _one_cycle_by_hand(weight, scores, moments, start, n_m=None, threshold=0.1):
+    """DSnoT's first cycle, row by row in plain Python: the swap each unsettled row makes from ``start`` (keep)."""
+    expected = weight * moments.sums
+    keep = start.clone()
+    for row in range(weight.shape[0]):
+        pruned = ~start[row]
+        error = float(expected[row][pruned].sum())
+        if abs(error) <= threshold:
+            continue
+        lost = torch.where(pruned, expected[row], torch.zeros(())) / moments.variance
+        order = torch.sort(lost, stable=True).indices
+        grow = int(order[-1] if error > 0 else order[0])  # the largest lost output when e > 0, else the smallest
+        if not pruned[grow]:
+            continue
+        if n_m is None:  # the kept weight of lowest score among those whose output has the sign that cuts e
+            candidates = [j for j in range(weight.shape[1]) if start[row, j]
+                          and (expected[row, j] < 0 if error >= 0 else expected[row, j] > 0)]
+            shrink = min(candidates, key=lambda j: float(scores[row, j]))
+        else:  # the kept weight of lowest score in the grown weight's group, if the sign of e survives the swap
+            m = n_m[1]
+            group = [j for j in range(grow - grow % m, grow - grow % m + m) if start[row, j]]
+            shrink = min(group, key=lambda j: float(scores[row, j]))
+            after = error + float(expected[row, shrink]) - float(expected[row, grow])
+            if (after > 0) != (error > 0):
+                continue
+        keep[row, grow], keep[row, shrink] = True, False
+    return keep
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_the_first_cycle_makes_the_swap_the_rules_choose_by_hand(n_m):
+    weight, _, norms, moments = _wide_layer_statistics(seed=9, out_features=16, in_features=32)
+    scores = wanda_scores(weight, norms.squared_norms)
+    if n_m is None:
+        start, ours = per_output_mask(scores, 0.5), dsnot_keep_mask(weight, scores, moments, 0.5, max_cycles=1)
+    else:
+        start, ours = nm_mask(scores, *n_m), dsnot_nm_keep_mask(weight, scores, moments, *n_m, max_cycles=1)
+    by_hand = _one_cycle_by_hand(weight, scores, moments, start, n_m)
+    assert torch.equal(ours, by_hand)
+    assert int((ours != start).any(dim=1).sum()) >= 4  # rows really swapped
