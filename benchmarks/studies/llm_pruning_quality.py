@@ -4,7 +4,7 @@ update: suffix _update) on SmolLM2-135M. SparseGPT is INC's driver (sparse_gpt) 
 uniform; sparse_gpt_owl, OWL's block sparsities); magnitude_owl / magnitude_dsnot are one_shot_magnitude with OWL's
 block sparsities / DSnoT's swaps. A method the pruner refuses at a pattern (OWL at N:M) is listed as not applicable.
 
-    python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~75 min)
+    python -m benchmarks.studies.llm_pruning_quality                       # every setting, default methods (~90 min)
     python -m benchmarks.studies.llm_pruning_quality --calib-windows 8     # a quick look
     python -m benchmarks.studies.llm_pruning_quality --compare-inc --settings 50% 2:4   # ours vs INC's prune_wanda
     python -m benchmarks.studies.llm_pruning_quality --quick               # every step on a tiny synthetic Llama
@@ -245,9 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batch", type=int, help="default: the recipe's evaluation batch size")
     parser.add_argument("--seed", type=int, help="default: the recipe's")
     parser.add_argument("--methods", nargs="+",
-                        choices=("magnitude", "magnitude_owl", "magnitude_dsnot", "sparse_gpt", "sparse_gpt_plugin", "sparse_gpt_owl",
-                                 "wanda", "wanda_owl", "wanda_dsnot", "wanda_update", "wanda_owl_update",
-                                 "wanda_dsnot_update"))
+                        choices=("magnitude", "magnitude_owl", "magnitude_dsnot", "sparse_gpt", "sparse_gpt_plugin",
+                                 "sparse_gpt_owl", "wanda", "wanda_owl", "wanda_dsnot", "wanda_update",
+                                 "wanda_owl_update", "wanda_dsnot_update"))
     parser.add_argument("--settings", dest="sparsities", nargs="+",
                         help="sparsity settings by name, from settings.yaml (50%%, 2:4, 4:8, 60%%, 70%%; default: "
                              "all)")
