@@ -292,14 +292,15 @@ class WandaPruner(OneShotPruner):
             rows = input_rows(module, x)
             where = f", block {block_index}" if block_index is not None else ""
             check_tensor(rows, name, "input activation", f"{during}{where}", error=NonFiniteActivationError)
-            batches = split_batches(rows, input_samples(module, x), call.batch_sizes)
+            call_samples = input_samples(module, x)
+            batches = split_batches(rows, call_samples, call.batch_sizes)
             for batch_rows, samples in batches:
                 norms.update(batch_rows, samples)
                 if moments is not None:
                     moments.update(batch_rows, samples)
             if gram is not None:
                 # SparseGPT keeps INC's arithmetic batch by batch; Wanda's refit adds the whole call at once
-                gram_batches = batches if gram_per_batch else [(rows, input_samples(module, x))]
+                gram_batches = batches if gram_per_batch else [(rows, call_samples)]
                 gram.add(shared.batch_products(module, x, gram, gram_batches, symmetric=not gram_per_batch),
                          gram_batches)
 
