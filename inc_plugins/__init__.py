@@ -16,6 +16,7 @@ with warnings.catch_warnings():
 
 from .finite_checks import NonFiniteError  # noqa: E402
 from .inc import registry as _registry  # noqa: E402,F401  (registers every plugin type, criterion and regularizer)
+from .inc.checkpoint_pruning import CheckpointPruning, prune_checkpoint  # noqa: E402
 from .inc.config import pruning_config  # noqa: E402
 from .inc.config_checks import PruningConfigError, known_pruning_types  # noqa: E402
 from .inc.entry import prepare_pruning  # noqa: E402
@@ -23,10 +24,14 @@ from .inc.lifecycle import complete_pruning  # noqa: E402
 from .inc.one_shot import is_one_shot, plugin_settings_model, register_one_shot_pruning  # noqa: E402
 from .inc.one_shot_base import OneShotPruning, PruningResult, slim  # noqa: E402
 from .inc.trainer_callback import PruningCallback  # noqa: E402
+from .models.safetensors_checkpoint import CheckpointError  # noqa: E402
 from .plugin_settings import PluginSettings  # noqa: E402
 
 __all__ = [
     "prepare_pruning",
+    "prune_checkpoint",
+    "CheckpointPruning",
+    "CheckpointError",
     "complete_pruning",
     "PruningCallback",
     "slim",

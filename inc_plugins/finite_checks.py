@@ -91,8 +91,11 @@ def _parameter_kind(attribute: str) -> str:
 
 def _named_values(model: nn.Module, prefix: str = "") -> Iterable[tuple[str, str, Tensor]]:
     """(qualified name, kind, tensor): every parameter, then the running statistics of BatchNorm layers (other
-    buffers may hold -inf on purpose, e.g. attention masks)."""
+    buffers may hold -inf on purpose, e.g. attention masks). Meta tensors (a streamed model's blocks not loaded)
+    hold no values and are left out."""
     for name, parameter in model.named_parameters(prefix=prefix):
+        if parameter.is_meta:
+            continue
         yield name, _parameter_kind(name.rpartition(".")[2]), parameter.detach()
     for module_name, module in model.named_modules(prefix=prefix):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -108,6 +108,7 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
         write_text(staged.path / "recipe.yaml",
                    yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
+        task.work_dir = staged.path  # (a streamed model's pruned checkpoints are written there)
         model = task.load(timer)
         report.update(data=task.describe_data(), finetune=task.finetune_info, evaluated_on=task.evaluated_on)
         staged.stage_done("load")

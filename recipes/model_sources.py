@@ -95,6 +95,20 @@ def load_local_causal_lm(source: ModelSource):
     return _from_pretrained(source, load)
 
 
+def local_checkpoint(source: ModelSource) -> tuple[Path, object]:
+    """(checkpoint directory, tokenizer) of a causal LM whose weights are read from safetensors shards rather than
+    loaded: the asset's converted checkpoint, or model.path."""
+    if source.asset is not None:
+        return converted_checkpoint(source.asset), gguf_tokenizer(source.asset)
+    where = model_directory(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=source.trust_remote_code)
+    except LOAD_ERRORS as err:
+        raise load_error(where, err) from None
+    check_tokenizer(tokenizer, where)
+    return Path(where), tokenizer
+
+
 def source_fingerprint(source: ModelSource) -> str:
     """A content hash of the model's config and weights, so caches notice when the model changes."""
     where = model_directory(source)
@@ -110,25 +124,36 @@ def source_fingerprint(source: ModelSource) -> str:
 GGUF_FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-def load_causal_lm(asset: str):
-    """(model, tokenizer) of a GGUF decoder asset, in fp32 and eval mode.
-
-    De-quantizing the GGUF takes ~30 s, so the fp32 weights are saved once as safetensors in the cache. The tokenizer
-    is always read from the GGUF file: one saved with `save_pretrained` and reloaded maps spaces to <|endoftext|>.
-    """
+def _check_gguf_asset(asset: str) -> None:
     if asset not in GGUF_FILES:
         raise RecipeError(f"no causal-LM loader for asset {asset!r}; causal-LM assets: {', '.join(GGUF_FILES)}")
+
+
+def gguf_tokenizer(asset: str):
+    """The tokenizer of a GGUF decoder asset, always read from the GGUF file: one saved with `save_pretrained` and
+    reloaded maps spaces to <|endoftext|>."""
+    _check_gguf_asset(asset)
     directory, gguf = model_directory(ModelSource(asset=asset)), GGUF_FILES[asset]
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     except LOAD_ERRORS as err:
         raise load_error(directory / gguf, err) from None
     check_tokenizer(tokenizer, directory / gguf)
+    return tokenizer
+
+
+def converted_checkpoint(asset: str) -> Path:
+    """The directory of a GGUF decoder asset's float32 safetensors checkpoint, converted once into the cache.
+
+    De-quantizing the GGUF takes ~30 s, so it is done once; a damaged cache entry is rebuilt from the verified GGUF.
+    """
+    _check_gguf_asset(asset)
+    directory, gguf = model_directory(ModelSource(asset=asset)), GGUF_FILES[asset]
     converted = cache_root() / "converted" / asset
     if (converted / "config.json").is_file():
         try:
             check_weights(converted, f"converted {asset!r} cache")
-        except RecipeError as err:  # a damaged cache entry is rebuilt from the verified GGUF
+        except RecipeError as err:
             print(f"warning: {err}; converting {gguf} again", file=sys.stderr)
             shutil.rmtree(converted)
     if not (converted / "config.json").is_file():
@@ -143,6 +168,13 @@ def load_causal_lm(asset: str):
             os.rename(staging, converted)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    return converted
+
+
+def load_causal_lm(asset: str):
+    """(model, tokenizer) of a GGUF decoder asset, in fp32 and eval mode (`converted_checkpoint`, `gguf_tokenizer`)."""
+    tokenizer = gguf_tokenizer(asset)
+    converted = converted_checkpoint(asset)
     try:
         model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=torch.float32)
     except LOAD_ERRORS as err:

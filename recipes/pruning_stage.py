@@ -4,6 +4,7 @@ mask_search-pruned model, and counts the attention-head and FFN MACs a model sti
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -89,6 +90,22 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
     inc_plugins.complete_pruning(model, optimizer)
     return StageOutcome({"mode": "training-aware", "training_steps": stage.training_steps, "final_loss": losses[-1],
                          "prune_seconds": round(time.perf_counter() - start, 3)})
+
+
+def prune_checkpoint_stage(source: Path, output: Path, stage: PruningStage, calibration: list,
+                           n_calibration: int) -> StageOutcome:
+    """One one-shot stage of a streamed run (`inc_plugins.prune_checkpoint`): checkpoint `source` pruned block by block
+    into the new checkpoint `output`. The report adds the seconds each block was held and the process's peak RSS."""
+    config = inc_plugins.pruning_config(pruning_configs=[stage.inc_settings()])
+    start = time.perf_counter()
+    try:
+        run = inc_plugins.prune_checkpoint(source, output, config, dataloader=calibration)
+    except (inc_plugins.CheckpointError, inc_plugins.PruningConfigError) as err:
+        raise RecipeError(str(err)) from None
+    return StageOutcome({"mode": "one-shot", "streamed": True, "calibration_samples": n_calibration,
+                         "prune_seconds": round(time.perf_counter() - start, 3),
+                         "seconds_per_block": [round(seconds, 3) for seconds in run.seconds_per_block],
+                         "peak_rss_bytes": run.peak_rss_bytes}, run.result)
 
 
 def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, learning_rate: float, seed: int,

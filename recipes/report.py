@@ -6,15 +6,17 @@ import neural_compressor
 import torch
 import transformers
 
+from inc_plugins.execution.streamed_model import parameter_value
 from inc_plugins.perf.machine import machine_description
 
 PRUNABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
 def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
-    """Fraction of exactly-zero weights in every Linear/Conv layer (and transformers' Conv1D)."""
+    """Fraction of exactly-zero weights in every Linear/Conv layer (and transformers' Conv1D); a streamed model's
+    weights are read one layer at a time."""
     return {
-        name: (module.weight == 0).float().mean().item()
+        name: (parameter_value(model, f"{name}.weight") == 0).float().mean().item()
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE) or type(module).__name__ == "Conv1D"
     }
@@ -22,7 +24,7 @@ def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    nonzero = sum(int((parameter_value(model, name) != 0).sum()) for name, _ in model.named_parameters())
     return {"total": total, "nonzero": nonzero}
 
 

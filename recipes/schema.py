@@ -5,7 +5,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError, create_model, model_validator
 
 import inc_plugins  # registers the plugins' pruning types, which stages name
 from inc_plugins.inc import one_shot
@@ -309,11 +309,42 @@ class TextClassificationRecipe(_TransformersRecipe):
         return super().input_paths() + [Path(path) for path in files if path is not None]
 
 
+class Execution(Strict):
+    """How a causal LM is held while it is pruned and evaluated: whole in memory (loaded in float32), or streamed
+    block by block from its safetensors shards in the dtype they hold (`inc_plugins.prune_checkpoint`; never the whole
+    model in memory; the pruned checkpoint is written shard by shard). `auto` streams when the float32 model would
+    not fit `memory_budget` (default: the memory available when the run starts)."""
+
+    mode: Literal["auto", "in_memory", "streaming"] = "auto"
+    memory_budget: ByteSize | None = Field(None, description="e.g. '4GiB', '6GB'; streaming refuses a budget smaller "
+                                                             "than what it holds at once")
+
+
 class CausalLMRecipe(_TransformersRecipe):
     """Perplexity of a decoder on a `corpus`, calibrated on another text."""
 
     task: Literal["causal_lm"]
     corpus: Corpus = Field(default_factory=Corpus)
+    execution: Execution = Field(default_factory=Execution)
+
+    @model_validator(mode="after")
+    def _streaming_limits(self):
+        refused = self.streaming_refusals() if self.execution.mode == "streaming" else []
+        if refused:
+            raise ValueError(f"execution.mode 'streaming' never holds the whole model, so it cannot run: "
+                             f"{'; '.join(refused)}")
+        return self
+
+    def streaming_refusals(self) -> list[str]:
+        """What in this recipe a streamed model cannot run (empty: it can stream)."""
+        return [what for what, present in (
+            ("model.hub_id (stream a local directory or asset)", self.model.hub_id is not None),
+            ("benchmark", self.benchmark is not None), ("slim: true", self.slim),
+            *((f"pruning stage {i} ({stage.pruning_type}): streaming runs "
+               f"{', '.join(one_shot.streaming_types())}", stage.pruning_type not in one_shot.streaming_types())
+              for i, stage in enumerate(self.pruning)),
+            *((f"pruning stage {i}: retrain_steps", bool(stage.retrain_steps)) for i, stage in enumerate(self.pruning)),
+        ) if present]
 
     def input_paths(self) -> list[Path]:
         files = [self.corpus.calibration.file, self.corpus.evaluation.file]

@@ -6,21 +6,24 @@ Every task class takes the recipe and offers the same methods; `apply.run` only 
 """
 
 import random
+import shutil
 from pathlib import Path
 
 import torch
 
 import inc_plugins
+from inc_plugins.execution.streamed_model import loading_each_block
 from inc_plugins.finite_checks import check_metric
 from inc_plugins.models.saving import save_slimmed
 from inc_plugins.post_training.data import average_sequence_length
 
 from . import finetune_cache
-from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, load_local_causal_lm
+from .model_sources import GGUF_FILES, load_causal_lm, load_classifier, load_local_causal_lm, local_checkpoint
 from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
+from .streaming_choice import StreamedCheckpoint, open_streamed, streams
 from .image_classification import ImageClassificationTask
-from .pruning_stage import StageOutcome, prune_with_batches, run_pruning_stage
+from .pruning_stage import StageOutcome, prune_checkpoint_stage, prune_with_batches, run_pruning_stage
 from .report import parameter_counts
 from .schema import CausalLMRecipe, PruningStage, RecipeError, TextClassificationRecipe, TextSource
 from .shape_checks import check_pattern_fits
@@ -61,7 +64,11 @@ def _split(examples, data, what: str):
 
 
 class _TransformersTask:
-    """What the text tasks share: pattern checks against the model's layers, and parameter counts."""
+    """What the text tasks share: pattern checks against the model's layers, and parameter counts.
+
+    `work_dir`: where the task may keep intermediate files (the run's staging directory, set by `apply.run`)."""
+
+    work_dir: Path | None = None
 
     def check_stage(self, model: torch.nn.Module, stage: PruningStage, where: str) -> None:
         check_pattern_fits(model, stage, where)
@@ -156,11 +163,15 @@ class CausalLMTask(_TransformersTask):
 
     def __init__(self, recipe: CausalLMRecipe):
         self.recipe = recipe
+        self.streamed: StreamedCheckpoint | None = None  # the checkpoint the model streams from, when it does
 
     def load(self, timer) -> torch.nn.Module:
         source, corpus = self.recipe.model, self.recipe.corpus
         with timer("load"):
-            if source.asset is not None:
+            if streams(self.recipe):
+                directory, self.tokenizer = local_checkpoint(source)
+                self.model, self.streamed = open_streamed(directory, self.recipe.execution)
+            elif source.asset is not None:
                 self.model, self.tokenizer = load_causal_lm(source.asset)
             else:
                 self.model, self.tokenizer = load_local_causal_lm(source)
@@ -190,13 +201,22 @@ class CausalLMTask(_TransformersTask):
                     for i in range(0, len(order), stage.batch_size)]
         if inc_plugins.is_one_shot(stage.pruning_type):
             calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
+            if self.streamed is not None:  # from the current checkpoint into the next, one block at a time
+                previous = self.streamed
+                output = self.work_dir / f"streamed_stage_{previous.stages}"
+                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows))
+                model, self.streamed = open_streamed(output, self.recipe.execution, previous.stages + 1)
+                if previous.stages:  # an earlier stage's checkpoint, in the run's staging directory: superseded
+                    shutil.rmtree(previous.directory)
+                return model, outcome
             return model, prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
                                              training=training)
         return model, prune_with_batches(model, stage, training=training)
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:
         windows = self.evaluation_windows
-        value = perplexity(model, windows, batch_size=self.recipe.evaluation.batch_size)
+        with loading_each_block(model):  # a streamed model's blocks are read as each forward pass reaches them
+            value = perplexity(model, windows, batch_size=self.recipe.evaluation.batch_size)
         check_metric(model, "perplexity", value, evaluated_model(desc))  # NaN/Inf: stop, naming the first bad weight
         return {"perplexity": value, "windows": len(windows), "tokens_per_window": windows.shape[1]}
 
@@ -211,10 +231,14 @@ class CausalLMTask(_TransformersTask):
         name = lambda source: source.asset or str(source.file)  # noqa: E731
         return {"calibration_text": name(corpus.calibration), "evaluation_text": name(corpus.evaluation),
                 "evaluation_windows": corpus.evaluation_windows, "evaluation_seq_len": corpus.evaluation_seq_len,
-                "calibration_seq_len": corpus.calibration_seq_len}
+                "calibration_seq_len": corpus.calibration_seq_len,
+                "execution": self.streamed.describe() if self.streamed is not None else {"mode": "in_memory"}}
 
     def save(self, model: torch.nn.Module, directory: Path, slimmed: bool, final: Path) -> str:
-        if slimmed:
+        if self.streamed is not None:  # the last stage wrote the pruned checkpoint already: it becomes the model
+            self.streamed.directory.rename(directory)
+            load = f"AutoModelForCausalLM.from_pretrained({str(final)!r})"
+        elif slimmed:
             save_slimmed(model, directory)
             load = LOAD_SLIMMED.format(path=str(final))
         else:
@@ -225,7 +249,8 @@ class CausalLMTask(_TransformersTask):
             # a GGUF tokenizer saved with save_pretrained maps spaces to <|endoftext|> when reloaded: not saved
             return (f"{load}; tokenizer = AutoTokenizer.from_pretrained(inc_plugins.assets.asset_path({asset!r}), "
                     f"gguf_file={GGUF_FILES[asset]!r})")
-        self.tokenizer.save_pretrained(directory)
+        if self.streamed is None:  # (a streamed checkpoint carries its source's tokenizer files)
+            self.tokenizer.save_pretrained(directory)
         return load
 
 

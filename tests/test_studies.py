@@ -186,3 +186,12 @@ def test_mask_search_time_quick(tmp_path):
         assert seconds["total"] >= seconds["fisher"] + seconds["tune"]
     assert data["same_masks"] is True  # the same model and samples give the same masks every run
     assert (tmp_path / "mask_search_time_quick.md").is_file()
+
+
+def test_streaming_memory_quick(tmp_path):
+    run_study("streaming_memory", out=tmp_path)
+    data = results(tmp_path / "streaming_memory_quick.json", "settings", "model", "run_result", "output")
+    assert data["model"]["synthetic"] and data["model"]["blocks"] == 3
+    assert data["run_result"]["peak_rss_mb"] >= data["run_result"]["rss_after_imports_mb"] > 0
+    assert data["output"]["pruned_layers"] == 3 * 7 and abs(data["output"]["sparsity"] - 0.5) < 0.01
+    assert "Synthetic random weights" in (tmp_path / "streaming_memory_quick.md").read_text()

@@ -28,6 +28,8 @@ from inc_plugins.finite_checks import check_batch, check_parameters, check_tenso
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.batch_inputs import model_call
 
+from .streamed_model import resident_block
+
 CALIBRATION = "block-by-block calibration"
 
 # Tokens per merged block call for pruners that merge batches (see the module docstring): from 1024 on, a SmolLM2
@@ -223,7 +225,8 @@ def sequential_blocks(
     `blocks` defaults to the ones `adapter_for(model)` finds. When the caller asks for the next block,
     the current one is re-run (with whatever weights the caller left it) and its outputs replace the hidden
     states in `inputs`, which is the same list every time: keep no references to earlier hidden states.
-    The model stays in eval mode while the walk is in progress.
+    The model stays in eval mode while the walk is in progress. A streamed model (``streamed_model``) holds each
+    block's weights only while the walk is at it: from the yield until the next block's inputs are computed.
 
     Non-finite values stop the walk with NonFiniteError (`during` names the caller in its message): the model's
     parameters are checked before any block runs, each calibration batch and the first block's inputs as they
@@ -242,10 +245,11 @@ def sequential_blocks(
             inputs = merged_inputs(inputs, merge_tokens)
         labels = _batch_labels(inputs)
         for index, block in enumerate(blocks):
-            yield index, block, inputs
-            if index < len(blocks) - 1:
-                advance_inputs(block, inputs)
-                name = names.get(id(block), f"block {index}")
-                for block_input, label in zip(inputs, labels):
-                    check_tensor(block_input.hidden_states, name, "output activation",
-                                 f"{during}, block {index}, {label}")
+            with resident_block(model, index):
+                yield index, block, inputs
+                if index < len(blocks) - 1:
+                    advance_inputs(block, inputs)
+                    name = names.get(id(block), f"block {index}")
+                    for block_input, label in zip(inputs, labels):
+                        check_tensor(block_input.hidden_states, name, "output activation",
+                                     f"{during}, block {index}, {label}")

@@ -14,6 +14,8 @@ from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_
 from neural_compressor.compression.pruner.pruning import SparseGPTPruning
 from neural_compressor.compression.pruner.utils import process_config
 
+from inc_plugins.execution.streamed_model import block_stream
+
 from . import one_shot
 from .config import inc_defaults_restored, private_copy
 from .config_checks import PruningConfigError, check_pruner_settings
@@ -58,6 +60,20 @@ def _with_plugin_keys(config: WeightPruningConfig, local_entries: list[dict]) ->
     return [{**extra, **entry} for entry in local_entries]
 
 
+def _check_streamable(settings: list[dict], is_plugin: list[bool]) -> None:
+    """A streamed model holds one block at a time and each block is written once: one streaming type prunes it."""
+    types = sorted({entry["pruning_type"] for entry in settings})
+    allowed = one_shot.streaming_types()
+    refused = [t for t, plugin in zip((e["pruning_type"] for e in settings), is_plugin)
+               if not plugin or t not in allowed]
+    if refused:
+        raise PruningConfigError(f"pruning type(s) {sorted(set(refused))} cannot prune a streamed model; streaming "
+                                 f"runs {', '.join(allowed)}")
+    if len(types) > 1:
+        raise PruningConfigError(f"a streamed model is pruned in one pass per block, so one pruning type at a time: "
+                                 f"got {types}; prune with one, then stream its output through the next")
+
+
 class _QuietAboutPluginKeys(logging.Filter):
     """INC warns '<key> is not supported for config' for every key it does not know, plugins' keys included."""
 
@@ -100,7 +116,10 @@ def prepare_pruning(
     _check_entries(config, settings)
 
     local_entries = config.pruning_configs or [{}]
-    is_plugin = [one_shot.runs_as_plugin(entry) for entry in settings]
+    streamed = block_stream(model) is not None
+    is_plugin = [one_shot.runs_as_plugin(entry, streamed) for entry in settings]
+    if streamed:
+        _check_streamable(settings, is_plugin)
     prunings = []
     if not all(is_plugin):
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys

@@ -30,11 +30,12 @@ from typing import Any, ClassVar
 import torch
 from neural_compressor.compression.pruner.patterns import get_pattern
 from neural_compressor.compression.pruner.pruners import get_pruner
-from neural_compressor.compression.pruner.pruners.base import PytorchBasePruner
+from neural_compressor.compression.pruner.pruners.base import BasePruner, PytorchBasePruner
 from neural_compressor.compression.pruner.pruning import BasePruning
 from neural_compressor.compression.pruner.utils import get_sparsity_ratio
 from torch import nn
 
+from inc_plugins.execution.streamed_model import block_stream
 from inc_plugins.plugin_settings import PluginSettings
 
 from .config_checks import PruningConfigError
@@ -77,8 +78,10 @@ def slim(model: nn.Module, result: PruningResult) -> nn.Module:
 
 
 def layer_sparsity(pruners) -> dict[str, float]:
-    """{layer name: fraction of its weights each pruner's mask prunes}."""
-    return {name: float((mask == 0).sum()) / mask.numel() for pruner in pruners for name, mask in pruner.masks.items()}
+    """{layer name: fraction of its weights each pruner's mask prunes} (``mask_sparsity`` where a pruner recorded it
+    and dropped the mask)."""
+    return {name: pruner.mask_sparsity[name] if name in pruner.mask_sparsity else float((mask == 0).sum()) / mask.numel()
+            for pruner in pruners for name, mask in pruner.masks.items()}
 
 
 def sparsity_report(pruners, model: nn.Module):
@@ -114,9 +117,18 @@ class OneShotPruner(PytorchBasePruner):
     It has no training-loop schedule: built by INC's own ``prepare_pruning(..., optimizer=...)`` it refuses to
     start."""
 
+    def __init__(self, config, modules):
+        # INC's PytorchBasePruner.__init__, but each all-True mask is made as bool where the weight is: INC makes it
+        # as float32 on the CPU first, which for a streamed model's meta weights allocated the layers in float32
+        BasePruner.__init__(self, config, modules)
+        for name, module in self.modules.items():
+            self.masks[name] = torch.ones(module.weight.shape, dtype=torch.bool, device=module.weight.device)
+        self._init()
+
     def _init(self) -> None:
         self.pattern = get_pattern(self.config, self.modules)
         self.settings: PluginSettings | None = None  # set by the pruning class
+        self.mask_sparsity: dict[str, float] = {}  # per layer, where a pruner records it (a streamed model's masks)
         self.pruned = False
 
     def on_train_begin(self, dataloader=None) -> None:
@@ -143,6 +155,8 @@ class OneShotPruning(BasePruning):
     settings_model: ClassVar[type[PluginSettings]] = PluginSettings
     needs_data: ClassVar[bool] = True
     inc_registry_name: ClassVar[str] = ""
+    # whether ``prune`` holds one block at a time (``execution.streamed_model``), so a streamed model can be pruned
+    streams: ClassVar[bool] = False
 
     def __init__(self, config, model: nn.Module, dataloader=None, loss_func=None, device=None):
         if dataloader is None and self.needs_data:
@@ -158,7 +172,8 @@ class OneShotPruning(BasePruning):
             pruner.pruned = True
         self.result = self.result_class(pruning_type=self.pruning_type, layer_sparsity=layer_sparsity(self.pruners),
                                         **details)
-        self.report = sparsity_report(self.pruners, model)
+        # INC's report reads every weight: a streamed model's blocks are back in the checkpoint (see ``result``)
+        self.report = sparsity_report(self.pruners, model) if block_stream(model) is None else None
 
     # --- what a pruning type writes -------------------------------------------------------------------------
 

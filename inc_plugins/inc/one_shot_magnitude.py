@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
+from inc_plugins.execution.streamed_model import block_stream, resident_block
 from inc_plugins.models.layer_views import apply_matrix_mask, weight_matrix
 
 from .calibrated_sparsity import ScoredMaskSettings
@@ -69,6 +70,12 @@ class OneShotMagnitudePruning(WandaPruning):
             self._allocate_owl(owl)
         if dsnot:
             self._walk(batches, dsnot, prune=True)
-        for pruner in self.pruners:
-            if pruner not in dsnot:
-                pruner.prune(list(pruner.modules))
+        plain = [p for p in self.pruners if p not in dsnot]
+        if dsnot and plain and block_stream(self._model) is not None:
+            raise PruningConfigError("a streamed model is pruned in one pass per block: config entries with and "
+                                     "without dsnot cannot be mixed; run them one after the other")
+        for index, layers in sorted(self._layers_by_block(plain).items()):
+            with resident_block(self._model, index):  # (nothing to load for a model in memory)
+                for pruner, names in layers:
+                    pruner.prune(names)
+                self._block_pruned(index, layers)

@@ -72,6 +72,7 @@ from inc_plugins.algorithms.wanda import (
 from inc_plugins.algorithms.input_gram import InputGram
 from inc_plugins.algorithms.weight_update import refit_kept_weights
 from inc_plugins.execution.calibration import MERGE_TOKENS, run_block, sequential_blocks, split_batches
+from inc_plugins.execution.streamed_model import block_stream, write_block
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import adapter_for
@@ -360,7 +361,14 @@ class WandaPruner(OneShotPruner):
         """Store the layer's mask (``keep`` ``[out, in]``) in its weight's own layout, as INC's masks are."""
         module = self.modules[name]
         self.masks[name] = matrix_to_weight_layout(module, keep).to(module.weight.device).contiguous()
+        self.mask_sparsity[name] = float((~keep).sum()) / keep.numel()
         self.pruned_layers.add(name)
+
+    def drop_masks(self, names: Iterable[str]) -> None:
+        """Keep only the shapes of these layers' masks (meta tensors) and their ``mask_sparsity``: a streamed model's
+        masks are in its written weights, and a 7B model's bool masks alone would take 6.5 GB."""
+        for name in names:
+            self.masks[name] = torch.empty_like(self.masks[name], device="meta")
 
     def prune(self, names: Iterable[str]) -> None:
         """Compute the masks of ``names`` from their statistics, zero the pruned weights, store the masks."""
@@ -406,6 +414,7 @@ class WandaPruning(OneShotPruning):
     """
 
     pruner_class = WandaPruner
+    streams = True
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
         _, self._blocks = adapter_for(model).blocks(model)  # UnsupportedModelError for families without blocks
@@ -483,9 +492,28 @@ class WandaPruning(OneShotPruning):
                     if prune:
                         for pruner, names in layers:
                             pruner.prune(names)
+                        self._block_pruned(index, layers)
+                    else:
+                        self._block_measured(index, layers)
                     logger.info("%s: block %d %s", method, index, "pruned" if prune else "calibrated (dense pass)")
                 if index == last:
                     break  # later blocks hold no selected layer: no need to recompute their inputs
+
+    def _block_pruned(self, index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> None:
+        """Block ``index`` is final: a streamed model writes it to the output and drops its masks."""
+        write_block(self._model, index)
+        if block_stream(self._model) is not None:
+            for pruner, names in layers:
+                pruner.drop_masks(names)
+
+    @staticmethod
+    def _block_measured(index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> None:
+        """Dense pass, while block ``index``'s weights are held (a streamed model releases them next): OWL's outlier
+        ratio of the block's scores."""
+        for pruner, names in layers:
+            if pruner.settings.layer_sparsity == "owl":
+                pruner.outlier_ratios[index] = outlier_ratio([pruner.scores(name) for name in names],
+                                                             pruner.settings.owl_m)
 
     @staticmethod
     def _allocate_global(pruners: Sequence[WandaPruner]) -> None:
@@ -500,13 +528,11 @@ class WandaPruning(OneShotPruning):
         """Per-layer pruned counts from each block's outlier ratio in the dense model's scores (``algorithms.owl``)."""
         for pruner in pruners:
             settings = pruner.settings
-            scores = {name: pruner.scores(name) for name in pruner.modules}
-            block_of = {name: self._block_of[id(pruner.modules[name])] for name in scores}
-            layer_sizes = {name: s.numel() for name, s in scores.items()}
+            block_of = {name: self._block_of[id(module)] for name, module in pruner.modules.items()}
+            layer_sizes = {name: module.weight.numel() for name, module in pruner.modules.items()}
             sizes = block_sizes(layer_sizes, block_of)
             blocks = list(sizes)
-            ratios = [outlier_ratio([s for name, s in scores.items() if block_of[name] == b], settings.owl_m)
-                      for b in blocks]
+            ratios = [pruner.outlier_ratios[b] for b in blocks]  # (measured by the dense pass)
             try:
                 sparsity = dict(zip(blocks, owl_sparsities(ratios, list(sizes.values()), settings.target_sparsity,
                                                            settings.owl_lambda)))
@@ -514,12 +540,14 @@ class WandaPruning(OneShotPruning):
                 raise PruningConfigError(str(error)) from error
             pruner.pruned_counts = pruned_counts(layer_sizes, block_of, sparsity, settings.target_sparsity)
             pruner.block_sparsity = sparsity
-            pruner.outlier_ratios = dict(zip(blocks, ratios))
             logger.info("%s OWL: block outlier ratios %s -> sparsities %s", self.settings_model.method,
                         [round(r, 4) for r in ratios], [round(sparsity[b], 4) for b in blocks])
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 
     def prune(self, dataloader, loss_func) -> None:
+        if block_stream(self._model) is not None and any(p.settings.ranks_globally for p in self.pruners):
+            raise PruningConfigError("comparison_group 'global' ranks every layer's scores at once, which a streamed "
+                                     "model never holds; stream with 'per_output' or 'per_layer'")
         dense_pass = [p for p in self.pruners if p.settings.needs_dense_pass]
         # Two passes read the data twice: a one-shot iterator would be empty the second time.
         batches = list(dataloader) if dense_pass else dataloader

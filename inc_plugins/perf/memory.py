@@ -33,6 +33,14 @@ def rss_bytes() -> int:
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def available_bytes() -> int:
+    """Memory the kernel estimates new allocations can use without swapping (``MemAvailable`` in /proc/meminfo)."""
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError("/proc/meminfo has no MemAvailable")
+    return int(match.group(1)) * 1024
+
+
 def _reset_high_water_mark() -> bool:
     try:
         _CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS

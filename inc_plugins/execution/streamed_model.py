@@ -1,0 +1,272 @@
+"""A decoder whose blocks live in a safetensors checkpoint and are loaded one at a time.
+
+``open_streamed_causal_lm(directory)`` builds the model on the meta device (shapes, no memory), loads what lies
+outside its blocks (embeddings, final norm, LM head: a few hundred MB at 7B) and attaches a ``BlockStream``. The block
+walk of ``execution.calibration`` and the one-shot pruners then hold one block at a time:
+
+    with resident_block(model, i):   # block i's tensors read from the shards, checked for NaN/Inf
+        ...                          # calibrate, prune
+        write_block(model, i)        # the pruned block written as a shard of the output checkpoint
+    # block i's parameters are meta tensors again
+
+On a model in memory both calls do nothing, so a pruner's code is the same either way. ``BlockStream.finish`` copies
+the blocks nobody wrote (no selected layer) and writes the index, config and tokenizer files: the output directory is
+a checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads. Weights stay in the dtype they are stored in;
+statistics and solves run in float32 inside the algorithms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from inc_plugins.finite_checks import check_parameters
+from inc_plugins.models.architectures import ADAPTERS, adapter_for
+from inc_plugins.models.safetensors_checkpoint import (
+    INDEX_FILE,
+    OTHER_WEIGHT_SUFFIXES,
+    CheckpointError,
+    CheckpointReader,
+    ShardedCheckpointWriter,
+)
+
+__all__ = ["STREAMED_MODEL_TYPES", "BlockStream", "block_stream", "loading_each_block", "open_streamed_causal_lm",
+           "parameter_value", "resident_block", "write_block"]
+
+logger = logging.getLogger(__name__)
+
+STREAMED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+_STREAM_ATTRIBUTE = "_inc_plugins_block_stream"
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _checkpoint_keys(model: nn.Module, reader: CheckpointReader, tied: set[str]) -> dict[str, str]:
+    """{parameter name: its tensor's name in the checkpoint}. Checkpoints saved from a base model (e.g. OPT's
+    ``decoder.layers...``, GPT-2's ``h.0...``) name tensors without the causal-LM wrapper's prefix."""
+    prefix = f"{model.base_model_prefix}."
+    keys, missing = {}, []
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in tied:
+            continue
+        key = name if name in reader else name.removeprefix(prefix) if name.removeprefix(prefix) in reader else None
+        if key is None:
+            missing.append(name)
+            continue
+        if reader.shape(key) != tuple(parameter.shape):
+            raise CheckpointError(
+                f"tensor {key!r} in {str(reader.directory / reader.shard_of(key))!r} has shape {list(reader.shape(key))}"
+                f", but config.json gives {list(parameter.shape)}: the shards and the config disagree"
+            )
+        keys[name] = key
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"the checkpoint in {str(reader.directory)!r} lacks {len(missing)} tensor(s) the model "
+                              f"needs: {shown}")
+    return keys
+
+
+def _stored_dtype(reader: CheckpointReader, keys: dict[str, str]) -> torch.dtype:
+    """The floating dtype most of the weights are stored in (by element count)."""
+    counts: dict[torch.dtype, int] = {}
+    for key in keys.values():
+        dtype = reader.dtype(key)
+        if dtype is not None and dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + int(torch.Size(reader.shape(key)).numel())
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+class BlockStream:
+    """Loads, writes and releases the blocks of a model built by ``open_streamed_causal_lm``.
+
+    ``output``: the writer of the pruned checkpoint (``start_output``), None until then. ``seconds_per_block``: wall
+    time each block was resident, summed over the passes that loaded it.
+    """
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, keys: dict[str, str], blocks: nn.ModuleList,
+                 blocks_name: str):
+        self.model, self.reader, self.keys = model, reader, keys
+        self.blocks, self.blocks_name = blocks, blocks_name
+        self.output: ShardedCheckpointWriter | None = None
+        self.written: set[int] = set()
+        self.seconds_per_block = [0.0] * len(blocks)
+        self._block_parameters = [
+            [name for name in keys if name.startswith(f"{blocks_name}.{index}.")] for index in range(len(blocks))]
+        in_blocks = {name for names in self._block_parameters for name in names}
+        self.outside_parameters = [name for name in keys if name not in in_blocks]
+
+    @property
+    def source(self) -> Path:
+        return self.reader.directory
+
+    def _bytes(self, names: list[str]) -> int:
+        return sum(torch.Size(self.reader.shape(self.keys[name])).numel() * self.model.get_parameter(name).element_size()
+                   for name in names)
+
+    @property
+    def outside_bytes(self) -> int:
+        """Bytes of the weights outside the blocks (held all along)."""
+        return self._bytes(self.outside_parameters)
+
+    def block_bytes(self, index: int) -> int:
+        return self._bytes(self._block_parameters[index])
+
+    def load(self, index: int) -> None:
+        names = self._block_parameters[index]
+        tensors = self.reader.read(self.keys[name] for name in names)
+        for name in names:
+            _set_parameter(self.model, name, tensors[self.keys[name]])
+        check_parameters(self.blocks[index], f"streaming block {index} from {str(self.source)!r}",
+                         prefix=f"{self.blocks_name}.{index}")
+
+    def release(self, index: int) -> None:
+        for name in self._block_parameters[index]:
+            parameter = self.model.get_parameter(name)
+            _set_parameter(self.model, name, torch.empty_like(parameter, device="meta"))
+
+    def start_output(self, directory: str | os.PathLike) -> None:
+        """Write into ``directory`` from now on: one shard per block, then one for everything outside the blocks
+        (written at once: it is in memory already)."""
+        self.output = ShardedCheckpointWriter(directory, len(self.blocks) + 1)
+        self.output.write_shard(len(self.blocks) + 1,
+                                {self.keys[name]: self.model.get_parameter(name) for name in self.outside_parameters})
+
+    def write(self, index: int) -> None:
+        if self.output is None:
+            raise RuntimeError("BlockStream.write before start_output: no output directory")
+        self.output.write_shard(index + 1, {self.keys[name]: self.model.get_parameter(name)
+                                            for name in self._block_parameters[index]})
+        self.written.add(index)
+
+    def finish(self) -> None:
+        """Copy the blocks never written, unchanged, then the index and the source's config and tokenizer files."""
+        if self.output is None:
+            raise RuntimeError("BlockStream.finish before start_output: no output directory")
+        for index in range(len(self.blocks)):
+            if index not in self.written:
+                keys = [self.keys[name] for name in self._block_parameters[index]]
+                self.output.write_shard(index + 1, self.reader.read(keys))
+        self.output.write_index()
+        for path in sorted(self.source.iterdir()):
+            if (path.is_file() and path.suffix != ".safetensors" and path.name != INDEX_FILE
+                    and path.suffix not in OTHER_WEIGHT_SUFFIXES):
+                shutil.copy2(path, self.output.directory / path.name)
+
+
+def block_stream(model: nn.Module) -> BlockStream | None:
+    """The model's BlockStream, or None for a model held in memory."""
+    return getattr(model, _STREAM_ATTRIBUTE, None)
+
+
+@contextlib.contextmanager
+def resident_block(model: nn.Module, index: int) -> Iterator[None]:
+    """Within the block, block ``index`` of a streamed model holds its weights; afterwards they are released.
+    Nothing happens for a model in memory."""
+    stream = block_stream(model)
+    if stream is None:
+        yield
+        return
+    start = time.perf_counter()
+    stream.load(index)
+    try:
+        yield
+    finally:
+        stream.release(index)
+        stream.seconds_per_block[index] += time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def loading_each_block(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's own forward pass works on a streamed model: each block is loaded when the
+    pass reaches it and released when it returns (so every forward call reads the blocks once more). Nothing
+    happens for a model in memory."""
+    stream = block_stream(model)
+    if stream is None:
+        yield
+        return
+    handles = []
+    for index, block in enumerate(stream.blocks):
+        handles.append(block.register_forward_pre_hook(lambda _module, _args, i=index: stream.load(i)))
+        handles.append(block.register_forward_hook(lambda _module, _args, _output, i=index: stream.release(i)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index, block in enumerate(stream.blocks):
+            if any(not parameter.is_meta for parameter in block.parameters()):  # a pass that stopped half-way
+                stream.release(index)
+
+
+def parameter_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The values of parameter ``name``: the parameter itself, or for a streamed block not loaded, a copy read from the
+    checkpoint (so code that visits every parameter holds one at a time)."""
+    parameter = model.get_parameter(name)
+    stream = block_stream(model)
+    if not parameter.is_meta or stream is None:
+        return parameter
+    return stream.reader.read([stream.keys[name]])[stream.keys[name]]
+
+
+def write_block(model: nn.Module, index: int) -> None:
+    """Write block ``index`` of a streamed model, as it is now, to the output checkpoint; nothing for a model in
+    memory (its weights are the output)."""
+    stream = block_stream(model)
+    if stream is not None:
+        stream.write(index)
+
+
+def open_streamed_causal_lm(directory: str | os.PathLike) -> nn.Module:
+    """A causal LM from a local checkpoint directory, built on the meta device with a ``BlockStream`` attached.
+
+    Loads ``config.json`` (never remote code) and the tensors outside the blocks, in the dtype they are stored in; the
+    blocks stay on the meta device. Raises CheckpointError for an unsupported family (naming the supported ones), a
+    directory without safetensors, a missing or unreadable shard, a tensor the model needs but the shards lack, or a
+    shape that disagrees with the config.
+    """
+    directory = Path(directory)
+    reader = CheckpointReader(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the config in {str(directory)!r}: {' '.join(str(err).split())}") from None
+    if config.model_type not in STREAMED_MODEL_TYPES:
+        raise CheckpointError(f"model type {config.model_type!r} cannot be streamed; streaming supports "
+                              f"{', '.join(STREAMED_MODEL_TYPES)}")
+    assert all(model_type in ADAPTERS for model_type in STREAMED_MODEL_TYPES)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) built as usual
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set()  # the LM head's weight when it is the input embedding's (loaded once, never written twice)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        tied.add(next(name for name, module in model.named_modules() if module is head) + ".weight")
+    keys = _checkpoint_keys(model, reader, tied)
+    dtype = _stored_dtype(reader, keys)
+    blocks_name, blocks = adapter_for(model).blocks(model)
+    stream = BlockStream(model, reader, keys, blocks, blocks_name)
+    outside = reader.read(keys[name] for name in stream.outside_parameters)
+    for name in stream.outside_parameters:
+        _set_parameter(model, name, outside[keys[name]])
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    check_parameters(model, f"loading {str(directory)!r}")  # meta tensors hold no values and are skipped
+    model.config.dtype = dtype
+    model.eval()
+    setattr(model, _STREAM_ATTRIBUTE, stream)
+    logger.info("streaming %s (%s, %d blocks, %s) from %s", type(model).__name__, config.model_type, len(blocks),
+                dtype, directory)
+    return model

@@ -1,0 +1,85 @@
+"""Whether a causal-LM recipe streams its model (`execution:`), and the checkpoint a streamed run is at.
+
+A streamed run never holds the model: it is built on the meta device (`inc_plugins.execution.streamed_model`), each
+pruning stage writes a new checkpoint shard by shard into the run's staging directory, and evaluation reads the
+blocks of the current checkpoint as each forward pass reaches them.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inc_plugins.execution.streamed_model import block_stream, open_streamed_causal_lm
+from inc_plugins.models.safetensors_checkpoint import CheckpointError, CheckpointReader
+from inc_plugins.perf.memory import available_bytes
+
+from .schema import CausalLMRecipe, Execution, RecipeError
+
+FLOAT32_BYTES = 4  # the in-memory path loads every weight in float32
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _budget(execution: Execution) -> int:
+    return int(execution.memory_budget) if execution.memory_budget is not None else available_bytes()
+
+
+def streams(recipe: CausalLMRecipe) -> bool:
+    """Whether the recipe's model streams: `execution.mode` says so, or `auto` and the float32 model of `model.path`
+    would not fit the memory budget (assets are small and load in memory). RecipeError when `auto` would stream a
+    recipe with a step that needs the whole model."""
+    mode = recipe.execution.mode
+    if mode != "auto" or recipe.model.path is None:
+        return mode == "streaming"
+    try:
+        reader = CheckpointReader(recipe.model.path)
+    except CheckpointError:
+        return False  # not a safetensors checkpoint: the in-memory loader reports what is wrong with it
+    float32 = sum(torch.Size(reader.shape(name)).numel() for name in reader.names) * FLOAT32_BYTES
+    budget = _budget(recipe.execution)
+    if float32 <= budget:
+        return False
+    refused = recipe.streaming_refusals()
+    if refused:
+        raise RecipeError(f"the model needs {_gib(float32)} in float32, more than the memory budget {_gib(budget)}, "
+                          f"so execution 'auto' would stream it, but streaming cannot run: {'; '.join(refused)}")
+    print(f"  streaming the model: {_gib(float32)} in float32 exceeds the memory budget {_gib(budget)}")
+    return True
+
+
+@dataclass(frozen=True)
+class StreamedCheckpoint:
+    """The checkpoint a streamed run is at: the source, then each pruning stage's output (`stages` applied)."""
+
+    directory: Path
+    stages: int
+    budget: int
+    dtype: str
+    blocks: int
+    held_bytes: int  # weights outside the blocks plus the largest block
+
+    def describe(self) -> dict:
+        return {"mode": "streaming", "memory_budget_bytes": self.budget, "dtype": self.dtype, "blocks": self.blocks,
+                "weights_held_at_once_bytes": self.held_bytes}
+
+
+def open_streamed(directory: Path, execution: Execution, stages: int = 0) -> tuple[torch.nn.Module, StreamedCheckpoint]:
+    """The model of checkpoint `directory` on the meta device, its blocks streamed. RecipeError for a checkpoint that
+    cannot be read, or a memory budget smaller than the weights streaming holds at once."""
+    try:
+        model = open_streamed_causal_lm(directory)
+    except CheckpointError as err:
+        raise RecipeError(str(err)) from None
+    stream = block_stream(model)
+    largest = max(stream.block_bytes(i) for i in range(len(stream.blocks)))
+    held, budget = stream.outside_bytes + largest, _budget(execution)
+    if held > budget:
+        raise RecipeError(
+            f"execution.memory_budget {_gib(budget)} is smaller than what streaming holds at once: {_gib(held)} "
+            f"(weights outside the blocks {_gib(stream.outside_bytes)} + the largest block {_gib(largest)}); "
+            f"raise it to at least {_gib(held)}")
+    dtype = str(model.config.dtype).removeprefix("torch.")
+    return model, StreamedCheckpoint(Path(directory), stages, budget, dtype, len(stream.blocks), held)
