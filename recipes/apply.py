@@ -3,6 +3,10 @@ evaluate, benchmark (optional), save, report.
 
     python -m recipes.apply minilm_mask_search_wanda.yaml   # a bare name is looked up in recipes/
     python -m recipes.apply path/to/my_recipe.yaml --run-dir runs/my-run --overwrite
+    torchrun --nproc-per-node 2 -m recipes.apply smollm2_wanda.yaml   # calibration shared by 2 processes (gloo)
+
+Under torchrun every rank loads the model and runs the pruning stages on its share of the calibration batches (the
+statistics are combined across ranks, so all derive the same masks); rank 0 alone evaluates, saves and reports.
 """
 
 import argparse
@@ -18,13 +22,18 @@ from pathlib import Path
 
 import yaml
 
+from inc_plugins.execution.distributed import rank, torchrun_process_group, world_size
+from inc_plugins.perf.memory import peak_rss_bytes
+from inc_plugins.inc import one_shot
+
 from .atomic import write_text
 from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backends
 from .hub_access import require_hub_if_needed
 from .preflight import check_inputs
 from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
 from .report import environment, layer_sparsity, weights_bytes
-from .run_dir import Terminated, check_run_dir, fresh_path, remove_stale_staging, staged_run
+from .run_dir import (Terminated, check_run_dir, fresh_path, interrupted_stream_stages, remove_stale_staging,
+                      staged_run)
 from .schema import Recipe, RecipeError, TextClassificationRecipe, load_recipe
 from .summary import terminal_table, write_summary
 from .tasks import TextClassificationTask, task_for
@@ -76,22 +85,55 @@ def _dense_weights_bytes(task, dense) -> int:
         return weights_bytes(Path(directory))
 
 
+def check_distributed(recipe: Recipe) -> None:
+    """Under torchrun, refuse what the ranks cannot share: only a causal-LM recipe's one-shot stages of the types that
+    combine their statistics across ranks (`streaming_types`) run on several processes."""
+    if world_size() == 1:
+        return
+    if recipe.task != "causal_lm":
+        raise RecipeError(f"torchrun runs causal_lm recipes (their calibration is shared across ranks); this recipe's "
+                          f"task is {recipe.task!r}: run it as one process")
+    allowed = one_shot.streaming_types()
+    refused = [f"{index} ({stage.pruning_type})" for index, stage in enumerate(recipe.pruning)
+               if stage.pruning_type not in allowed or stage.retrain_steps]
+    if refused:
+        raise RecipeError(f"under torchrun every pruning stage must be one of {', '.join(allowed)} without "
+                          f"retrain_steps (their statistics are combined across ranks); not stage(s) {', '.join(refused)}")
+    if recipe.benchmark is not None:
+        raise RecipeError("under torchrun a recipe cannot benchmark: the other ranks would time beside it; run the "
+                          "benchmark as one process")
+
+
+def run_other_rank(recipe: Recipe) -> None:
+    """A torchrun rank other than 0: load the model and run every pruning stage on this rank's share of the
+    calibration batches; rank 0 evaluates, saves and reports (a rank that fails makes torchrun stop them all)."""
+    check_distributed(recipe)
+    task = task_for(recipe)
+    with tempfile.TemporaryDirectory(prefix=f"inc-plugins-rank{rank()}-") as work_dir:
+        task.work_dir = Path(work_dir)  # (nothing is written there: only rank 0 writes)
+        model = task.load(StageTimer())
+        for stage in recipe.pruning:
+            model, _ = task.prune(model, stage)
+
+
 def default_run_dir(recipe: Recipe, started: datetime) -> Path:
     return fresh_path(recipe.output.dir / f"{recipe.name}-{started.strftime('%Y%m%dT%H%M%SZ')}")
 
 
 def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
-        allow_outside_cwd: bool = False) -> Path:
+        allow_outside_cwd: bool = False, resume: bool = False) -> Path:
     """Runs the recipe and returns its run directory, which appears only once everything succeeded.
 
     Every task runs the same way: load (and fine-tune or train), evaluate, the stages in the recipe's order on the
     same model (a stage may return a smaller one), evaluate, benchmark, save. With `slim: true` the model is
     slimmed right after the last mask_search stage, so later stages (e.g. Wanda) prune the slimmed model and their
     target_sparsity is a fraction of the weights that remain. A failing stage leaves `<run>.failed` with the
-    report so far."""
+    report so far. `resume`: a streamed stage continues the checkpoint that an interrupted or killed run of the same
+    `run_dir` left, from its last completed block (the recipe's earlier steps run again)."""
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())
+    check_distributed(recipe)
     examples = check_inputs(recipe)  # every file the recipe names is readable, before any stage runs
     require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
     # only the transformers tasks have these sections; the image task neither slims nor benchmarks
@@ -99,12 +141,17 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     if benchmark is not None:
         select_benchmark_backends(benchmark.backends)  # a misspelt backend fails now, not after pruning
 
+    carry = interrupted_stream_stages(run_dir) if resume else []
+    if resume and not carry:
+        raise RecipeError(f"--resume: no interrupted streamed stage of {run_dir} to continue (looked for "
+                          f"{run_dir.name}.failed* and the staging directories of killed runs in {run_dir.parent})")
     task = task_for(recipe, examples)
-    with staged_run(run_dir, overwrite) as staged:
+    with staged_run(run_dir, overwrite, carry) as staged:
         timer = StageTimer(on_start=lambda name: setattr(staged, "current_stage", name))
         report = staged.report
         report.update(recipe=recipe.name, description=recipe.description, task=recipe.task,
-                      started=started.isoformat(), environment=environment(), stage_seconds=timer.seconds)
+                      started=started.isoformat(), environment=environment(), stage_seconds=timer.seconds,
+                      world_size=world_size())
         write_text(staged.path / "recipe.yaml",
                    yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
@@ -169,6 +216,7 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
                                                    "after": weights_bytes(staged.path / "model")}
             report["model"] = {"slimmed": slimming is not None, "load": load,
                                **({"slimming_check": slimming} if slimming else {})}
+            report["peak_rss_bytes"] = peak_rss_bytes()  # of this process, the whole run up to here
             write_summary(report, staged.path)
         staged.stage_done("save")
     print("\n" + terminal_table(report))
@@ -201,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clean", nargs="?", const=Path("runs"), type=Path, metavar="FOLDER",
                         help="remove the staging directories of killed runs from FOLDER (default: runs) and exit")
     parser.add_argument("--verbose", action="store_true", help="show INC's own INFO logs (every pruning step)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the streamed pruning that an interrupted or killed run of --run-dir left, from "
+                             "its last completed block (needs --run-dir)")
     args = parser.parse_args(argv)
+    if args.resume and args.run_dir is None:
+        parser.error("--resume continues an earlier run of one run directory: name it with --run-dir")
     if args.clean is not None:
         return clean(args.clean)
     if args.recipe is None:
@@ -210,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _terminate)  # end like Ctrl-C: a .failed directory, nothing staged
     try:
-        run(load_recipe(args.recipe), args.run_dir, overwrite=args.overwrite, allow_outside_cwd=args.allow_outside_cwd)
+        with torchrun_process_group():
+            if rank() == 0:
+                run(load_recipe(args.recipe), args.run_dir, overwrite=args.overwrite,
+                    allow_outside_cwd=args.allow_outside_cwd, resume=args.resume)
+            else:
+                run_other_rank(load_recipe(args.recipe))
     except (RecipeError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

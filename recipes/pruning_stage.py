@@ -93,19 +93,21 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
 
 
 def prune_checkpoint_stage(source: Path, output: Path, stage: PruningStage, calibration: list,
-                           n_calibration: int) -> StageOutcome:
+                           n_calibration: int, resume: bool = False) -> StageOutcome:
     """One one-shot stage of a streamed run (`inc_plugins.prune_checkpoint`): checkpoint `source` pruned block by block
-    into the new checkpoint `output`. The report adds the seconds each block was held and the process's peak RSS."""
+    into the new checkpoint `output` (`resume`: continuing an interrupted run's partial output). The report adds the
+    seconds each block was held, the process's peak RSS and the blocks taken from the interrupted run."""
     config = inc_plugins.pruning_config(pruning_configs=[stage.inc_settings()])
     start = time.perf_counter()
     try:
-        run = inc_plugins.prune_checkpoint(source, output, config, dataloader=calibration)
+        run = inc_plugins.prune_checkpoint(source, output, config, dataloader=calibration, resume=resume)
     except (inc_plugins.CheckpointError, inc_plugins.PruningConfigError) as err:
         raise RecipeError(str(err)) from None
     return StageOutcome({"mode": "one-shot", "streamed": True, "calibration_samples": n_calibration,
                          "prune_seconds": round(time.perf_counter() - start, 3),
                          "seconds_per_block": [round(seconds, 3) for seconds in run.seconds_per_block],
-                         "peak_rss_bytes": run.peak_rss_bytes}, run.result)
+                         "peak_rss_bytes": run.peak_rss_bytes, "world_size": run.world_size,
+                         "samples_per_rank": run.samples_per_rank, "resumed_blocks": run.resumed_blocks}, run.result)
 
 
 def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, learning_rate: float, seed: int,

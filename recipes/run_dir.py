@@ -12,6 +12,7 @@ one that holds the recipe's own inputs. A staging directory names the process th
 """
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from .recipe_base import RecipeError
 RUN_MARKER = ".inc-plugins-run.json"  # written last into every run directory, failed ones included
 STAGING_MARKER = ".inc-plugins-staging.json"  # the owner process of a staging directory
 STAGING_INFIXES = (".staging-", ".replaced-")
+STREAM_STAGE_PARTIALS = ".streamed_stage_*.partial"  # what `--resume` carries over (inc_plugins.prune_checkpoint's)
 
 
 class StageFailed(RecipeError):
@@ -182,13 +184,29 @@ class StagedRun:
                                             "files": _listing(self.path)})
 
 
+def interrupted_stream_stages(final: Path) -> list[Path]:
+    """The partial checkpoints of streamed pruning stages (`.streamed_stage_<n>.partial`) that the newest interrupted
+    run of `final` left: in a `<run>.failed` directory (Ctrl-C, SIGTERM, an error) or in a staging directory whose
+    process was killed. Empty when there are none."""
+    runs = [path for path in final.parent.glob(f"{glob.escape(final.name)}.failed*") if path.is_dir()]
+    runs += [path for path in final.parent.glob(f".{glob.escape(final.name)}.staging-*") if _is_stale(path)]
+    with_stages = [path for path in runs if any(path.glob(STREAM_STAGE_PARTIALS))]
+    if not with_stages:
+        return []
+    return sorted(max(with_stages, key=lambda path: path.stat().st_mtime).glob(STREAM_STAGE_PARTIALS))
+
+
 @contextlib.contextmanager
-def staged_run(final: Path, overwrite: bool = False):
-    """Yields a StagedRun; `final` appears (replacing an old run only with `overwrite`) when the block succeeds."""
+def staged_run(final: Path, overwrite: bool = False, carry: Iterable[Path] = ()):
+    """Yields a StagedRun; `final` appears (replacing an old run only with `overwrite`) when the block succeeds.
+    `carry`: paths an interrupted run left (`interrupted_stream_stages`), moved into the new staging directory
+    before the stale ones are removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    run = StagedRun(final, _owned_temporary_dir(final.parent, f".{final.name}.staging-"))
+    for path in carry:
+        os.rename(path, run.path / path.name)
     for stale in remove_stale_staging(final.parent):
         print(f"removed {stale}: the staging directory of an earlier run that was killed", file=sys.stderr)
-    run = StagedRun(final, _owned_temporary_dir(final.parent, f".{final.name}.staging-"))
     try:
         yield run
     except BaseException as error:

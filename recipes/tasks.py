@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import inc_plugins
+from inc_plugins.execution.distributed import gathered_in_rank_order, is_writer, rank_shard, world_size
 from inc_plugins.execution.streamed_model import loading_each_block
 from inc_plugins.finite_checks import check_metric
 from inc_plugins.models.saving import save_slimmed
@@ -200,17 +201,30 @@ class CausalLMTask(_TransformersTask):
         training = [{"input_ids": windows[order[i : i + stage.batch_size]], "labels": windows[order[i : i + stage.batch_size]]}
                     for i in range(0, len(order), stage.batch_size)]
         if inc_plugins.is_one_shot(stage.pruning_type):
-            calibration = [(windows[i : i + stage.batch_size],) for i in range(0, len(windows), stage.batch_size)]
+            # under torchrun each rank calibrates on its share of the batches (statistics combined across ranks)
+            calibration = rank_shard([(windows[i : i + stage.batch_size],)
+                                      for i in range(0, len(windows), stage.batch_size)])
             if self.streamed is not None:  # from the current checkpoint into the next, one block at a time
                 previous = self.streamed
+                if previous.stages and world_size() > 1:
+                    raise RecipeError("under torchrun a streamed recipe prunes in one stage: rank 0 alone holds "
+                                      "the first stage's checkpoint")
                 output = self.work_dir / f"streamed_stage_{previous.stages}"
-                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows))
+                # a partial checkpoint here was carried over from an interrupted run by `apply --resume`
+                resume = (self.work_dir / f".{output.name}.partial").is_dir()
+                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows), resume)
+                if not is_writer():  # rank 0 wrote the checkpoint, and evaluates it
+                    return model, outcome
                 model, self.streamed = open_streamed(output, self.recipe.execution, previous.stages + 1)
                 if previous.stages:  # an earlier stage's checkpoint, in the run's staging directory: superseded
                     shutil.rmtree(previous.directory)
                 return model, outcome
-            return model, prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
-                                             training=training)
+            outcome = prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
+                                         training=training)
+            if world_size() > 1:
+                outcome.report.update(world_size=world_size(), samples_per_rank=gathered_in_rank_order(
+                    sum(batch[0].shape[0] for batch in calibration)))
+            return model, outcome
         return model, prune_with_batches(model, stage, training=training)
 
     def evaluate(self, model: torch.nn.Module, desc: str) -> dict:

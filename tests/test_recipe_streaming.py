@@ -5,9 +5,14 @@ Synthetic tiny Llama with a tiny word-level tokenizer and random text files (tes
 """
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +20,8 @@ from inc_plugins.models.safetensors_checkpoint import CheckpointReader
 from recipes import apply
 from recipes.schema import RecipeError, parse_recipe
 from tests.test_recipe_tasks import llm_recipe, tiny_lm  # noqa: F401  (tiny_lm: the fixture)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(recipe: dict, run_dir):
@@ -92,3 +99,39 @@ def test_streaming_refuses_steps_that_need_the_whole_model(tiny_lm, change, mess
     recipe = {**llm_recipe(*tiny_lm), "execution": {"mode": "streaming"}, **change}
     with pytest.raises((RecipeError, ValidationError), match=message):
         parse_recipe(recipe)
+
+
+_KILLED_RECIPE = textwrap.dedent("""
+    import os, sys
+    from inc_plugins.execution.streamed_model import BlockStream
+    from recipes import apply
+    written = BlockStream.write
+    def write_then_die(self, index, layer_sparsity):
+        written(self, index, layer_sparsity)
+        os._exit(9)  # killed after the first block: no cleanup runs
+    BlockStream.write = write_then_die
+    apply.main([sys.argv[1], "--run-dir", sys.argv[2], "--allow-outside-cwd"])
+""")
+
+
+def test_a_killed_streamed_run_resumes_with_resume(tiny_lm, tmp_path):  # noqa: F811
+    recipe = {**llm_recipe(*tiny_lm, update_weights=True), "execution": {"mode": "streaming"}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    whole, _ = _run(recipe, tmp_path / "whole")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RECIPE, str(path), str(tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not (tmp_path / "run").exists() and list(tmp_path.glob(".run.staging-*/.streamed_stage_0.partial"))
+
+    resumed_dir = apply.run(parse_recipe(recipe), tmp_path / "run", allow_outside_cwd=True, resume=True)
+    resumed = json.loads((resumed_dir / "report.json").read_text())
+    assert resumed["pruning_stages"][0]["resumed_blocks"] == [0]
+    assert resumed["metrics"] == whole["metrics"] and resumed["layer_sparsity"] == whole["layer_sparsity"]
+    assert not list(tmp_path.glob(".run.staging-*"))  # the killed run's staging directory is gone
+
+
+def test_resume_without_an_interrupted_run_is_refused(tiny_lm, tmp_path):  # noqa: F811
+    recipe = {**llm_recipe(*tiny_lm), "execution": {"mode": "streaming"}}
+    with pytest.raises(RecipeError, match="--resume: no interrupted streamed stage of .*run to continue"):
+        apply.run(parse_recipe(recipe), tmp_path / "run", allow_outside_cwd=True, resume=True)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,7 @@ def _batches():
 
 
 def _config(pruning_type, **settings):
+    """(also imported by the killed run's subprocess)"""
     settings.setdefault("target_sparsity", 0.5)
     settings.setdefault("pattern", "1x1")
     return WeightPruningConfig(pruning_type=pruning_type, **settings)
@@ -250,3 +252,64 @@ def test_streaming_peak_memory_stays_well_below_the_model(tmp_path):
     rss = json.loads(result.stdout.strip().splitlines()[-1])
     increase = (rss["after_kib"] - rss["before_kib"]) * 1024
     assert increase < 0.5 * model_bytes, (increase, model_bytes)
+
+
+# --- resume ---------------------------------------------------------------------------------------------------
+
+_KILLED_AFTER_A_BLOCK = textwrap.dedent("""
+    import os, sys, torch
+    from neural_compressor import WeightPruningConfig
+    import inc_plugins
+    from inc_plugins.execution.streamed_model import BlockStream
+    from tests.test_streaming import _batches, _config
+    written = BlockStream.write
+    def write_then_die(self, index, layer_sparsity):
+        written(self, index, layer_sparsity)
+        if index == int(sys.argv[3]):
+            os._exit(9)  # killed: no cleanup runs
+    BlockStream.write = write_then_die
+    inc_plugins.prune_checkpoint(sys.argv[1], sys.argv[2], _config(**__import__("json").loads(sys.argv[4])),
+                                 dataloader=_batches())
+""")
+
+
+def _killed_run(source, output, after_block: int, settings: dict) -> None:
+    done = subprocess.run([sys.executable, "-c", _KILLED_AFTER_A_BLOCK, str(source), str(output), str(after_block),
+                           json.dumps(settings)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 9, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("settings", [
+    {"pruning_type": "wanda", "layer_sparsity": "owl", "owl_m": 3.0, "owl_lambda": 0.05},  # + a dense pass
+    {"pruning_type": "sparse_gpt", "pattern": "2:4"},
+    {"pruning_type": "one_shot_magnitude"},
+])
+def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path, settings):
+    model = tiny_llama_lm(seed=6)
+    source = _save(model, tmp_path / "source")
+    whole = inc_plugins.prune_checkpoint(source, tmp_path / "whole", _config(**settings), dataloader=_batches())
+    _killed_run(source, tmp_path / "pruned", after_block=0, settings=settings)
+    assert not (tmp_path / "pruned").exists() and (tmp_path / ".pruned.partial" / "block-00001.json").is_file()
+
+    with pytest.raises(PruningConfigError, match="holds an interrupted run of this output: continue it with resume"):
+        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config(**settings), dataloader=_batches())
+    resumed = inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config(**settings), dataloader=_batches(),
+                                           resume=True)
+    assert resumed.result.layer_sparsity == whole.result.layer_sparsity
+    _assert_same_weights(AutoModelForCausalLM.from_pretrained(whole.output), resumed.output)
+    assert sorted(p.name for p in resumed.output.iterdir()) == sorted(p.name for p in whole.output.iterdir())
+    assert not (tmp_path / ".pruned.partial").exists()
+
+
+def test_resume_refuses_another_run(tmp_path):
+    source = _save(tiny_llama_lm(seed=6), tmp_path / "source")
+    _killed_run(source, tmp_path / "pruned", after_block=0, settings={"pruning_type": "wanda"})
+    with pytest.raises(PruningConfigError, match=r"cannot resume the run in .*: its config differ from this run's"):
+        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda", target_sparsity=0.6),
+                                     dataloader=_batches(), resume=True)
+    with pytest.raises(PruningConfigError, match="its calibration_sha256 differ"):
+        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches()[:2],
+                                     resume=True)
+    with pytest.raises(PruningConfigError, match="nothing to resume: no interrupted run in"):
+        inc_plugins.prune_checkpoint(source, tmp_path / "other", _config("wanda"), dataloader=_batches(), resume=True)
+    assert (tmp_path / ".pruned.partial" / "block-00001.json").is_file()  # refusals leave the interrupted run alone

@@ -195,3 +195,13 @@ def test_streaming_memory_quick(tmp_path):
     assert data["run_result"]["peak_rss_mb"] >= data["run_result"]["rss_after_imports_mb"] > 0
     assert data["output"]["pruned_layers"] == 3 * 7 and abs(data["output"]["sparsity"] - 0.5) < 0.01
     assert "Synthetic random weights" in (tmp_path / "streaming_memory_quick.md").read_text()
+
+
+def test_streaming_smollm2_quick(tmp_path):
+    run_study("streaming_smollm2", out=tmp_path)
+    data = results(tmp_path / "streaming_smollm2_quick.json", "settings", "equivalence", "ranks")
+    for row in data["equivalence"]:
+        assert row["comparison"]["weights_differing"] == 0, row
+        assert row["in_memory"]["perplexity"] == row["streamed"]["perplexity"]
+    ranks = data["ranks"]
+    assert [r["samples"] for r in ranks["per_rank"]] == [2, 2] and ranks["comparison"]["mask_entries_differing"] == 0

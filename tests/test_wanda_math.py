@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from inc_plugins.algorithms.dsnot import InputFeatureMoments
 from inc_plugins.algorithms.nm_mask import nm_mask
+from inc_plugins.algorithms import wanda as wanda_module
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
     global_masks,
     per_layer_mask,
     per_output_mask,
+    rows_mask,
     variant_mask,
     wanda_scores,
 )
@@ -393,3 +395,12 @@ def test_per_output_ties_break_like_inc():
     # The ties decide the mask here: breaking them the other way (higher index first) gives another one.
     weight = model.layers[0].fc1.weight.detach().abs()
     assert not torch.equal(per_output_mask(weight.flip(1), 0.5).flip(1), inc["fc1"])
+
+
+def test_per_row_masks_are_the_same_in_row_chunks(monkeypatch):
+    """The per-row masks sort ROW_CHUNK rows at a time (memory); chunks must not change a mask, ties included."""
+    scores = torch.randint(0, 5, (7, 12), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    counts = torch.tensor([0, 12, 3, 5, 6, 1, 11])
+    whole = per_output_mask(scores, 0.5), rows_mask(scores, counts)
+    monkeypatch.setattr(wanda_module, "ROW_CHUNK", 2)
+    assert torch.equal(per_output_mask(scores, 0.5), whole[0]) and torch.equal(rows_mask(scores, counts), whole[1])

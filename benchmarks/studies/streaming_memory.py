@@ -16,18 +16,17 @@ Writes <out>/streaming_memory.{json,md} (--quick: streaming_memory_quick.*).
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from neural_compressor import WeightPruningConfig
-from safetensors import safe_open
 
 import inc_plugins
 from benchmarks.studies.common import StudyRun, machine_line, study_parser, study_settings
 from inc_plugins.models.safetensors_checkpoint import CheckpointReader
+from inc_plugins.perf.memory import peak_rss_bytes
 from inc_plugins.perf.synthetic_checkpoint import LLAMA_7B_SHAPE, write_synthetic_llama_checkpoint
 
 STUDY = "streaming_memory"
@@ -35,13 +34,9 @@ PRUNED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.we
                    "up_proj.weight", "down_proj.weight")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _prune_in_this_process(model: str, output: str, settings: dict) -> dict:
     """Runs in a fresh process (which imports this module first): prune the checkpoint, report memory and time."""
-    after_imports = _peak_rss_mb()
+    after_imports = peak_rss_bytes() / 2**20
     vocab = CheckpointReader(model).shape("model.embed_tokens.weight")[0]
     generator = torch.Generator().manual_seed(settings["seed"])
     batches = [(torch.randint(0, vocab, (1, settings["calib_len"]), generator=generator),)
@@ -51,7 +46,7 @@ def _prune_in_this_process(model: str, output: str, settings: dict) -> dict:
     start = time.perf_counter()
     run = inc_plugins.prune_checkpoint(model, output, config, dataloader=batches)
     return {"seconds": time.perf_counter() - start, "seconds_per_block": run.seconds_per_block,
-            "dtype": run.dtype, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": after_imports,
+            "dtype": run.dtype, "peak_rss_mb": peak_rss_bytes() / 2**20, "rss_after_imports_mb": after_imports,
             "layers": len(run.result.layer_sparsity)}
 
 
@@ -62,8 +57,7 @@ def output_sparsity(output: Path) -> dict:
     per_layer = []
     for name in reader.names:
         if name.endswith(PRUNED_SUFFIXES):
-            with safe_open(reader.directory / reader.shard_of(name), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
+            tensor = reader.read([name])[name]
             layer_zeros = int((tensor == 0).sum())
             per_layer.append(layer_zeros / tensor.numel())
             zeros, total = zeros + layer_zeros, total + tensor.numel()

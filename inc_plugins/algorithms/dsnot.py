@@ -29,6 +29,8 @@ M, so each cycle grows the next pruned weight of the grow order and prunes the k
 score in *its* group; a row also stops when a swap would flip the sign of ``e_i`` (the reference's rule there).
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from .nm_mask import nm_mask
@@ -58,6 +60,17 @@ class InputFeatureMoments:
                          else (self.variance * self.num_tokens + variance * tokens) / (self.num_tokens + tokens))
         self.num_tokens += tokens
         self.sums += torch.sum(x, dim=1) / self.num_samples
+
+    @classmethod
+    def combined(cls, parts: "Sequence[InputFeatureMoments]") -> "InputFeatureMoments":
+        """The statistics of all ``parts``' samples together (one per process, each over its own calibration shard):
+        sums weighted by sample counts, pooled variances by token counts, added in the order given."""
+        samples, tokens = sum(part.num_samples for part in parts), sum(part.num_tokens for part in parts)
+        combined = cls()
+        combined.num_samples, combined.num_tokens = samples, tokens
+        combined.sums = sum(part.sums * (part.num_samples / samples) for part in parts)
+        combined.variance = sum(part.variance * (part.num_tokens / tokens) for part in parts)
+        return combined
 
     def reordered(self, order: torch.Tensor) -> "InputFeatureMoments":
         """The same statistics with the features in ``order`` (an N:M view's column order)."""

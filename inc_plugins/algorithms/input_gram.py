@@ -73,6 +73,17 @@ class InputGram:
             self.num_tokens += rows.shape[0]
             self._matrix += product
 
+    @classmethod
+    def combined(cls, parts: Sequence[InputGram]) -> InputGram:
+        """The statistic of all ``parts``' samples together (one per process, each over its own calibration shard):
+        their matrices weighted by their sample counts, added in the order given (equal to one gram over all the
+        batches up to float32 rounding)."""
+        total = sum(part.num_samples for part in parts)
+        combined = cls()
+        combined.num_samples, combined.num_tokens = total, sum(part.num_tokens for part in parts)
+        combined._matrix = sum(part.matrix * (part.num_samples / total) for part in parts)
+        return combined
+
     @property
     def matrix(self) -> torch.Tensor:
         """``[in_features, in_features]`` float32: 2/n X^T X over the n samples added."""

@@ -11,7 +11,9 @@ index is pruned first (column index within a row for ``per_output_mask``; row-ma
 ``variant_mask`` has no index order: like the reference it prunes every score at or below a row threshold.
 """
 
-from collections.abc import Mapping
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -59,12 +61,26 @@ class InputFeatureNorms:
         self.num_samples += num_samples
         self._mean_over_samples += torch.norm(rows.detach().float().T, p=2, dim=1) ** 2 / self.num_samples
 
+    @classmethod
+    def combined(cls, parts: Sequence[InputFeatureNorms]) -> InputFeatureNorms:
+        """The statistic of all ``parts``' samples together (e.g. one per process, each over its own calibration
+        shard): their means weighted by their sample counts, added in the order given. Equal to one statistic over all
+        the batches up to float32 rounding (the running average rounds in another order)."""
+        total = sum(part.num_samples for part in parts)
+        combined = cls()
+        combined.num_samples = total
+        combined._mean_over_samples = sum(part.squared_norms * (part.num_samples / total) for part in parts)
+        return combined
+
     @property
     def squared_norms(self) -> torch.Tensor:
         """``[in_features]`` float32: ||X_j||_2^2 over all tokens seen, divided by the number of samples."""
         if self._mean_over_samples is None:
             raise RuntimeError("no activations were added: call update() with at least one row first")
         return self._mean_over_samples
+
+
+ROW_CHUNK = 1024  # rows sorted at once by the per-row masks
 
 
 def wanda_scores(weight: torch.Tensor, feature_sq_norms: torch.Tensor) -> torch.Tensor:
@@ -80,7 +96,8 @@ def wanda_scores(weight: torch.Tensor, feature_sq_norms: torch.Tensor) -> torch.
             f"feature_sq_norms must have shape [in_features] = [{weight.shape[1]}], "
             f"got shape {list(feature_sq_norms.shape)}"
         )
-    return weight.detach().abs().float() * feature_sq_norms.detach().float().sqrt().unsqueeze(0)
+    # one float32 copy, then in place: a 7B down projection's scores take 235 MB, not three times that
+    return weight.detach().to(torch.float32, copy=True).abs_().mul_(feature_sq_norms.detach().float().sqrt())
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -110,9 +127,18 @@ def per_output_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     _check_matrix(scores)
     _check_sparsity(sparsity)
     num_pruned = int(scores.shape[1] * sparsity)
-    order = torch.sort(scores, dim=1, stable=True).indices
     keep = torch.ones_like(scores, dtype=torch.bool)
-    return keep.scatter_(1, order[:, :num_pruned], False)
+    for rows, order in _row_orders(scores):
+        keep[rows].scatter_(1, order[:, :num_pruned], False)
+    return keep
+
+
+def _row_orders(scores: torch.Tensor):
+    """(row slice, each row's stable ascending order) for ``ROW_CHUNK`` rows at a time: rows rank independently, and
+    a whole [14336, 4096] layer's int64 order would take 470 MB."""
+    for start in range(0, scores.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        yield rows, torch.sort(scores[rows], dim=1, stable=True).indices
 
 
 def rows_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -120,9 +146,11 @@ def rows_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     _check_matrix(scores)
     if counts.shape != scores.shape[:1] or bool((counts < 0).any() | (counts > scores.shape[1]).any()):
         raise ValueError(f"counts must be [{scores.shape[0]}] within [0, {scores.shape[1]}], got {counts.tolist()}")
-    order = torch.sort(scores, dim=1, stable=True).indices
     pruned_in_order = torch.arange(scores.shape[1], device=scores.device) < counts.to(scores.device)[:, None]
-    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, ~pruned_in_order)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    for rows, order in _row_orders(scores):
+        keep[rows].scatter_(1, order, ~pruned_in_order[rows])
+    return keep
 
 
 def per_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -18,6 +18,8 @@ statistics and solves run in float32 inside the algorithms.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import shutil
@@ -31,7 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from inc_plugins.finite_checks import check_parameters
-from inc_plugins.models.architectures import ADAPTERS, adapter_for
+from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.safetensors_checkpoint import (
     INDEX_FILE,
     OTHER_WEIGHT_SUFFIXES,
@@ -40,6 +42,8 @@ from inc_plugins.models.safetensors_checkpoint import (
     ShardedCheckpointWriter,
 )
 
+from .distributed import gathered_in_rank_order, is_writer
+
 __all__ = ["STREAMED_MODEL_TYPES", "BlockStream", "block_stream", "loading_each_block", "open_streamed_causal_lm",
            "parameter_value", "resident_block", "write_block"]
 
@@ -47,6 +51,24 @@ logger = logging.getLogger(__name__)
 
 STREAMED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 _STREAM_ATTRIBUTE = "_inc_plugins_block_stream"
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``). A block's activations and
+    intermediates (tens of MB each at 7B) come from the heap, and the pages freed between long-lived small
+    allocations otherwise stay resident, so the process grew block after block."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -95,6 +117,11 @@ class BlockStream:
 
     ``output``: the writer of the pruned checkpoint (``start_output``), None until then. ``seconds_per_block``: wall
     time each block was resident, summed over the passes that loaded it.
+
+    Each written block leaves its shard, then a record (``block-00003.json``: its layers' sparsity), so a run killed
+    mid-way can resume (``start_output(..., resume=True)``): ``resumed`` maps the blocks recorded to their layers'
+    sparsity, and while ``final_pass`` is set (the pruning pass, not a dense pass) such a block loads its pruned
+    weights from the output, for the pruner to skip it and the walk to carry its outputs on.
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, keys: dict[str, str], blocks: nn.ModuleList,
@@ -103,6 +130,9 @@ class BlockStream:
         self.blocks, self.blocks_name = blocks, blocks_name
         self.output: ShardedCheckpointWriter | None = None
         self.written: set[int] = set()
+        self.resumed: dict[int, dict[str, float]] = {}
+        self.final_pass = False
+        self._output_reader: CheckpointReader | None = None
         self.seconds_per_block = [0.0] * len(blocks)
         self._block_parameters = [
             [name for name in keys if name.startswith(f"{blocks_name}.{index}.")] for index in range(len(blocks))]
@@ -127,40 +157,69 @@ class BlockStream:
 
     def load(self, index: int) -> None:
         names = self._block_parameters[index]
-        tensors = self.reader.read(self.keys[name] for name in names)
+        reader = self._output_reader if self.final_pass and index in self.resumed else self.reader
+        tensors = reader.read(self.keys[name] for name in names)
         for name in names:
             _set_parameter(self.model, name, tensors[self.keys[name]])
-        check_parameters(self.blocks[index], f"streaming block {index} from {str(self.source)!r}",
+        check_parameters(self.blocks[index], f"streaming block {index} from {str(reader.directory)!r}",
                          prefix=f"{self.blocks_name}.{index}")
 
     def release(self, index: int) -> None:
         for name in self._block_parameters[index]:
             parameter = self.model.get_parameter(name)
             _set_parameter(self.model, name, torch.empty_like(parameter, device="meta"))
+        _return_freed_memory()
 
-    def start_output(self, directory: str | os.PathLike) -> None:
+    def _record_path(self, index: int) -> Path:
+        return self.output.directory / f"block-{index + 1:05d}.json"
+
+    def start_output(self, directory: str | os.PathLike, resume: bool = False) -> None:
         """Write into ``directory`` from now on: one shard per block, then one for everything outside the blocks
-        (written at once: it is in memory already)."""
+        (written at once: it is in memory already). ``resume``: keep the blocks a killed run recorded there. Under
+        torch.distributed only rank 0 writes, and tells the other ranks which blocks it resumes; every rank prunes."""
         self.output = ShardedCheckpointWriter(directory, len(self.blocks) + 1)
+        if resume and is_writer():
+            for index in range(len(self.blocks)):
+                if self._record_path(index).is_file():  # (written after its shard: the shard is complete)
+                    self.resumed[index] = json.loads(self._record_path(index).read_text())["layer_sparsity"]
+        self.resumed = gathered_in_rank_order(self.resumed)[0]  # rank 0's, on every rank
+        if self.resumed:
+            self._output_reader = CheckpointReader(directory)  # (no index yet: the headers of its shards)
+            self.output.adopt({index + 1: {self.keys[name]: self._bytes([name])
+                                           for name in self._block_parameters[index]} for index in self.resumed})
+        self.written |= set(self.resumed)
+        if not is_writer():
+            return
         self.output.write_shard(len(self.blocks) + 1,
                                 {self.keys[name]: self.model.get_parameter(name) for name in self.outside_parameters})
 
-    def write(self, index: int) -> None:
+    def write(self, index: int, layer_sparsity: dict[str, float]) -> None:
+        """Write the block as it is now, then its record: ``layer_sparsity`` of the layers pruned in it."""
         if self.output is None:
             raise RuntimeError("BlockStream.write before start_output: no output directory")
+        self.written.add(index)
+        if not is_writer():
+            return
         self.output.write_shard(index + 1, {self.keys[name]: self.model.get_parameter(name)
                                             for name in self._block_parameters[index]})
-        self.written.add(index)
+        record = self._record_path(index)
+        partial = record.with_name(f".{record.name}.partial")
+        partial.write_text(json.dumps({"layer_sparsity": layer_sparsity}, sort_keys=True))
+        os.replace(partial, record)
 
     def finish(self) -> None:
         """Copy the blocks never written, unchanged, then the index and the source's config and tokenizer files."""
         if self.output is None:
             raise RuntimeError("BlockStream.finish before start_output: no output directory")
+        if not is_writer():
+            return
         for index in range(len(self.blocks)):
             if index not in self.written:
                 keys = [self.keys[name] for name in self._block_parameters[index]]
                 self.output.write_shard(index + 1, self.reader.read(keys))
         self.output.write_index()
+        for index in range(len(self.blocks)):
+            self._record_path(index).unlink(missing_ok=True)  # (the output is complete: nothing left to resume)
         for path in sorted(self.source.iterdir()):
             if (path.is_file() and path.suffix != ".safetensors" and path.name != INDEX_FILE
                     and path.suffix not in OTHER_WEIGHT_SUFFIXES):
@@ -222,12 +281,12 @@ def parameter_value(model: nn.Module, name: str) -> torch.Tensor:
     return stream.reader.read([stream.keys[name]])[stream.keys[name]]
 
 
-def write_block(model: nn.Module, index: int) -> None:
-    """Write block ``index`` of a streamed model, as it is now, to the output checkpoint; nothing for a model in
-    memory (its weights are the output)."""
+def write_block(model: nn.Module, index: int, layer_sparsity: dict[str, float]) -> None:
+    """Write block ``index`` of a streamed model, as it is now, to the output checkpoint, with ``layer_sparsity`` of
+    the layers pruned in it; nothing for a model in memory (its weights are the output)."""
     stream = block_stream(model)
     if stream is not None:
-        stream.write(index)
+        stream.write(index, layer_sparsity)
 
 
 def open_streamed_causal_lm(directory: str | os.PathLike) -> nn.Module:
@@ -247,7 +306,6 @@ def open_streamed_causal_lm(directory: str | os.PathLike) -> nn.Module:
     if config.model_type not in STREAMED_MODEL_TYPES:
         raise CheckpointError(f"model type {config.model_type!r} cannot be streamed; streaming supports "
                               f"{', '.join(STREAMED_MODEL_TYPES)}")
-    assert all(model_type in ADAPTERS for model_type in STREAMED_MODEL_TYPES)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) built as usual
         model = AutoModelForCausalLM.from_config(config)
     tied = set()  # the LM head's weight when it is the input embedding's (loaded once, never written twice)

@@ -11,16 +11,21 @@ a whole checkpoint (shards, index, the source's config and tokenizer files) or a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import resource
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from neural_compressor import WeightPruningConfig
 
+from inc_plugins.execution.distributed import GatherLog, gathered_in_rank_order, is_writer, world_size
 from inc_plugins.execution.streamed_model import block_stream, open_streamed_causal_lm
+from inc_plugins.models.safetensors_checkpoint import CheckpointReader
+from inc_plugins.perf.memory import peak_rss_bytes
 
 from .config_checks import PruningConfigError
 from .entry import prepare_pruning
@@ -30,49 +35,114 @@ __all__ = ["CheckpointPruning", "prune_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
+RUN_MANIFEST = "run.json"  # in the staging directory: what a resumed run must match
+
 
 @dataclass(frozen=True)
 class CheckpointPruning:
     """What ``prune_checkpoint`` did: the pruning's ``result`` (per-layer sparsity), where the output is, the weights'
-    dtype, the wall seconds each block was held (all passes), and the process's peak resident memory so far."""
+    dtype, the wall seconds each block was held (all passes), the process's peak resident memory so far, and under
+    torch.distributed the number of processes, the calibration samples each rank processed (in rank order) and the
+    bytes of statistics this rank sent per block."""
 
     result: PruningResult
     output: Path
     dtype: str
     seconds_per_block: list[float]
     peak_rss_bytes: int
+    world_size: int = 1
+    samples_per_rank: list[int] = field(default_factory=list)
+    bytes_gathered_per_block: dict[int, int] = field(default_factory=dict)
+    resumed_blocks: list[int] = field(default_factory=list)  # taken from the interrupted run a resume continued
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _samples(batch) -> int:
+    """Sequences in a calibration batch: the first dimension of its first tensor."""
+    return _batch_tensors(batch)[0].shape[0]
+
+
+def _batch_tensors(batch) -> list[torch.Tensor]:
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def _run_identity(source: Path, config: WeightPruningConfig, batches: list | None) -> dict:
+    """What a resumed run must share with the run it continues: the source checkpoint (its tensors' names, dtypes
+    and shapes, and its shards' sizes), the config, and a hash of the calibration batches this rank holds."""
+    reader = CheckpointReader(source)
+    shards = sorted({reader.shard_of(name) for name in reader.names})
+    checkpoint = hashlib.sha256(json.dumps(
+        [[name, str(reader.dtype(name)), reader.shape(name)] for name in reader.names]
+        + [[shard, (source / shard).stat().st_size] for shard in shards]).encode()).hexdigest()
+    calibration = hashlib.sha256()
+    for batch in batches or []:
+        for tensor in _batch_tensors(batch):
+            calibration.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+            calibration.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    settings = {"global": dict(config.weight_compression), "entries": config.pruning_configs}
+    return {"source": str(source.resolve()), "checkpoint_sha256": checkpoint,
+            "config": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+            "calibration_sha256": calibration.hexdigest(), "world_size": world_size()}
+
+
+def _prepare_staging(staging: Path, identity: dict, resume: bool) -> None:
+    """Create the staging directory, or with ``resume`` check that the one there was left by this same run."""
+    manifest = staging / RUN_MANIFEST
+    if not resume:
+        if staging.exists():
+            raise PruningConfigError(f"{str(staging)!r} holds an interrupted run of this output: continue it with "
+                                     f"resume=True (recipes: --resume), or delete it to start again")
+        staging.mkdir(parents=True)
+        manifest.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        return
+    if not manifest.is_file():
+        raise PruningConfigError(f"nothing to resume: no interrupted run in {str(staging)!r}")
+    recorded = json.loads(manifest.read_text())
+    differing = [key for key in identity if recorded.get(key) != identity[key]]
+    if differing:
+        raise PruningConfigError(f"cannot resume the run in {str(staging)!r}: its {', '.join(differing)} differ from "
+                                 f"this run's (resume only the same source, config and calibration data)")
 
 
 def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike, config: WeightPruningConfig,
-                     dataloader=None) -> CheckpointPruning:
+                     dataloader=None, resume: bool = False) -> CheckpointPruning:
     """Prune the causal LM in checkpoint directory ``source`` with ``config`` into the new directory ``output``.
 
     ``config`` names one streaming type (``one_shot.streaming_types``: wanda, one_shot_magnitude, and sparse_gpt run
     by the plugins' SparseGPT, which gives INC's weights); ``dataloader`` yields its calibration batches as for
-    ``prepare_pruning``. Weights keep their stored dtype. Raises CheckpointError for a source that cannot be read
-    (before any work) and PruningConfigError for an ``output`` that exists or a config that cannot stream.
+    ``prepare_pruning``. Weights keep their stored dtype. Under torch.distributed each rank passes its own shard of
+    the calibration batches, every rank prunes (with statistics combined across ranks) and rank 0 writes; every
+    rank returns once the output is complete. Raises CheckpointError for a source that cannot be read (before any
+    work) and PruningConfigError for an ``output`` that exists or a config that cannot stream.
+
+    The output is written into ``.<name>.partial`` beside it, block by block. An error removes it; a run killed or
+    interrupted (Ctrl-C) leaves it, and ``resume=True`` continues it from its last completed block (it must be the
+    same source, config and calibration data), ending with the output of an uninterrupted run.
     """
     output = Path(output)
     if output.exists():
         raise PruningConfigError(f"output directory {str(output)!r} exists; name a new one (nothing is overwritten)")
     model = open_streamed_causal_lm(source)
     stream = block_stream(model)
+    batches = list(dataloader) if dataloader is not None else None  # counted, and read by every pass
     staging = output.parent / f".{output.name}.partial"
-    if staging.exists():  # left by an interrupted run of ours
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    if is_writer():
+        _prepare_staging(staging, _run_identity(Path(source), config, batches), resume)
     try:
-        stream.start_output(staging)
-        pruning = prepare_pruning(model, config, dataloader=dataloader)
+        stream.start_output(staging, resume=resume)
+        pruning = prepare_pruning(model, config, dataloader=batches)
         stream.finish()
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_writer():
+            (staging / RUN_MANIFEST).unlink()
+            os.rename(staging, output)
+    except Exception:
+        if is_writer() and not resume:  # an error, not an interruption: resuming would meet it again
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    # (a collective: also, no rank returns before rank 0 has renamed the output)
+    samples = gathered_in_rank_order(sum(map(_samples, batches)) if batches is not None else 0)
     logger.info("pruned %s into %s in %.1f s of block time", source, output, sum(stream.seconds_per_block))
     return CheckpointPruning(result=pruning.result, output=output, dtype=str(model.config.dtype).removeprefix("torch."),
-                             seconds_per_block=list(stream.seconds_per_block), peak_rss_bytes=_peak_rss_bytes())
+                             seconds_per_block=list(stream.seconds_per_block), peak_rss_bytes=peak_rss_bytes(),
+                             world_size=world_size(), samples_per_rank=samples, resumed_blocks=sorted(stream.resumed),
+                             bytes_gathered_per_block=dict(getattr(pruning, "gather_log", GatherLog()).bytes_per_block))

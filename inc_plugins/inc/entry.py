@@ -14,6 +14,7 @@ from neural_compressor.compression.pruner import prepare_pruning as inc_prepare_
 from neural_compressor.compression.pruner.pruning import SparseGPTPruning
 from neural_compressor.compression.pruner.utils import process_config
 
+from inc_plugins.execution.distributed import world_size
 from inc_plugins.execution.streamed_model import block_stream
 
 from . import one_shot
@@ -117,7 +118,8 @@ def prepare_pruning(
 
     local_entries = config.pruning_configs or [{}]
     streamed = block_stream(model) is not None
-    is_plugin = [one_shot.runs_as_plugin(entry, streamed) for entry in settings]
+    # INC's drivers need the whole model, and calibrate on this process's data alone
+    is_plugin = [one_shot.runs_as_plugin(entry, streamed or world_size() > 1) for entry in settings]
     if streamed:
         _check_streamable(settings, is_plugin)
     prunings = []

@@ -90,15 +90,15 @@ def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSetting
     return register
 
 
-def runs_as_plugin(settings: Mapping[str, Any], streamed: bool = False) -> bool:
+def runs_as_plugin(settings: Mapping[str, Any], plugins_only: bool = False) -> bool:
     """Whether a config entry (its resolved settings) runs a plugin pruning class rather than INC's own flows: every
     entry of a plugin type, and an entry of an INC built-in type the plugins also implement when it sets one of the
-    plugin's own keys or when the model is streamed (INC's drivers need the whole model in memory)."""
+    plugin's own keys or when ``plugins_only`` (a streamed model, or calibration across processes)."""
     registered = ONE_SHOT_TYPES.get(settings["pruning_type"])
     if registered is None:
         return False
     own = TYPE_CONFIG_KEYS[settings["pruning_type"]]
-    return not registered.inc_builtin or streamed or any(settings.get(key) is not None for key in own)
+    return not registered.inc_builtin or plugins_only or any(settings.get(key) is not None for key in own)
 
 
 def streaming_types() -> list[str]:

@@ -75,6 +75,8 @@ class OneShotMagnitudePruning(WandaPruning):
             raise PruningConfigError("a streamed model is pruned in one pass per block: config entries with and "
                                      "without dsnot cannot be mixed; run them one after the other")
         for index, layers in sorted(self._layers_by_block(plain).items()):
+            if self._resumed(index, layers):
+                continue
             with resident_block(self._model, index):  # (nothing to load for a model in memory)
                 for pruner, names in layers:
                     pruner.prune(names)

@@ -72,6 +72,7 @@ from inc_plugins.algorithms.wanda import (
 from inc_plugins.algorithms.input_gram import InputGram
 from inc_plugins.algorithms.weight_update import refit_kept_weights
 from inc_plugins.execution.calibration import MERGE_TOKENS, run_block, sequential_blocks, split_batches
+from inc_plugins.execution.distributed import GatherLog, combined_across_ranks, rank, world_size
 from inc_plugins.execution.streamed_model import block_stream, write_block
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
@@ -364,6 +365,14 @@ class WandaPruner(OneShotPruner):
         self.mask_sparsity[name] = float((~keep).sum()) / keep.numel()
         self.pruned_layers.add(name)
 
+    def combine_across_ranks(self, names: Iterable[str], log: GatherLog, block_index: int) -> None:
+        """Replace each layer's statistics by those of every rank's calibration shard (``execution.distributed``):
+        the same on every rank, so every rank derives the same masks."""
+        for name in names:
+            for statistics in (self.feature_norms, self.feature_moments, self.input_grams):
+                if name in statistics:
+                    statistics[name] = combined_across_ranks(statistics[name], log, block_index)
+
     def drop_masks(self, names: Iterable[str]) -> None:
         """Keep only the shapes of these layers' masks (meta tensors) and their ``mask_sparsity``: a streamed model's
         masks are in its written weights, and a 7B model's bool masks alone would take 6.5 GB."""
@@ -418,6 +427,7 @@ class WandaPruning(OneShotPruning):
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
         _, self._blocks = adapter_for(model).blocks(model)  # UnsupportedModelError for families without blocks
+        self.gather_log = GatherLog()  # bytes of statistics gathered from the other ranks, per block
         self._block_of = {id(module): index for index, block in enumerate(self._blocks) for module in block.modules()}
 
     def layers_to_prune(self, index: int, info: Mapping[str, Any], settings: WandaSettings,
@@ -477,18 +487,27 @@ class WandaPruning(OneShotPruning):
         last = max(by_block)
         call = _CurrentCall()
         method = self.settings_model.method
+        stream = block_stream(self._model)
+        if stream is not None:
+            stream.final_pass = prune  # a resumed run's pruned blocks load from the output in the pruning pass
         walk = sequential_blocks(self._model, batches, self._blocks, f"{method} calibration", merge_tokens=MERGE_TOKENS)
         with contextlib.closing(walk):
-            for index, block, inputs in progress(walk, desc=f"{method} {'pruning' if prune else 'dense pass'}",
+            on_rank = f" (rank {rank()} of {world_size()})" if world_size() > 1 else ""
+            for index, block, inputs in progress(walk, desc=f"{method} {'pruning' if prune else 'dense pass'}{on_rank}",
                                                  unit="block", total=last + 1):
                 layers = by_block.get(index, [])
-                if layers:
+                if layers and prune and self._resumed(index, layers):
+                    logger.info("%s: block %d pruned by the run resumed", method, index)
+                elif layers:
                     with contextlib.ExitStack() as hooks:
                         for pruner, names in layers:
                             hooks.enter_context(pruner.collect_statistics(names, index, not prune, call))
                         for block_input in inputs:
                             call.batch_sizes = block_input.batch_sizes
                             run_block(block, block_input)
+                    if world_size() > 1:
+                        for pruner, names in layers:
+                            pruner.combine_across_ranks(names, self.gather_log, index)
                     if prune:
                         for pruner, names in layers:
                             pruner.prune(names)
@@ -501,10 +520,23 @@ class WandaPruning(OneShotPruning):
 
     def _block_pruned(self, index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> None:
         """Block ``index`` is final: a streamed model writes it to the output and drops its masks."""
-        write_block(self._model, index)
+        write_block(self._model, index, {name: pruner.mask_sparsity[name] for pruner, names in layers for name in names})
         if block_stream(self._model) is not None:
             for pruner, names in layers:
                 pruner.drop_masks(names)
+
+    def _resumed(self, index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> bool:
+        """Whether a resumed streamed run pruned block ``index`` already; if so its layers take the recorded
+        sparsity (their weights, loaded from the output, carry the walk on)."""
+        stream = block_stream(self._model)
+        if stream is None or index not in stream.resumed:
+            return False
+        for pruner, names in layers:
+            for name in names:
+                pruner.mask_sparsity[name] = stream.resumed[index][name]
+                pruner.pruned_layers.add(name)
+            pruner.drop_masks(names)
+        return True
 
     @staticmethod
     def _block_measured(index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> None:

@@ -14,13 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-
-try:
-    from safetensors import SafetensorError
-except ImportError:  # older safetensors
-    from safetensors._safetensors_rust import SafetensorError
 
 __all__ = ["CheckpointError", "CheckpointReader", "ShardedCheckpointWriter", "shard_file_name"]
 
@@ -73,6 +67,7 @@ class CheckpointReader:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._offsets: dict[tuple[str, str], tuple[int, int]] = {}  # (shard, name): byte range in the file
         if not self.directory.is_dir():
             raise CheckpointError(f"model directory {str(self.directory)!r} does not exist or is not a directory")
         if (self.directory / INDEX_FILE).is_file():
@@ -94,21 +89,14 @@ class CheckpointReader:
         self.names = list(self._headers)
 
     def _header(self, shard: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        path = self.directory / shard
-        try:
-            with safe_open(path, framework="pt") as handle:
-                header = {}
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    header[name] = (_DTYPES.get(view.get_dtype(), None), tuple(view.get_shape()))
-                return header
-        except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"cannot read shard {str(path)!r}: {' '.join(str(err).split())}") from None
+        header = _read_header(self.directory / shard)
+        self._offsets.update({(shard, name): entry[2] for name, entry in header.items()})
+        return {name: entry[:2] for name, entry in header.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._headers
 
-    def dtype(self, name: str) -> torch.dtype | None:
+    def dtype(self, name: str) -> torch.dtype:
         return self._headers[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -118,6 +106,8 @@ class CheckpointReader:
         return self._shard_of[name]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors, each read from its shard straight into memory of its own (not a mapping of the file, whose
+        pages would count as this process's memory too while the shard is open)."""
         by_shard: dict[str, list[str]] = {}
         for name in names:
             by_shard.setdefault(self._shard_of[name], []).append(name)
@@ -125,12 +115,48 @@ class CheckpointReader:
         for shard, shard_names in by_shard.items():
             path = self.directory / shard
             try:
-                with safe_open(path, framework="pt") as handle:
+                with open(path, "rb") as handle:
                     for name in shard_names:
-                        tensors[name] = handle.get_tensor(name).clone()  # owned, not a view of the mapped file
-            except (OSError, SafetensorError) as err:
+                        dtype, shape = self._headers[name]
+                        start, stop = self._offsets[(shard, name)]
+                        tensor = torch.empty(shape, dtype=dtype)
+                        handle.seek(start)
+                        if handle.readinto(memoryview(tensor.view(torch.uint8).reshape(-1).numpy())) != stop - start:
+                            raise OSError(f"tensor {name!r} is cut short")
+                        tensors[name] = tensor
+            except OSError as err:
                 raise CheckpointError(f"cannot read shard {str(path)!r}: {' '.join(str(err).split())}") from None
         return tensors
+
+
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]]:
+    """{name: (dtype, shape, (start, stop) byte offsets in the file)} from a safetensors file's header: an 8-byte
+    little-endian length, then that many bytes of JSON, then the tensors' bytes. CheckpointError when it is not
+    one (or names a dtype torch lacks, or byte ranges that do not match the shapes or the file)."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            size = os.fstat(handle.fileno()).st_size
+            if not 2 <= length <= size - 8:
+                raise ValueError("not a safetensors file (its header length is impossible)")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read shard {str(path)!r}: {' '.join(str(err).split())}") from None
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = _DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"shard {str(path)!r}: tensor {name!r} has an unreadable header entry {entry!r} "
+                                  f"(dtypes read: {', '.join(_DTYPES)})") from None
+        begin, end = 8 + length + start, 8 + length + stop
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize or end > size:
+            raise CheckpointError(f"shard {str(path)!r}: tensor {name!r} ({entry['dtype']} {list(shape)}) has "
+                                  f"byte range [{start}, {stop}), which does not match its shape or the file")
+        entries[name] = (dtype, shape, (begin, end))
+    return entries
 
 
 def shard_file_name(number: int, count: int) -> str:
@@ -168,6 +194,12 @@ class ShardedCheckpointWriter:
         _atomic_save(tensors, self.path(number))
         self._names[number] = list(tensors)
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def adopt(self, shards: Mapping[int, Mapping[str, int]]) -> None:
+        """Count shards a killed run wrote ({number: {tensor name: bytes}}) as written: a resumed run keeps them."""
+        for number, sizes in shards.items():
+            self._names[number] = list(sizes)
+            self._bytes += sum(sizes.values())
 
     def write_index(self) -> None:
         missing = [n for n in range(1, self.count + 1) if n not in self._names]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,11 @@ def _status_kb(field: str) -> int:
 def rss_bytes() -> int:
     """This process's resident set size now, in bytes (Linux: /proc/self/statm)."""
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (``ru_maxrss``, which Linux reports in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_bytes() -> int:
