@@ -404,3 +404,20 @@ def test_per_row_masks_are_the_same_in_row_chunks(monkeypatch):
     whole = per_output_mask(scores, 0.5), rows_mask(scores, counts)
     monkeypatch.setattr(wanda_module, "ROW_CHUNK", 2)
     assert torch.equal(per_output_mask(scores, 0.5), whole[0]) and torch.equal(rows_mask(scores, counts), whole[1])
+
+
+def test_norms_kept_per_batch_combine_to_one_process_bits():
+    """Across processes, rank r holds batches r, r + P, ...: replaying their kept batches in turn gives the norms of one
+    process that saw every batch, bit for bit (a weighted mean of the ranks' norms only comes close)."""
+    batches = [torch.randn(5 + i, 7, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    one = InputFeatureNorms()
+    for rows in batches:
+        one.update(rows, 2)
+    parts = [InputFeatureNorms(keep_batches=True) for _ in range(3)]
+    for index, rows in enumerate(batches):
+        parts[index % 3].update(rows, 2)
+    replayed = InputFeatureNorms.combined(parts)
+    assert torch.equal(replayed.squared_norms, one.squared_norms) and replayed.num_samples == one.num_samples == 14
+    for part in parts:
+        part.batches = None  # without kept batches: the weighted mean, equal up to rounding
+    assert torch.allclose(InputFeatureNorms.combined(parts).squared_norms, one.squared_norms, rtol=1e-6)

@@ -3,8 +3,9 @@ against the same pruning of the model in memory, for Wanda 50%, Wanda 2:4 and Sp
 perplexity, with the peak RSS and time of each; (2) Wanda 50% calibrated by 2 gloo ranks with 1 thread each against
 1 process with 1 thread (and with 2): masks, seconds per calibration pass, bytes gathered per block.
 
-    python -m benchmarks.studies.streaming_smollm2            # both parts (~25 min; time it alone)
-    python -m benchmarks.studies.streaming_smollm2 --quick    # a tiny synthetic Llama
+    python -m benchmarks.studies.streaming_smollm2               # both parts (~25 min; time it alone)
+    python -m benchmarks.studies.streaming_smollm2 --part ranks  # part 2 alone (~6 min; streaming_smollm2_ranks.*)
+    python -m benchmarks.studies.streaming_smollm2 --quick       # a tiny synthetic Llama
 
 Calibration and evaluation windows as in `recipes/smollm2_wanda.yaml` (State of the Union / Moby Dick). Every run is
 a fresh spawned process, so its peak RSS (``ru_maxrss``) is its own; runs go in alternating order (in memory first
@@ -109,8 +110,16 @@ def compare_checkpoints(first: Path, second: Path) -> dict:
 
 def _markdown(results: dict) -> str:
     lines = [f"# Streaming and distributed calibration: {results['model']}", "",
-             f"Command: `{results['run']['command']}`.", "", machine_line(results), "",
-             "## Streamed vs in memory (one process, 2 threads)", "",
+             f"Command: `{results['run']['command']}`.", "", machine_line(results), ""]
+    if "equivalence" in results:
+        lines += _equivalence_lines(results)
+    if "ranks" in results:
+        lines += _ranks_lines(results)
+    return "\n".join(lines)
+
+
+def _equivalence_lines(results: dict) -> list[str]:
+    lines = ["## Streamed vs in memory (one process, 2 threads)", "",
              "| setting | mode | perplexity | prune s | peak RSS MB | weights differing | mask entries differing |",
              "|---|---|---|---|---|---|---|"]
     for row in results["equivalence"]:
@@ -120,9 +129,13 @@ def _markdown(results: dict) -> str:
             lines.append(f"| {row['setting']} | {mode} | {r['perplexity']:.4f} | {r['prune_seconds']:.1f} | "
                          f"{r['peak_rss_mb']:.0f} | {same['weights_differing']} of {same['entries']} | "
                          f"{same['mask_entries_differing']} |")
+    return lines + [""]
+
+
+def _ranks_lines(results: dict) -> list[str]:
     ranks = results["ranks"]
-    lines += ["", f"## Wanda 50% calibrated by {ranks['world']} gloo ranks (1 thread each) vs one process", "",
-              "| run | seconds per calibration pass | speed-up vs 1 process, 1 thread |", "|---|---|---|"]
+    lines = [f"## Wanda 50% calibrated by {ranks['world']} gloo ranks (1 thread each) vs one process", "",
+             "| run | seconds per calibration pass | speed-up vs 1 process, 1 thread |", "|---|---|---|"]
     base = ranks["one_thread"]["prune_seconds"]
     lines.append(f"| 1 process, 1 thread | {base:.1f} | 1.00x |")
     lines.append(f"| 1 process, 2 threads | {ranks['two_threads']['prune_seconds']:.1f} | "
@@ -135,15 +148,18 @@ def _markdown(results: dict) -> str:
               f"{ranks['comparison']['weights_differing']}. Bytes each rank sends per block (statistics gathered "
               f"before the block is pruned): {min(per_block.values()):,} - {max(per_block.values()):,}. Samples per "
               f"rank: {[r['samples'] for r in ranks['per_rank']]}.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = study_parser(STUDY, __doc__).parse_args(argv)
+    parser = study_parser(STUDY, __doc__)
+    parser.add_argument("--part", choices=("all", "equivalence", "ranks"), default="all",
+                        help="run one part alone (results: streaming_smollm2_<part>.*)")
+    args = parser.parse_args(argv)
     settings = study_settings(STUDY, args.quick)
     recipe = load_recipe(RECIPE)
     stage, corpus = recipe.pruning[0], recipe.corpus
-    run = StudyRun(STUDY, args.quick, args.out, argv)
+    run = StudyRun(STUDY, args.quick, args.out, argv, name=STUDY if args.part == "all" else f"{STUDY}_{args.part}")
     source = causal_lm(args.quick)
     calibration = [(window[None],) for window in source.calibration_windows(
         settings.get("calib_windows", stage.calibration_samples), settings.get("calib_len", corpus.calibration_seq_len),
@@ -158,35 +174,46 @@ def main(argv: list[str] | None = None) -> dict:
             source.model.save_pretrained(checkpoint)
         else:
             checkpoint = converted_checkpoint("smollm2-135m")
-        results = {"model": source.description, "settings": settings, "equivalence": []}
-        for index, (name, setting) in enumerate(settings["settings"].items()):
-            row = {"setting": name, "config": setting}
-            order = ("in_memory", "streamed") if index % 2 == 0 else ("streamed", "in_memory")
-            for mode in order:
-                row[mode] = _in_one_process(_prune_once, mode, str(checkpoint), str(scratch / f"{index}_{mode}"),
-                                            setting, calibration, evaluation, eval_batch, 2)
-                run.mark(f"{name}_{mode}")
-            row["comparison"] = compare_checkpoints(scratch / f"{index}_in_memory", scratch / f"{index}_streamed")
-            results["equivalence"].append(row)
-            run.write_progress(results)
-
-        wanda = settings["settings"][settings["ranks_setting"]]
-        world = settings["ranks"]
-        manager = multiprocessing.get_context("spawn").Manager()
-        per_rank = manager.dict()
-        torch.multiprocessing.spawn(_rank_pass, args=(world, str(scratch / "rendezvous"), str(checkpoint),
-                                                      str(scratch / "ranks"), wanda, calibration, per_rank),
-                                    nprocs=world, join=True)
-        run.mark("ranks")
-        results["ranks"] = {"world": world, "setting": settings["ranks_setting"],
-                            "per_rank": [dict(per_rank[r]) for r in range(world)]}
-        for threads, key in ((1, "one_thread"), (2, "two_threads")):
-            results["ranks"][key] = _in_one_process(_prune_once, "in_memory", str(checkpoint),
-                                                    str(scratch / f"single_{threads}"), wanda, calibration,
-                                                    evaluation, eval_batch, threads)
-            run.mark(f"single_{threads}_thread")
-        results["ranks"]["comparison"] = compare_checkpoints(scratch / "single_1", scratch / "ranks")
+        results = {"model": source.description, "settings": settings}
+        if args.part in ("all", "equivalence"):
+            results["equivalence"] = _equivalence(run, settings, checkpoint, scratch, calibration, evaluation,
+                                                  eval_batch)
+        if args.part in ("all", "ranks"):
+            results["ranks"] = _ranks(run, settings, checkpoint, scratch, calibration, evaluation, eval_batch)
     return run.write(results, _markdown)
+
+
+def _equivalence(run, settings, checkpoint, scratch, calibration, evaluation, eval_batch) -> list[dict]:
+    """Part 1: each setting pruned in memory and streamed, in alternating order; their outputs compared."""
+    rows = []
+    for index, (name, setting) in enumerate(settings["settings"].items()):
+        row = {"setting": name, "config": setting}
+        order = ("in_memory", "streamed") if index % 2 == 0 else ("streamed", "in_memory")
+        for mode in order:
+            row[mode] = _in_one_process(_prune_once, mode, str(checkpoint), str(scratch / f"{index}_{mode}"),
+                                        setting, calibration, evaluation, eval_batch, 2)
+            run.mark(f"{name}_{mode}")
+        row["comparison"] = compare_checkpoints(scratch / f"{index}_in_memory", scratch / f"{index}_streamed")
+        rows.append(row)
+    return rows
+
+
+def _ranks(run, settings, checkpoint, scratch, calibration, evaluation, eval_batch) -> dict:
+    """Part 2: Wanda calibrated by gloo ranks with 1 thread each, then one process with 1 and with 2 threads."""
+    wanda = settings["settings"][settings["ranks_setting"]]
+    world = settings["ranks"]
+    per_rank = multiprocessing.get_context("spawn").Manager().dict()
+    torch.multiprocessing.spawn(_rank_pass, args=(world, str(scratch / "rendezvous"), str(checkpoint),
+                                                  str(scratch / "ranks"), wanda, calibration, per_rank),
+                                nprocs=world, join=True)
+    run.mark("ranks")
+    ranks = {"world": world, "setting": settings["ranks_setting"], "per_rank": [dict(per_rank[r]) for r in range(world)]}
+    for threads, key in ((1, "one_thread"), (2, "two_threads")):
+        ranks[key] = _in_one_process(_prune_once, "in_memory", str(checkpoint), str(scratch / f"single_{threads}"),
+                                     wanda, calibration, evaluation, eval_batch, threads)
+        run.mark(f"single_{threads}_thread")
+    ranks["comparison"] = compare_checkpoints(scratch / "single_1", scratch / "ranks")
+    return ranks
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ class InputFeatureNorms:
     variant masks are those of the plain norm.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_batches: bool = False) -> None:
         self._mean_over_samples: torch.Tensor | None = None
         self.num_samples = 0
+        # with keep_batches, each batch's ||X_j||^2 and samples, for `combined` to replay in one process's order
+        self.batches: list[tuple[torch.Tensor, int]] | None = [] if keep_batches else None
 
     def update(self, rows: torch.Tensor, num_samples: int) -> None:
         """Add activations ``rows`` ``[tokens, in_features]`` (any floating dtype) from ``num_samples`` samples.
@@ -49,23 +51,37 @@ class InputFeatureNorms:
             raise ValueError(f"rows must have shape [tokens, in_features], got shape {list(rows.shape)}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the batch's number of samples), got {num_samples!r}")
-        if self._mean_over_samples is None:
-            self._mean_over_samples = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
-        elif rows.shape[1] != self._mean_over_samples.numel():
+        if self._mean_over_samples is not None and rows.shape[1] != self._mean_over_samples.numel():
             raise ValueError(
                 f"rows have {rows.shape[1]} features but earlier batches had {self._mean_over_samples.numel()}"
             )
-        # The reference's order of operations, kept exactly (see the class docstring). Squaring in float32 also
-        # keeps bf16/fp16 activations from losing most of their mantissa.
+        # Squaring in float32 keeps bf16/fp16 activations from losing most of their mantissa.
+        self._add(torch.norm(rows.detach().float().T, p=2, dim=1) ** 2, num_samples)
+
+    def _add(self, squared_norms: torch.Tensor, num_samples: int) -> None:
+        # The reference's order of operations, kept exactly (see the class docstring).
+        if self._mean_over_samples is None:
+            self._mean_over_samples = torch.zeros_like(squared_norms)
         self._mean_over_samples *= self.num_samples / (self.num_samples + num_samples)
         self.num_samples += num_samples
-        self._mean_over_samples += torch.norm(rows.detach().float().T, p=2, dim=1) ** 2 / self.num_samples
+        self._mean_over_samples += squared_norms / self.num_samples
+        if self.batches is not None:
+            self.batches.append((squared_norms, num_samples))
 
     @classmethod
     def combined(cls, parts: Sequence[InputFeatureNorms]) -> InputFeatureNorms:
         """The statistic of all ``parts``' samples together (e.g. one per process, each over its own calibration
-        shard): their means weighted by their sample counts, added in the order given. Equal to one statistic over all
-        the batches up to float32 rounding (the running average rounds in another order)."""
+        shard). Parts that kept their batches are replayed batch by batch, the k-th batch of every part before the
+        (k+1)-th of any: when part r holds batches r, r + P, r + 2P, ... of P parts, that is one process's order
+        and arithmetic, so the result is its bits. Otherwise their means weighted by their sample counts, added in
+        the order given: equal up to float32 rounding."""
+        if all(part.batches is not None for part in parts):
+            replayed = cls()
+            for k in range(max(len(part.batches) for part in parts)):
+                for part in parts:
+                    if k < len(part.batches):
+                        replayed._add(*part.batches[k])
+            return replayed
         total = sum(part.num_samples for part in parts)
         combined = cls()
         combined.num_samples = total

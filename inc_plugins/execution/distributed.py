@@ -3,10 +3,12 @@ the calibration batches, and before a block is pruned every layer's statistics a
 combined in rank order. Every rank then holds the same bits and derives the same masks, so the pruned block's
 outputs, which feed the next block, are right on every rank; only rank 0 writes files (``is_writer``).
 
-Combining per-rank statistics (``combined`` of ``InputFeatureNorms``, ``InputGram``, ``InputFeatureMoments``) is
-exact arithmetic but rounds in another order than one process adding every batch in turn, so a mask can differ from
-the single-process one where two scores are within float32 rounding of each other (measured in
-docs/results/streaming.md). With one process, or no process group, nothing here does anything.
+Wanda's feature norms keep each batch's contribution and are replayed in one process's batch order
+(``InputFeatureNorms.combined``; the order of ``rank_shard``'s split), so with the same per-batch activations the ranks'
+norms are one process's bits. The other statistics (``InputGram``, ``InputFeatureMoments``: a batch's X^T X is too big
+to send) are combined from per-rank sums weighted by their counts, which rounds in another order than one process
+adding every batch in turn: a mask can then differ from the single-process one where two candidates are within float32
+rounding of each other (measured in docs/results/streaming.md). With one process nothing here does anything.
 """
 
 from __future__ import annotations
@@ -51,9 +53,17 @@ class _Combinable(Protocol):
 Statistic = TypeVar("Statistic", bound=_Combinable)
 
 
+def _tensor_bytes(value: object) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or lists and tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(map(_tensor_bytes, value))
+    return 0
+
+
 def _payload_bytes(statistic: object) -> int:
-    return sum(value.numel() * value.element_size() for value in vars(statistic).values()
-               if isinstance(value, torch.Tensor))
+    return sum(map(_tensor_bytes, vars(statistic).values()))
 
 
 @dataclass

@@ -268,7 +268,8 @@ class WandaPruner(OneShotPruner):
         shared = _SharedInputGram()
         try:
             for name in names:
-                norms = self.feature_norms.setdefault(name, InputFeatureNorms())
+                # across processes, each batch is kept so that the combined norms are one process's bits
+                norms = self.feature_norms.setdefault(name, InputFeatureNorms(keep_batches=world_size() > 1))
                 moments = (self.feature_moments.setdefault(name, InputFeatureMoments())
                            if self.collects_moments and not scores_only else None)
                 gram = (self.input_grams.setdefault(name, InputGram())
