@@ -16,11 +16,13 @@ Each check is one ``torch.isfinite(t).all()`` per tensor; the NaN/Inf counts are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from inc_plugins.models.batch_inputs import named_batch_tensors
 
 __all__ = [
     "NonFiniteError",
@@ -128,23 +130,10 @@ def first_non_finite_parameter(model: nn.Module) -> str | None:
     return None if found is None else f"{found[0]} ({_holds(found[2])})"
 
 
-def _batch_tensors(batch: Any) -> Iterable[tuple[str, Tensor]]:
-    if isinstance(batch, Tensor):
-        yield "input", batch
-    elif isinstance(batch, Mapping):
-        for key, value in batch.items():
-            if isinstance(value, Tensor):
-                yield f"key {key!r}", value
-    elif isinstance(batch, (tuple, list)):
-        for position, value in enumerate(batch):
-            if isinstance(value, Tensor):
-                yield f"element {position}", value
-
-
 def check_batch(batch: Any, index: int, during: str) -> None:
     """Raise NonFiniteError if a floating tensor of calibration batch ``index`` (a tensor, a dict or a tuple/list
     of tensors) holds NaN or Inf."""
-    for where, tensor in _batch_tensors(batch):
+    for where, tensor in named_batch_tensors(batch):
         if not _is_finite(tensor):
             nan, inf = _counts(tensor)
             raise NonFiniteError(

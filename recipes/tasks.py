@@ -14,6 +14,7 @@ import torch
 import inc_plugins
 from inc_plugins.execution.distributed import gathered_in_rank_order, is_writer, rank_shard, world_size
 from inc_plugins.execution.streamed_model import loading_each_block
+from inc_plugins.inc.checkpoint_pruning import partial_output
 from inc_plugins.finite_checks import check_metric
 from inc_plugins.models.saving import save_slimmed
 from inc_plugins.post_training.data import average_sequence_length
@@ -211,7 +212,7 @@ class CausalLMTask(_TransformersTask):
                                       "the first stage's checkpoint")
                 output = self.work_dir / f"streamed_stage_{previous.stages}"
                 # a partial checkpoint here was carried over from an interrupted run by `apply --resume`
-                resume = (self.work_dir / f".{output.name}.partial").is_dir()
+                resume = partial_output(output).is_dir()
                 outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows), resume)
                 if not is_writer():  # rank 0 wrote the checkpoint, and evaluates it
                     return model, outcome

@@ -133,31 +133,33 @@ def _no_leftovers(tmp_path):
     assert not (tmp_path / "pruned").exists() and not (tmp_path / ".pruned.partial").exists()
 
 
+def _assert_refused(source, tmp_path, error, message, config=None):
+    """Pruning ``source`` into tmp_path/pruned raises ``error`` matching ``message`` and leaves nothing behind."""
+    with pytest.raises(error, match=message):
+        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", config or _config("wanda"), dataloader=_batches())
+    _no_leftovers(tmp_path)
+
+
 def test_directory_without_safetensors(tmp_path):
     source = tmp_path / "source"
     model = tiny_llama_lm()
     model.config.save_pretrained(source)
     torch.save(model.state_dict(), source / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"no safetensors weights in .*found pytorch_model\.bin"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
-    _no_leftovers(tmp_path)
+    _assert_refused(source, tmp_path, CheckpointError, r"no safetensors weights in .*found pytorch_model\.bin")
 
 
 def test_missing_shard(tmp_path):
     source = _save(tiny_llama_lm(), tmp_path / "source")
     shard = sorted(source.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=f"lists shard\\(s\\) missing from the directory: {shard.name}"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
-    _no_leftovers(tmp_path)
+    _assert_refused(source, tmp_path, CheckpointError, f"lists shard\\(s\\) missing from the directory: {shard.name}")
 
 
 def test_damaged_shard(tmp_path):
     source = _save(tiny_llama_lm(), tmp_path / "source")
     shard = sorted(source.glob("model-*.safetensors"))[0]
     shard.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match=f"cannot read shard .*{shard.name}"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
+    _assert_refused(source, tmp_path, CheckpointError, f"cannot read shard .*{shard.name}")
 
 
 def test_shapes_that_disagree_with_the_config(tmp_path):
@@ -165,17 +167,14 @@ def test_shapes_that_disagree_with_the_config(tmp_path):
     config = json.loads((source / "config.json").read_text())
     config["intermediate_size"] = 48
     (source / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"has shape \[64, 32\], but config.json gives \[48, 32\]"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
-    _no_leftovers(tmp_path)
+    _assert_refused(source, tmp_path, CheckpointError, r"has shape \[64, 32\], but config.json gives \[48, 32\]")
 
 
 def test_unsupported_family(tmp_path):
     source = tmp_path / "source"
     tiny_bert_classifier().save_pretrained(source)
-    with pytest.raises(CheckpointError, match="model type 'bert' cannot be streamed; streaming supports llama, "
-                                              "mistral, qwen2, opt, gpt2"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
+    _assert_refused(source, tmp_path, CheckpointError,
+                    "model type 'bert' cannot be streamed; streaming supports llama, mistral, qwen2, opt, gpt2")
 
 
 def test_existing_output_is_never_overwritten(tmp_path):
@@ -201,9 +200,7 @@ def test_existing_output_is_never_overwritten(tmp_path):
 ])
 def test_configs_that_cannot_stream(tmp_path, config, message):
     source = _save(tiny_llama_lm(), tmp_path / "source")
-    with pytest.raises(PruningConfigError, match=message):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", config, dataloader=_batches())
-    _no_leftovers(tmp_path)
+    _assert_refused(source, tmp_path, PruningConfigError, message, config)
 
 
 def test_non_finite_weights_name_the_tensor_and_leave_nothing(tmp_path):
@@ -211,9 +208,8 @@ def test_non_finite_weights_name_the_tensor_and_leave_nothing(tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     source = _save(model, tmp_path / "source")
-    with pytest.raises(NonFiniteError, match=r"layer 'model.layers.1.mlp.down_proj' holds 1 NaN .*streaming block 1"):
-        inc_plugins.prune_checkpoint(source, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
-    _no_leftovers(tmp_path)
+    _assert_refused(source, tmp_path, NonFiniteError,
+                    r"layer 'model.layers.1.mlp.down_proj' holds 1 NaN .*streaming block 1")
 
 
 # --- memory ---------------------------------------------------------------------------------------------------

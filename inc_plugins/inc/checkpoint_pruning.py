@@ -24,6 +24,7 @@ from neural_compressor import WeightPruningConfig
 
 from inc_plugins.execution.distributed import GatherLog, gathered_in_rank_order, is_writer, world_size
 from inc_plugins.execution.streamed_model import block_stream, open_streamed_causal_lm
+from inc_plugins.models.batch_inputs import named_batch_tensors
 from inc_plugins.models.safetensors_checkpoint import CheckpointReader
 from inc_plugins.perf.memory import peak_rss_bytes
 
@@ -31,7 +32,7 @@ from .config_checks import PruningConfigError
 from .entry import prepare_pruning
 from .one_shot_base import PruningResult
 
-__all__ = ["CheckpointPruning", "prune_checkpoint"]
+__all__ = ["CheckpointPruning", "partial_output", "prune_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +59,31 @@ class CheckpointPruning:
 
 def _samples(batch) -> int:
     """Sequences in a calibration batch: the first dimension of its first tensor."""
-    return _batch_tensors(batch)[0].shape[0]
+    return next(named_batch_tensors(batch))[1].shape[0]
 
 
-def _batch_tensors(batch) -> list[torch.Tensor]:
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
-    return [value for value in values if isinstance(value, torch.Tensor)]
-
-
-def _run_identity(source: Path, config: WeightPruningConfig, batches: list | None) -> dict:
+def _run_identity(reader: CheckpointReader, config: WeightPruningConfig, batches: list | None) -> dict:
     """What a resumed run must share with the run it continues: the source checkpoint (its tensors' names, dtypes
     and shapes, and its shards' sizes), the config, and a hash of the calibration batches this rank holds."""
-    reader = CheckpointReader(source)
+    source = reader.directory
     shards = sorted({reader.shard_of(name) for name in reader.names})
     checkpoint = hashlib.sha256(json.dumps(
         [[name, str(reader.dtype(name)), reader.shape(name)] for name in reader.names]
         + [[shard, (source / shard).stat().st_size] for shard in shards]).encode()).hexdigest()
     calibration = hashlib.sha256()
     for batch in batches or []:
-        for tensor in _batch_tensors(batch):
+        for _, tensor in named_batch_tensors(batch):
             calibration.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
             calibration.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     settings = {"global": dict(config.weight_compression), "entries": config.pruning_configs}
     return {"source": str(source.resolve()), "checkpoint_sha256": checkpoint,
             "config": json.loads(json.dumps(settings, sort_keys=True, default=str)),
             "calibration_sha256": calibration.hexdigest(), "world_size": world_size()}
+
+
+def partial_output(output: Path) -> Path:
+    """Where ``prune_checkpoint`` writes ``output`` until it is complete, and a killed run leaves it to resume."""
+    return output.parent / f".{output.name}.partial"
 
 
 def _prepare_staging(staging: Path, identity: dict, resume: bool) -> None:
@@ -125,9 +126,9 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike, confi
     model = open_streamed_causal_lm(source)
     stream = block_stream(model)
     batches = list(dataloader) if dataloader is not None else None  # counted, and read by every pass
-    staging = output.parent / f".{output.name}.partial"
+    staging = partial_output(output)
     if is_writer():
-        _prepare_staging(staging, _run_identity(Path(source), config, batches), resume)
+        _prepare_staging(staging, _run_identity(stream.reader, config, batches), resume)
     try:
         stream.start_output(staging, resume=resume)
         pruning = prepare_pruning(model, config, dataloader=batches)

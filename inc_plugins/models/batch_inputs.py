@@ -7,7 +7,7 @@ go in positionally), or a bare tensor.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -43,3 +43,18 @@ def model_call(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str,
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     return args, kwargs
+
+
+def named_batch_tensors(batch: Any) -> Iterator[tuple[str, Tensor]]:
+    """(where, tensor) for each tensor of a batch (a tensor, a dict or a tuple/list of tensors), in order; ``where`` is
+    "input", "key 'input_ids'" or "element 0", for messages."""
+    if isinstance(batch, Tensor):
+        yield "input", batch
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            if isinstance(value, Tensor):
+                yield f"key {key!r}", value
+    elif isinstance(batch, (tuple, list)):
+        for position, value in enumerate(batch):
+            if isinstance(value, Tensor):
+                yield f"element {position}", value

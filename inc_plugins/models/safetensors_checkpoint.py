@@ -59,7 +59,7 @@ def _shard_files(directory: Path) -> list[str]:
 class CheckpointReader:
     """The tensors of a local checkpoint directory, read on demand.
 
-    ``names``: every tensor name, in the order of the shards. ``dtype(name)``, ``shape(name)``: from the headers.
+    ``names``: every tensor name, in the index's order (without an index, the shards' order). ``dtype(name)``, ``shape(name)``: from the headers.
     ``read(names)``: {name: tensor} in the stored dtype, each an owned copy (nothing stays mapped).
     Raises CheckpointError for a directory without safetensors files, a missing or unreadable shard, or an index
     that names a tensor its shard lacks.
@@ -67,40 +67,39 @@ class CheckpointReader:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        self._offsets: dict[tuple[str, str], tuple[int, int]] = {}  # (shard, name): byte range in the file
         if not self.directory.is_dir():
             raise CheckpointError(f"model directory {str(self.directory)!r} does not exist or is not a directory")
+        headers: dict[str, dict] = {}  # shard: its header, each read once
+
+        def header(shard: str) -> dict:
+            if shard not in headers:
+                headers[shard] = _read_header(self.directory / shard)
+            return headers[shard]
+
         if (self.directory / INDEX_FILE).is_file():
             weight_map = _read_index(self.directory)
         else:
             weight_map = {}
             for shard in _shard_files(self.directory):
-                for name in self._header(shard):
+                for name in header(shard):
                     weight_map.setdefault(name, shard)
         self._shard_of = weight_map
-        self._headers: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for shard in sorted(set(weight_map.values())):
-            header = self._header(shard)
-            for name in (n for n, s in weight_map.items() if s == shard):
-                if name not in header:
-                    raise CheckpointError(f"shard {str(self.directory / shard)!r} lacks tensor {name!r}, which "
-                                          f"{INDEX_FILE} places there")
-                self._headers[name] = header[name]
-        self.names = list(self._headers)
-
-    def _header(self, shard: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        header = _read_header(self.directory / shard)
-        self._offsets.update({(shard, name): entry[2] for name, entry in header.items()})
-        return {name: entry[:2] for name, entry in header.items()}
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]] = {}  # dtype, shape, bytes
+        for name, shard in weight_map.items():
+            if name not in header(shard):
+                raise CheckpointError(f"shard {str(self.directory / shard)!r} lacks tensor {name!r}, which "
+                                      f"{INDEX_FILE} places there")
+            self._entries[name] = header(shard)[name]
+        self.names = list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._headers
+        return name in self._entries
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._headers[name][0]
+        return self._entries[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._headers[name][1]
+        return self._entries[name][1]
 
     def shard_of(self, name: str) -> str:
         return self._shard_of[name]
@@ -117,8 +116,7 @@ class CheckpointReader:
             try:
                 with open(path, "rb") as handle:
                     for name in shard_names:
-                        dtype, shape = self._headers[name]
-                        start, stop = self._offsets[(shard, name)]
+                        dtype, shape, (start, stop) = self._entries[name]
                         tensor = torch.empty(shape, dtype=dtype)
                         handle.seek(start)
                         if handle.readinto(memoryview(tensor.view(torch.uint8).reshape(-1).numpy())) != stop - start:
