@@ -87,13 +87,13 @@ def _dense_weights_bytes(task, dense) -> int:
 
 def check_distributed(recipe: Recipe) -> None:
     """Under torchrun, refuse what the ranks cannot share: only a causal-LM recipe's one-shot stages of the types that
-    combine their statistics across ranks (`streaming_types`) run on several processes."""
+    combine their statistics across ranks (`distributed_types`) run on several processes."""
     if world_size() == 1:
         return
     if recipe.task != "causal_lm":
         raise RecipeError(f"torchrun runs causal_lm recipes (their calibration is shared across ranks); this recipe's "
                           f"task is {recipe.task!r}: run it as one process")
-    allowed = one_shot.streaming_types()
+    allowed = one_shot.distributed_types()
     refused = [f"{index} ({stage.pruning_type})" for index, stage in enumerate(recipe.pruning)
                if stage.pruning_type not in allowed or stage.retrain_steps]
     if refused:
@@ -109,11 +109,14 @@ def run_other_rank(recipe: Recipe) -> None:
     calibration batches; rank 0 evaluates, saves and reports (a rank that fails makes torchrun stop them all)."""
     check_distributed(recipe)
     task = task_for(recipe)
+    slim_after = _last_mask_search(recipe) if getattr(recipe, "slim", False) else None
     with tempfile.TemporaryDirectory(prefix=f"inc-plugins-rank{rank()}-") as work_dir:
         task.work_dir = Path(work_dir)  # (nothing is written there: only rank 0 writes)
         model = task.load(StageTimer())
-        for stage in recipe.pruning:
-            model, _ = task.prune(model, stage)
+        for index, stage in enumerate(recipe.pruning):
+            model, outcome = task.prune(model, stage)
+            if index == slim_after:  # as rank 0 does: the stages after it prune the slimmed model
+                model, _ = slim_pruned_model(model, task.probe_batch(), outcome.result)
 
 
 def default_run_dir(recipe: Recipe, started: datetime) -> Path:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from inc_plugins.assets import ASSETS, AssetError, asset_path, cache_root
+from inc_plugins.models.safetensors_checkpoint import CheckpointError, CheckpointReader
 
 from .input_checks import check_model_dir, check_tokenizer, check_weights
 from .schema import ModelSource, RecipeError
@@ -85,12 +86,23 @@ def load_classifier(source: ModelSource, head_seed: int = 0):
     return _from_pretrained(source, load)
 
 
-def load_local_causal_lm(source: ModelSource):
-    """(model, tokenizer) of a causal LM from model.path (or hub_id), in fp32 and eval mode."""
+def stored_dtype(where: Path | str) -> torch.dtype | str:
+    """The dtype a checkpoint directory's safetensors weights are stored in; "auto" (transformers reads the config)
+    for other checkpoints and hub ids."""
+    try:
+        return CheckpointReader(where).stored_dtype()
+    except CheckpointError:
+        return "auto"
+
+
+def load_local_causal_lm(source: ModelSource, float32: bool):
+    """(model, tokenizer) of a causal LM from model.path (or hub_id) in eval mode: its weights in the dtype they are
+    stored in, or with `float32` in float32."""
     def load(where, kwargs):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         check_tokenizer(tokenizer, where)
-        return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs), tokenizer
+        dtype = torch.float32 if float32 else stored_dtype(where)
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs), tokenizer
 
     return _from_pretrained(source, load)
 

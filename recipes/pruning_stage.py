@@ -93,20 +93,23 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
 
 
 def prune_checkpoint_stage(source: Path, output: Path, stage: PruningStage, calibration: list,
-                           n_calibration: int, resume: bool = False) -> StageOutcome:
+                           n_calibration: int, memory_budget: int, resume: bool = False) -> StageOutcome:
     """One one-shot stage of a streamed run (`inc_plugins.prune_checkpoint`): checkpoint `source` pruned block by block
-    into the new checkpoint `output` (`resume`: continuing an interrupted run's partial output). The report adds the
-    seconds each block was held, the process's peak RSS and the blocks taken from the interrupted run."""
+    into the new checkpoint `output` within `memory_budget` bytes (`resume`: continuing an interrupted run's partial
+    output). The report adds the seconds each block was held, the process's peak RSS, the calibration activations
+    kept on disk and the blocks taken from the interrupted run."""
     config = inc_plugins.pruning_config(pruning_configs=[stage.inc_settings()])
     start = time.perf_counter()
     try:
-        run = inc_plugins.prune_checkpoint(source, output, config, dataloader=calibration, resume=resume)
+        run = inc_plugins.prune_checkpoint(source, output, config, dataloader=calibration, resume=resume,
+                                           memory_budget=memory_budget)
     except (inc_plugins.CheckpointError, inc_plugins.PruningConfigError) as err:
         raise RecipeError(str(err)) from None
     return StageOutcome({"mode": "one-shot", "streamed": True, "calibration_samples": n_calibration,
                          "prune_seconds": round(time.perf_counter() - start, 3),
                          "seconds_per_block": [round(seconds, 3) for seconds in run.seconds_per_block],
-                         "peak_rss_bytes": run.peak_rss_bytes, "world_size": run.world_size,
+                         "peak_rss_bytes": run.peak_rss_bytes, "activations_spilled_bytes": run.activations_spilled_bytes,
+                         "world_size": run.world_size,
                          "samples_per_rank": run.samples_per_rank, "resumed_blocks": run.resumed_blocks}, run.result)
 
 

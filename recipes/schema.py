@@ -310,10 +310,12 @@ class TextClassificationRecipe(_TransformersRecipe):
 
 
 class Execution(Strict):
-    """How a causal LM is held while it is pruned and evaluated: whole in memory (loaded in float32), or streamed
-    block by block from its safetensors shards in the dtype they hold (`inc_plugins.prune_checkpoint`; never the whole
-    model in memory; the pruned checkpoint is written shard by shard). `auto` streams when the float32 model would
-    not fit `memory_budget` (default: the memory available when the run starts)."""
+    """How a causal LM is held while it is pruned and evaluated: whole in memory, or streamed block by block from its
+    safetensors shards (`inc_plugins.prune_checkpoint`; never the whole model in memory; the pruned checkpoint is
+    written shard by shard; calibration activations past the budget kept on disk). Either way the weights keep the
+    dtype they are stored in, except in memory when a stage takes gradients (mask_search, training, retraining):
+    then float32. `auto` streams when the model in memory would not fit `memory_budget` (default: the memory
+    available when the run starts)."""
 
     mode: Literal["auto", "in_memory", "streaming"] = "auto"
     memory_budget: ByteSize | None = Field(None, description="e.g. '4GiB', '6GB'; streaming refuses a budget smaller "
@@ -334,6 +336,12 @@ class CausalLMRecipe(_TransformersRecipe):
             raise ValueError(f"execution.mode 'streaming' never holds the whole model, so it cannot run: "
                              f"{'; '.join(refused)}")
         return self
+
+    def takes_gradients(self) -> bool:
+        """Whether a stage differentiates the model (mask_search's Fisher and tuning, training-aware types,
+        retrain_steps): the model in memory is then float32, whatever dtype its weights are stored in."""
+        return any(stage.pruning_type == "mask_search" or stage.training_steps or stage.retrain_steps
+                   for stage in self.pruning)
 
     def streaming_refusals(self) -> list[str]:
         """What in this recipe a streamed model cannot run (empty: it can stream)."""

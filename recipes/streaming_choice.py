@@ -10,14 +10,11 @@ from pathlib import Path
 
 import torch
 
-from inc_plugins.execution.streamed_model import block_stream, open_streamed_causal_lm
+from inc_plugins.execution.streamed_model import MemoryBudgetError, block_stream, open_streamed_causal_lm
 from inc_plugins.models.safetensors_checkpoint import CheckpointError, CheckpointReader
 from inc_plugins.perf.memory import available_bytes
 
 from .schema import CausalLMRecipe, Execution, RecipeError
-
-FLOAT32_BYTES = 4  # the in-memory path loads every weight in float32
-
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
@@ -27,9 +24,16 @@ def _budget(execution: Execution) -> int:
     return int(execution.memory_budget) if execution.memory_budget is not None else available_bytes()
 
 
+def _in_memory_bytes(reader: CheckpointReader, float32: bool) -> tuple[int, str]:
+    """(bytes, dtype name) of the model in memory: its weights in the dtype they are stored in, or in float32."""
+    dtype = torch.float32 if float32 else reader.stored_dtype()
+    elements = sum(torch.Size(reader.shape(name)).numel() for name in reader.names)
+    return elements * dtype.itemsize, str(dtype).removeprefix("torch.")
+
+
 def streams(recipe: CausalLMRecipe) -> bool:
-    """Whether the recipe's model streams: `execution.mode` says so, or `auto` and the float32 model of `model.path`
-    would not fit the memory budget (assets are small and load in memory). RecipeError when `auto` would stream a
+    """Whether the recipe's model streams: `execution.mode` says so, or `auto` and the model of `model.path` would not
+    fit the memory budget in memory (assets are small and load in memory). RecipeError when `auto` would stream a
     recipe with a step that needs the whole model."""
     mode = recipe.execution.mode
     if mode != "auto" or recipe.model.path is None:
@@ -38,15 +42,16 @@ def streams(recipe: CausalLMRecipe) -> bool:
         reader = CheckpointReader(recipe.model.path)
     except CheckpointError:
         return False  # not a safetensors checkpoint: the in-memory loader reports what is wrong with it
-    float32 = sum(torch.Size(reader.shape(name)).numel() for name in reader.names) * FLOAT32_BYTES
+    size, dtype = _in_memory_bytes(reader, recipe.takes_gradients())
     budget = _budget(recipe.execution)
-    if float32 <= budget:
+    if size <= budget:
         return False
     refused = recipe.streaming_refusals()
     if refused:
-        raise RecipeError(f"the model needs {_gib(float32)} in float32, more than the memory budget {_gib(budget)}, "
-                          f"so execution 'auto' would stream it, but streaming cannot run: {'; '.join(refused)}")
-    print(f"  streaming the model: {_gib(float32)} in float32 exceeds the memory budget {_gib(budget)}")
+        raise RecipeError(f"the model needs {_gib(size)} in memory ({dtype}), more than the memory budget "
+                          f"{_gib(budget)}, so execution 'auto' would stream it, but streaming cannot run: "
+                          f"{'; '.join(refused)}")
+    print(f"  streaming the model: {_gib(size)} in memory ({dtype}) exceeds the memory budget {_gib(budget)}")
     return True
 
 
@@ -73,13 +78,10 @@ def open_streamed(directory: Path, execution: Execution, stages: int = 0) -> tup
         model = open_streamed_causal_lm(directory)
     except CheckpointError as err:
         raise RecipeError(str(err)) from None
-    stream = block_stream(model)
-    largest = max(stream.block_bytes(i) for i in range(len(stream.blocks)))
-    held, budget = stream.outside_bytes + largest, _budget(execution)
-    if held > budget:
-        raise RecipeError(
-            f"execution.memory_budget {_gib(budget)} is smaller than what streaming holds at once: {_gib(held)} "
-            f"(weights outside the blocks {_gib(stream.outside_bytes)} + the largest block {_gib(largest)}); "
-            f"raise it to at least {_gib(held)}")
+    stream, budget = block_stream(model), _budget(execution)
+    try:
+        stream.check_budget(budget)
+    except MemoryBudgetError as err:
+        raise RecipeError(f"execution.memory_budget: {err}") from None
     dtype = str(model.config.dtype).removeprefix("torch.")
-    return model, StreamedCheckpoint(Path(directory), stages, budget, dtype, len(stream.blocks), held)
+    return model, StreamedCheckpoint(Path(directory), stages, budget, dtype, len(stream.blocks), stream.held_bytes)

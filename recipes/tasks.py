@@ -14,6 +14,7 @@ import torch
 import inc_plugins
 from inc_plugins.execution.distributed import gathered_in_rank_order, is_writer, rank_shard, world_size
 from inc_plugins.execution.streamed_model import loading_each_block
+from inc_plugins.models.batch_inputs import named_batch_tensors
 from inc_plugins.inc.checkpoint_pruning import partial_output
 from inc_plugins.finite_checks import check_metric
 from inc_plugins.models.saving import save_slimmed
@@ -176,7 +177,7 @@ class CausalLMTask(_TransformersTask):
             elif source.asset is not None:
                 self.model, self.tokenizer = load_causal_lm(source.asset)
             else:
-                self.model, self.tokenizer = load_local_causal_lm(source)
+                self.model, self.tokenizer = load_local_causal_lm(source, float32=self.recipe.takes_gradients())
             try:
                 self.calibration_text = corpus_text(corpus.calibration)
                 self.evaluation_windows = token_windows(self.tokenizer, corpus_text(corpus.evaluation),
@@ -202,9 +203,11 @@ class CausalLMTask(_TransformersTask):
         training = [{"input_ids": windows[order[i : i + stage.batch_size]], "labels": windows[order[i : i + stage.batch_size]]}
                     for i in range(0, len(order), stage.batch_size)]
         if inc_plugins.is_one_shot(stage.pruning_type):
-            # under torchrun each rank calibrates on its share of the batches (statistics combined across ranks)
-            calibration = rank_shard([(windows[i : i + stage.batch_size],)
-                                      for i in range(0, len(windows), stage.batch_size)])
+            # under torchrun each rank calibrates on its share of the batches (statistics combined across ranks);
+            # mask_search's Fisher pass differentiates the next-token loss, so its batches carry labels
+            batches = [windows[i : i + stage.batch_size] for i in range(0, len(windows), stage.batch_size)]
+            calibration = rank_shard([{"input_ids": batch, "labels": batch} if stage.pruning_type == "mask_search"
+                                      else (batch,) for batch in batches])
             if self.streamed is not None:  # from the current checkpoint into the next, one block at a time
                 previous = self.streamed
                 if previous.stages and world_size() > 1:
@@ -213,7 +216,8 @@ class CausalLMTask(_TransformersTask):
                 output = self.work_dir / f"streamed_stage_{previous.stages}"
                 # a partial checkpoint here was carried over from an interrupted run by `apply --resume`
                 resume = partial_output(output).is_dir()
-                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows), resume)
+                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows),
+                                                 previous.budget, resume)
                 if not is_writer():  # rank 0 wrote the checkpoint, and evaluates it
                     return model, outcome
                 model, self.streamed = open_streamed(output, self.recipe.execution, previous.stages + 1)
@@ -224,7 +228,7 @@ class CausalLMTask(_TransformersTask):
                                          training=training)
             if world_size() > 1:
                 outcome.report.update(world_size=world_size(), samples_per_rank=gathered_in_rank_order(
-                    sum(batch[0].shape[0] for batch in calibration)))
+                    sum(next(named_batch_tensors(batch))[1].shape[0] for batch in calibration)))
             return model, outcome
         return model, prune_with_batches(model, stage, training=training)
 
@@ -247,7 +251,8 @@ class CausalLMTask(_TransformersTask):
         return {"calibration_text": name(corpus.calibration), "evaluation_text": name(corpus.evaluation),
                 "evaluation_windows": corpus.evaluation_windows, "evaluation_seq_len": corpus.evaluation_seq_len,
                 "calibration_seq_len": corpus.calibration_seq_len,
-                "execution": self.streamed.describe() if self.streamed is not None else {"mode": "in_memory"}}
+                "execution": self.streamed.describe() if self.streamed is not None else {
+                    "mode": "in_memory", "dtype": str(self.model.dtype).removeprefix("torch.")}}
 
     def save(self, model: torch.nn.Module, directory: Path, slimmed: bool, final: Path) -> str:
         if self.streamed is not None:  # the last stage wrote the pruned checkpoint already: it becomes the model

@@ -8,6 +8,7 @@ import torch
 import transformers
 from torch import nn
 
+from inc_plugins.execution.activation_spill import ActivationSpill
 from inc_plugins.execution.calibration import (
     BlockInput,
     capture_block_inputs,
@@ -304,3 +305,25 @@ def test_image_batches_have_digit_shapes_and_are_seeded():
         assert labels.shape == (6,) and labels.dtype == torch.int64
         assert ((labels >= 0) & (labels < 4)).all()
         assert torch.equal(images, images_again) and torch.equal(labels, labels_again)
+
+
+def test_activation_spill_keeps_inputs_in_memory_up_to_the_allowance_then_moves_them_all(tmp_path):
+    """Three 2 KB inputs and an allowance of 5 KB: two stay in memory, the third moves all three to the file;
+    reads give the tensors back, writes replace them in place, close removes the file."""
+    tensors = [torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    inputs = [BlockInput(tensor.clone(), (), {}) for tensor in tensors]
+    spill = ActivationSpill(tmp_path / "activations.spill", allowance=5 * 1024)
+    spill.hold(inputs[0])
+    spill.hold(inputs[1])
+    assert spill.spilled_bytes == 0 and inputs[0].hidden_states is inputs[0].hidden_states  # the same tensor object
+    spill.hold(inputs[2])
+    assert spill.spilled_bytes == 3 * tensors[0].numel() * 4
+    assert (tmp_path / "activations.spill").stat().st_size == spill.spilled_bytes
+    for block_input, tensor in zip(inputs, tensors):
+        assert torch.equal(block_input.hidden_states, tensor)
+    inputs[1].hidden_states = tensors[1] * 2
+    assert torch.equal(inputs[1].hidden_states, tensors[1] * 2) and torch.equal(inputs[2].hidden_states, tensors[2])
+    with pytest.raises(ValueError, match=r"cannot be replaced by one of shape \[4, 8\]"):
+        inputs[0].hidden_states = tensors[0][:, :, 0]
+    spill.close()
+    assert not (tmp_path / "activations.spill").exists()

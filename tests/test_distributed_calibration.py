@@ -26,7 +26,8 @@ from tests.fixtures.tiny_models import tiny_llama_lm
 from tests.test_recipe_tasks import llm_recipe, tiny_lm  # noqa: F401  (tiny_lm: the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-MASTER_PORT = {"in_memory": 29531, "streaming": 29532}  # fixed, one per test, so parallel runs do not collide
+MASTER_PORT = {"in_memory": 29531, "streaming": 29532, "mask_search": 29533}  # fixed, one per test, so parallel
+# runs do not collide
 
 WORLD = 2
 CONFIGS = {
@@ -100,18 +101,76 @@ def test_two_ranks_prune_like_one_process(tmp_path, name):
     assert len(reports[0]["bytes"]) == 2 and all(size > 0 for size in reports[0]["bytes"].values())
 
 
-def _recipe_file(tmp_path, tiny_lm, **execution) -> Path:  # noqa: F811
+def _lm_batches():
+    return token_batches(n_batches=5, batch_size=2, seq_len=16, seed=7, labels="lm")
+
+
+def _mask_search_rank_main(rank: int, directory: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(f"{directory}/source")
+        pruning = inc_plugins.prepare_pruning(model, WeightPruningConfig(pruning_type="mask_search",
+                                                                         target_sparsity=0.3),
+                                              dataloader=_lm_batches()[rank::WORLD])
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                  f"{directory}/mask_search_rank{rank}.safetensors")
+        save_file({"head": pruning.result.unit_head_mask, "neuron": pruning.result.neuron_mask,
+                   "gradients": pruning.result.gradients.neuron}, f"{directory}/masks_rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mask_search_on_two_ranks_is_one_process_bit_for_bit(tmp_path):
+    """Each rank runs the Fisher pass on its share of 5 batches (3 and 2); the gradients gathered back in one
+    process's order make every later step (search, rearrangement, tuning, the step checks) one process's."""
+    tiny_llama_lm(seed=9).save_pretrained(tmp_path / "source")
+    mp.spawn(_mask_search_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
+
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "source")
+    pruning = inc_plugins.prepare_pruning(single, WeightPruningConfig(pruning_type="mask_search", target_sparsity=0.3),
+                                          dataloader=_lm_batches())
+    expected = {"head": pruning.result.unit_head_mask, "neuron": pruning.result.neuron_mask,
+                "gradients": pruning.result.gradients.neuron}
+    assert expected["gradients"].shape[0] == 5 and 0 < int((expected["neuron"] == 0).sum()) < expected["neuron"].numel()
+    weights = {k: v for k, v in single.state_dict().items() if k != "lm_head.weight"}
+    for rank in range(WORLD):
+        masks = load_file(tmp_path / f"masks_rank{rank}.safetensors")
+        assert all(torch.equal(masks[k], expected[k]) for k in expected), rank
+        state = load_file(tmp_path / f"mask_search_rank{rank}.safetensors")
+        assert all(torch.equal(state[k], weights[k]) for k in weights), rank
+
+
+def test_a_type_that_does_not_combine_across_ranks_is_refused(monkeypatch):
+    monkeypatch.setattr("inc_plugins.inc.entry.world_size", lambda: WORLD)  # as under a 2-rank process group
+    with pytest.raises(inc_plugins.PruningConfigError, match=r"\['network_trimming'\] calibrate on one process's data; "
+                                                              r"under torch.distributed \(world size 2\) .* are mask_search"):
+        inc_plugins.prepare_pruning(tiny_llama_lm(), WeightPruningConfig(
+            pruning_type="network_trimming", target_sparsity=0.5, pattern="1xchannel", apoz_threshold=0.05),
+            dataloader=_batches())
+
+
+def _recipe_file(tmp_path, tiny_lm, pruning=None, slim=False, **execution) -> Path:  # noqa: F811
     recipe = llm_recipe(*tiny_lm)
     if execution:
         recipe["execution"] = execution
+    if pruning is not None:
+        recipe.update(pruning=pruning, slim=slim)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-@pytest.mark.parametrize("mode", ["in_memory", "streaming"])
+# mask_search, slimmed, then Wanda on the slimmed model (every rank slims as rank 0 does)
+SLIMMED_THEN_WANDA = [{"pruning_type": "mask_search", "target_sparsity": 0.3, "calibration_samples": 6, "batch_size": 2},
+                      {"pruning_type": "wanda", "pattern": "1x1", "target_sparsity": 0.5, "op_names": ["model.layers"],
+                       "calibration_samples": 6, "batch_size": 2}]
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "streaming", "mask_search"])
 def test_a_recipe_under_torchrun_gives_the_single_process_run(tmp_path, tiny_lm, mode):  # noqa: F811
-    recipe = _recipe_file(tmp_path, tiny_lm, mode=mode)
+    recipe = (_recipe_file(tmp_path, tiny_lm, pruning=SLIMMED_THEN_WANDA, slim=True) if mode == "mask_search"
+              else _recipe_file(tmp_path, tiny_lm, mode=mode))
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
          str(MASTER_PORT[mode]), "-m", "recipes.apply", str(recipe), "--run-dir", str(tmp_path / "two_ranks"),
@@ -121,7 +180,8 @@ def test_a_recipe_under_torchrun_gives_the_single_process_run(tmp_path, tiny_lm,
 
     two, one = (json.loads((path / "report.json").read_text()) for path in (tmp_path / "two_ranks", single))
     assert two["world_size"] == WORLD and one["world_size"] == 1
-    stage = two["pruning_stages"][0]
+    stage = two["pruning_stages"][-1]
     assert stage["world_size"] == WORLD and stage["samples_per_rank"] == [4, 2]  # batches of 2: ranks take 2 and 1
     assert two["metrics"] == one["metrics"] and two["layer_sparsity"] == one["layer_sparsity"]
+    assert two["parameters"] == one["parameters"] and (mode != "mask_search" or two["model"]["slimmed"])
     assert not list(tmp_path.glob("two_ranks*.failed"))

@@ -43,7 +43,7 @@ def test_a_streamed_run_equals_the_in_memory_run(tiny_lm, tmp_path, stages):  # 
     in_memory, memory_dir = _run({**recipe, "execution": {"mode": "in_memory"}}, tmp_path / "in_memory")
     streamed, streamed_dir = _run({**recipe, "execution": {"mode": "streaming"}}, tmp_path / "streamed")
 
-    assert in_memory["data"]["execution"] == {"mode": "in_memory"}
+    assert in_memory["data"]["execution"] == {"mode": "in_memory", "dtype": "float32"}
     assert streamed["data"]["execution"]["mode"] == "streaming" and streamed["data"]["execution"]["blocks"] == 2
     assert streamed["metrics"] == in_memory["metrics"]
     assert streamed["layer_sparsity"] == in_memory["layer_sparsity"]
@@ -54,6 +54,28 @@ def test_a_streamed_run_equals_the_in_memory_run(tiny_lm, tmp_path, stages):  # 
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
     assert sorted(p.name for p in streamed_dir.iterdir()) == sorted(p.name for p in memory_dir.iterdir())
     assert (streamed_dir / "model" / "tokenizer.json").is_file()
+
+
+def test_a_bfloat16_checkpoint_is_held_in_bfloat16_unless_a_stage_takes_gradients(tiny_lm, tmp_path):  # noqa: F811
+    model_dir, calibration, evaluation = tiny_lm
+    bf16_dir = tmp_path / "tiny-llama-bf16"
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(bf16_dir)
+    for path in model_dir.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            (bf16_dir / path.name).write_bytes(path.read_bytes())
+    recipe = llm_recipe(bf16_dir, calibration, evaluation)
+    in_memory, memory_dir = _run({**recipe, "execution": {"mode": "in_memory"}}, tmp_path / "in_memory")
+    streamed, streamed_dir = _run({**recipe, "execution": {"mode": "streaming"}}, tmp_path / "streamed")
+    assert in_memory["data"]["execution"] == {"mode": "in_memory", "dtype": "bfloat16"}
+    assert streamed["data"]["execution"]["dtype"] == "bfloat16"
+    assert streamed["metrics"] == in_memory["metrics"] and streamed["layer_sparsity"] == in_memory["layer_sparsity"]
+    expected = AutoModelForCausalLM.from_pretrained(memory_dir / "model", dtype="auto").state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(streamed_dir / "model", dtype="auto").state_dict()
+    assert all(tensor.dtype == torch.bfloat16 and torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+    retrained = {**recipe, "pruning": [{**recipe["pruning"][0], "retrain_steps": 1}]}
+    report, _ = _run({**retrained, "execution": {"mode": "in_memory"}}, tmp_path / "retrained")
+    assert report["data"]["execution"] == {"mode": "in_memory", "dtype": "float32"}
 
 
 def _float32_and_held_bytes(model_dir):
@@ -68,14 +90,14 @@ def test_auto_streams_a_model_larger_than_the_budget(tiny_lm, tmp_path):  # noqa
     recipe = llm_recipe(*tiny_lm)
     small, _ = _run({**recipe, "execution": {"memory_budget": (float32 + held) // 2}}, tmp_path / "small")
     large, _ = _run({**recipe, "execution": {"memory_budget": 2 * float32}}, tmp_path / "large")
-    assert small["data"]["execution"]["mode"] == "streaming" and large["data"]["execution"] == {"mode": "in_memory"}
+    assert small["data"]["execution"]["mode"] == "streaming" and large["data"]["execution"]["mode"] == "in_memory"
     assert small["metrics"] == large["metrics"]
 
 
 def test_a_budget_smaller_than_one_block_is_refused(tiny_lm, tmp_path):  # noqa: F811
     _, held = _float32_and_held_bytes(tiny_lm[0])
     recipe = {**llm_recipe(*tiny_lm), "execution": {"mode": "streaming", "memory_budget": held - 1024}}
-    with pytest.raises(RecipeError, match=r"memory_budget .* is smaller than what streaming holds at once: .*weights "
+    with pytest.raises(RecipeError, match=r"memory_budget: the memory budget .* is smaller than what streaming holds at once: .*weights "
                                           r"outside the blocks .* \+ the largest block"):
         apply.run(parse_recipe(recipe), tmp_path / "run", allow_outside_cwd=True)
     assert not (tmp_path / "run").exists()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from inc_plugins.algorithms.dsnot import InputFeatureMoments
 from inc_plugins.algorithms.nm_mask import nm_mask
 from inc_plugins.algorithms import wanda as wanda_module
+from inc_plugins.algorithms.global_ranking import GlobalRanking
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
     global_masks,
@@ -421,3 +422,37 @@ def test_norms_kept_per_batch_combine_to_one_process_bits():
     for part in parts:
         part.batches = None  # without kept batches: the weighted mean, equal up to rounding
     assert torch.allclose(InputFeatureNorms.combined(parts).squared_norms, one.squared_norms, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.001, 0.3, 0.5, 0.999])
+@pytest.mark.parametrize("values", ["continuous", "ties"])
+def test_global_ranking_gives_global_masks_counts(sparsity, values):
+    """Two passes over the layers (in another order than the ranking's) give global_masks's per-layer counts; small
+    integers make many ties with the threshold, which go to the earlier layers first."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"a": (3, 40), "b": (17, 5), "c": (1, 1), "d": (8, 64)}
+    if values == "ties":
+        scores = {name: torch.randint(0, 4, shape, generator=generator).float() for name, shape in shapes.items()}
+    else:
+        scores = {name: torch.rand(shape, generator=generator) * 10 ** torch.randint(-8, 8, shape, generator=generator)
+                  for name, shape in shapes.items()}
+    ranking = GlobalRanking(sparsity)
+    for name in ["d", "b", "a", "c"]:
+        ranking.add_coarse(name, scores[name])
+    for name in ["c", "a", "d", "b"]:
+        ranking.add_fine(name, scores[name])
+    expected = {name: int((~mask).sum()) for name, mask in global_masks(scores, sparsity).items()}
+    assert ranking.pruned_counts(list(scores)) == expected
+
+
+def test_global_ranking_refuses_what_it_cannot_rank():
+    ranking = GlobalRanking(0.5)
+    with pytest.raises(ValueError, match="scores >= 0 without NaN"):
+        ranking.add_coarse("a", torch.tensor([[1.0, -2.0]]))
+    ranking.add_coarse("a", torch.ones(2, 2))
+    with pytest.raises(ValueError, match="layer 'a' was added twice"):
+        ranking.add_coarse("a", torch.ones(2, 2))
+    with pytest.raises(ValueError, match="layer 'b' is not the one the first pass saw"):
+        ranking.add_fine("b", torch.ones(2, 2))
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        GlobalRanking(1.0)

@@ -18,7 +18,6 @@ on how the data was batched read `BlockInput.batch_sizes` to split a merged call
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +27,8 @@ from inc_plugins.finite_checks import check_batch, check_parameters, check_tenso
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.batch_inputs import model_call
 
-from .streamed_model import resident_block
+from .activation_spill import ActivationSpill, SpilledTensor
+from .streamed_model import activation_spill, resident_block
 
 CALIBRATION = "block-by-block calibration"
 
@@ -37,7 +37,6 @@ CALIBRATION = "block-by-block calibration"
 MERGE_TOKENS = 1024
 
 
-@dataclass
 class BlockInput:
     """One batch's recorded call of a block.
 
@@ -47,12 +46,31 @@ class BlockInput:
     states go first, positionally, as every supported block's `forward` takes them.
     `batch_sizes`: the sizes of the calibration batches concatenated, in order, along dim 0 of `hidden_states`
     (`merged_inputs`); empty for one batch as it was captured.
+
+    After `spill_into(spill)` the hidden states live in the spill's file: reading `hidden_states` reads them into a
+    new tensor, assigning it writes them back (`activation_spill`).
     """
 
-    hidden_states: Tensor
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    batch_sizes: tuple[int, ...] = ()
+    def __init__(self, hidden_states: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 batch_sizes: tuple[int, ...] = ()):
+        self._hidden_states: Tensor | None = hidden_states
+        self._spilled: SpilledTensor | None = None
+        self.args, self.kwargs, self.batch_sizes = args, kwargs, batch_sizes
+
+    @property
+    def hidden_states(self) -> Tensor:
+        return self._hidden_states if self._spilled is None else self._spilled.read()
+
+    @hidden_states.setter
+    def hidden_states(self, value: Tensor) -> None:
+        if self._spilled is None:
+            self._hidden_states = value
+        else:
+            self._spilled.write(value)
+
+    def spill_into(self, spill: ActivationSpill) -> None:
+        if self._spilled is None:
+            self._spilled, self._hidden_states = spill.store(self._hidden_states), None
 
 
 class _StopForward(Exception):
@@ -75,15 +93,9 @@ def _module_name(model: nn.Module, module: nn.Module, fallback: str) -> str:
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any], during: str = CALIBRATION
-) -> list[BlockInput]:
-    """Record the inputs of `blocks[0]` for every batch, running the model only up to that block.
-
-    Returns one BlockInput per batch. Raises ValueError when `batches` is empty or when the model
-    finishes a forward pass without calling `blocks[0]`; NonFiniteError when a batch, or the hidden states
-    it gives `blocks[0]`, hold NaN or Inf (`during` says who calibrates, for the message).
-    """
+def _captured(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any], during: str
+              ) -> Iterator[BlockInput]:
+    """Each batch's recorded input of `blocks[0]`, as the batch is read (see `capture_block_inputs`)."""
     captured: list[BlockInput] = []
     first_block = _module_name(model, blocks[0], "blocks[0]")
 
@@ -107,6 +119,7 @@ def capture_block_inputs(
                 except _StopForward:
                     check_tensor(captured[-1].hidden_states, first_block, "input activation",
                                  f"{during}, block 0, batch {index}")
+                    yield captured.pop()
                     continue
                 raise ValueError(
                     f"{type(model).__name__} finished a forward pass without calling blocks[0] "
@@ -114,9 +127,24 @@ def capture_block_inputs(
                 )
     finally:
         handle.remove()
-    if not captured:
+
+
+def _nonempty(inputs: list[BlockInput]) -> list[BlockInput]:
+    if not inputs:
         raise ValueError("cannot calibrate: the calibration dataloader yielded no batches")
-    return captured
+    return inputs
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any], during: str = CALIBRATION
+) -> list[BlockInput]:
+    """Record the inputs of `blocks[0]` for every batch, running the model only up to that block.
+
+    Returns one BlockInput per batch. Raises ValueError when `batches` is empty or when the model
+    finishes a forward pass without calling `blocks[0]`; NonFiniteError when a batch, or the hidden states
+    it gives `blocks[0]`, hold NaN or Inf (`during` says who calibrates, for the message).
+    """
+    return _nonempty(list(_captured(model, blocks, batches, during)))
 
 
 def _same_broadcast_arguments(first: Any, other: Any) -> bool:
@@ -144,24 +172,36 @@ def _tokens(block_input: BlockInput) -> int:
     return block_input.hidden_states.shape[0] * block_input.hidden_states.shape[1]
 
 
-def merged_inputs(inputs: list[BlockInput], max_tokens: int) -> list[BlockInput]:
+def _merged(inputs: Iterable[BlockInput], max_tokens: int) -> Iterator[BlockInput]:
+    """`merged_inputs`, each merged input yielded as soon as its run of batches ends."""
+    group: list[BlockInput] = []
+    for block_input in inputs:
+        fits = group and sum(map(_tokens, group)) + _tokens(block_input) <= max_tokens
+        if fits and _mergeable(group[0], block_input):
+            group.append(block_input)
+            continue
+        if group:
+            yield _concatenated(group)
+        group = [block_input]
+    if group:
+        yield _concatenated(group)
+
+
+def _concatenated(group: list[BlockInput]) -> BlockInput:
+    if len(group) == 1:
+        return group[0]
+    return BlockInput(torch.cat([x.hidden_states for x in group]), group[0].args, group[0].kwargs,
+                      tuple(x.hidden_states.shape[0] for x in group))
+
+
+def merged_inputs(inputs: Iterable[BlockInput], max_tokens: int) -> list[BlockInput]:
     """`inputs` with runs of consecutive mergeable batches concatenated into calls of at most `max_tokens` tokens.
 
     Mergeable: hidden states `[batch, seq, hidden]` of one shape past the batch dimension, and every other argument
     equal, its tensors with batch dimension 1 (they broadcast over the merged batch). A batch of `max_tokens` or
     more stays alone. The merged input's `batch_sizes` lists the batches it holds.
     """
-    groups: list[list[BlockInput]] = []
-    for block_input in inputs:
-        group = groups[-1] if groups else None
-        if (group is not None and _mergeable(group[0], block_input)
-                and sum(map(_tokens, group)) + _tokens(block_input) <= max_tokens):
-            group.append(block_input)
-        else:
-            groups.append([block_input])
-    return [group[0] if len(group) == 1 else replace(
-        group[0], hidden_states=torch.cat([x.hidden_states for x in group]),
-        batch_sizes=tuple(x.hidden_states.shape[0] for x in group)) for group in groups]
+    return list(_merged(inputs, max_tokens))
 
 
 def split_batches(rows: Tensor, num_samples: int, batch_sizes: tuple[int, ...]) -> list[tuple[Tensor, int]]:
@@ -207,15 +247,6 @@ def run_block(block: nn.Module, block_input: BlockInput) -> Tensor:
     return first_output(block(block_input.hidden_states, *block_input.args, **block_input.kwargs))
 
 
-def advance_inputs(block: nn.Module, inputs: list[BlockInput]) -> None:
-    """Replace each input's hidden states, in place, by `block`'s output on it: the next block's inputs.
-
-    Each batch's old hidden states are released as soon as its replacement exists.
-    """
-    for block_input in inputs:
-        block_input.hidden_states = run_block(block, block_input)
-
-
 def sequential_blocks(
     model: nn.Module, batches: Iterable[Any], blocks: Sequence[nn.Module] | None = None, during: str = CALIBRATION,
     merge_tokens: int = 0,
@@ -234,22 +265,33 @@ def sequential_blocks(
     appear (a weight, the data, or the block whose computation overflowed).
 
     `merge_tokens` > 0: the inputs are `merged_inputs(captured, merge_tokens)` (see the module docstring).
+
+    A streamed model with a memory budget keeps the inputs past its activation allowance in a file
+    (`activation_spill`): each is read when a block runs on it, so memory holds one batch's hidden states at a time.
     """
     if blocks is None:
         _, blocks = adapter_for(model).blocks(model)
     check_parameters(model, during)
     names = {id(module): name for name, module in model.named_modules()}
-    with _eval_mode(model):
-        inputs = capture_block_inputs(model, blocks, batches, during)
-        if merge_tokens > 0:
-            inputs = merged_inputs(inputs, merge_tokens)
-        labels = _batch_labels(inputs)
-        for index, block in enumerate(blocks):
-            with resident_block(model, index):
-                yield index, block, inputs
-                if index < len(blocks) - 1:
-                    advance_inputs(block, inputs)
-                    name = names.get(id(block), f"block {index}")
-                    for block_input, label in zip(inputs, labels):
-                        check_tensor(block_input.hidden_states, name, "output activation",
-                                     f"{during}, block {index}, {label}")
+    spill = activation_spill(model)
+    try:
+        with _eval_mode(model):
+            captured = _captured(model, blocks, batches, during)
+            inputs = []
+            for block_input in _merged(captured, merge_tokens) if merge_tokens > 0 else captured:
+                if spill is not None:
+                    spill.hold(block_input)
+                inputs.append(block_input)
+            labels = _batch_labels(_nonempty(inputs))
+            for index, block in enumerate(blocks):
+                with resident_block(model, index):
+                    yield index, block, inputs
+                    if index < len(blocks) - 1:  # the next block's inputs, each batch's replacing its own
+                        name = names.get(id(block), f"block {index}")
+                        for block_input, label in zip(inputs, labels):
+                            output = run_block(block, block_input)
+                            check_tensor(output, name, "output activation", f"{during}, block {index}, {label}")
+                            block_input.hidden_states = output
+    finally:
+        if spill is not None:
+            spill.close()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["GatherLog", "combined_across_ranks", "gathered_in_rank_order", "is_writer", "rank", "rank_shard",
-           "torchrun_process_group", "world_size"]
+           "torchrun_process_group", "unsharded", "world_size"]
 
 # How long a rank waits in a collective for the others: rank 0 evaluates the dense model while the other ranks wait
 # at the first gather, which at 7B takes many minutes on a few cores.
@@ -99,6 +99,13 @@ def gathered_in_rank_order(value: Any) -> list[Any]:
 def rank_shard(items: Sequence[Any]) -> list[Any]:
     """This rank's share of ``items``: every world_size-th item from its rank on (all of them with one process)."""
     return list(items[rank()::world_size()])
+
+
+def unsharded(share: Sequence[Any]) -> list[Any]:
+    """The items every rank holds a ``rank_shard`` of, on every rank, in their order before the split (``share``
+    itself with one process): item i is item i // world_size of rank i % world_size's share."""
+    parts = gathered_in_rank_order(list(share))
+    return [parts[index % len(parts)][index // len(parts)] for index in range(sum(map(len, parts)))]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,15 +43,25 @@ from inc_plugins.models.safetensors_checkpoint import (
     ShardedCheckpointWriter,
 )
 
-from .distributed import gathered_in_rank_order, is_writer
+from .activation_spill import ActivationSpill
+from .distributed import gathered_in_rank_order, is_writer, rank
 
-__all__ = ["STREAMED_MODEL_TYPES", "BlockStream", "block_stream", "loading_each_block", "open_streamed_causal_lm",
-           "parameter_value", "resident_block", "write_block"]
+__all__ = ["STREAMED_MODEL_TYPES", "BlockStream", "MemoryBudgetError", "activation_spill", "block_stream",
+           "loading_each_block", "open_streamed_causal_lm", "parameter_value", "resident_block", "write_block"]
 
 logger = logging.getLogger(__name__)
 
 STREAMED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 _STREAM_ATTRIBUTE = "_inc_plugins_block_stream"
+SPILL_PREFIX = "activations-"  # calibration activations kept in the output's staging directory while a walk runs
+
+
+class MemoryBudgetError(ValueError):
+    """A memory budget smaller than the weights streaming must hold at once."""
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
 
 
 def _malloc_trim():
@@ -102,21 +113,13 @@ def _checkpoint_keys(model: nn.Module, reader: CheckpointReader, tied: set[str])
     return keys
 
 
-def _stored_dtype(reader: CheckpointReader, keys: dict[str, str]) -> torch.dtype:
-    """The floating dtype most of the weights are stored in (by element count)."""
-    counts: dict[torch.dtype, int] = {}
-    for key in keys.values():
-        dtype = reader.dtype(key)
-        if dtype is not None and dtype.is_floating_point:
-            counts[dtype] = counts.get(dtype, 0) + int(torch.Size(reader.shape(key)).numel())
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
 class BlockStream:
     """Loads, writes and releases the blocks of a model built by ``open_streamed_causal_lm``.
 
     ``output``: the writer of the pruned checkpoint (``start_output``), None until then. ``seconds_per_block``: wall
-    time each block was resident, summed over the passes that loaded it.
+    time each block was resident, summed over the passes that loaded it. ``activation_allowance``: bytes of
+    calibration activations a walk may hold in memory before the rest go to a file in the output's directory
+    (``activation_spill``); None keeps them all in memory.
 
     Each written block leaves its shard, then a record (``block-00003.json``: its layers' sparsity), so a run killed
     mid-way can resume (``start_output(..., resume=True)``): ``resumed`` maps the blocks recorded to their layers'
@@ -134,9 +137,11 @@ class BlockStream:
         self.final_pass = False
         self._output_reader: CheckpointReader | None = None
         self.seconds_per_block = [0.0] * len(blocks)
-        self._block_parameters = [
+        self.activation_allowance: int | None = None
+        self._spills: list[ActivationSpill] = []
+        self.block_parameters = [
             [name for name in keys if name.startswith(f"{blocks_name}.{index}.")] for index in range(len(blocks))]
-        in_blocks = {name for names in self._block_parameters for name in names}
+        in_blocks = {name for names in self.block_parameters for name in names}
         self.outside_parameters = [name for name in keys if name not in in_blocks]
 
     @property
@@ -153,10 +158,42 @@ class BlockStream:
         return self._bytes(self.outside_parameters)
 
     def block_bytes(self, index: int) -> int:
-        return self._bytes(self._block_parameters[index])
+        return self._bytes(self.block_parameters[index])
+
+    @property
+    def largest_block_bytes(self) -> int:
+        return max(map(self.block_bytes, range(len(self.blocks))))
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of weights streaming holds at once: those outside the blocks and the largest block."""
+        return self.outside_bytes + self.largest_block_bytes
+
+    def check_budget(self, budget: int) -> None:
+        """MemoryBudgetError when ``budget`` bytes cannot hold what streaming holds at once."""
+        if self.held_bytes > budget:
+            raise MemoryBudgetError(
+                f"the memory budget {_gib(budget)} is smaller than what streaming holds at once: "
+                f"{_gib(self.held_bytes)} (weights outside the blocks {_gib(self.outside_bytes)} + the largest block "
+                f"{_gib(self.largest_block_bytes)}); raise it to at least {_gib(self.held_bytes)}")
+
+    @property
+    def spilled_bytes(self) -> int:
+        """The most calibration activations one walk kept in a file (0: none did)."""
+        return max((spill.spilled_bytes for spill in self._spills), default=0)
+
+    def spill(self) -> ActivationSpill | None:
+        """A spill for one calibration walk, or None without an allowance or an output directory. Its file lies in
+        the output's staging directory (a rank on a machine that does not see it: the temporary directory)."""
+        if self.activation_allowance is None or self.output is None:
+            return None
+        folder = self.output.directory if self.output.directory.is_dir() else Path(tempfile.gettempdir())
+        name = f"{SPILL_PREFIX}rank{rank()}-{len(self._spills)}.spill"
+        self._spills.append(ActivationSpill(folder / name, self.activation_allowance))
+        return self._spills[-1]
 
     def load(self, index: int) -> None:
-        names = self._block_parameters[index]
+        names = self.block_parameters[index]
         reader = self._output_reader if self.final_pass and index in self.resumed else self.reader
         tensors = reader.read(self.keys[name] for name in names)
         for name in names:
@@ -165,7 +202,7 @@ class BlockStream:
                          prefix=f"{self.blocks_name}.{index}")
 
     def release(self, index: int) -> None:
-        for name in self._block_parameters[index]:
+        for name in self.block_parameters[index]:
             parameter = self.model.get_parameter(name)
             _set_parameter(self.model, name, torch.empty_like(parameter, device="meta"))
         _return_freed_memory()
@@ -178,6 +215,8 @@ class BlockStream:
         (written at once: it is in memory already). ``resume``: keep the blocks a killed run recorded there. Under
         torch.distributed only rank 0 writes, and tells the other ranks which blocks it resumes; every rank prunes."""
         self.output = ShardedCheckpointWriter(directory, len(self.blocks) + 1)
+        for leftover in self.output.directory.glob(f"{SPILL_PREFIX}*"):  # a killed run's activations
+            leftover.unlink(missing_ok=True)
         if resume and is_writer():
             for index in range(len(self.blocks)):
                 if self._record_path(index).is_file():  # (written after its shard: the shard is complete)
@@ -186,7 +225,7 @@ class BlockStream:
         if self.resumed:
             self._output_reader = CheckpointReader(directory)  # (no index yet: the headers of its shards)
             self.output.adopt({index + 1: {self.keys[name]: self._bytes([name])
-                                           for name in self._block_parameters[index]} for index in self.resumed})
+                                           for name in self.block_parameters[index]} for index in self.resumed})
         self.written |= set(self.resumed)
         if not is_writer():
             return
@@ -201,7 +240,7 @@ class BlockStream:
         if not is_writer():
             return
         self.output.write_shard(index + 1, {self.keys[name]: self.model.get_parameter(name)
-                                            for name in self._block_parameters[index]})
+                                            for name in self.block_parameters[index]})
         record = self._record_path(index)
         partial = record.with_name(f".{record.name}.partial")
         partial.write_text(json.dumps({"layer_sparsity": layer_sparsity}, sort_keys=True))
@@ -215,7 +254,7 @@ class BlockStream:
             return
         for index in range(len(self.blocks)):
             if index not in self.written:
-                keys = [self.keys[name] for name in self._block_parameters[index]]
+                keys = [self.keys[name] for name in self.block_parameters[index]]
                 self.output.write_shard(index + 1, self.reader.read(keys))
         self.output.write_index()
         for index in range(len(self.blocks)):
@@ -246,6 +285,13 @@ def resident_block(model: nn.Module, index: int) -> Iterator[None]:
     finally:
         stream.release(index)
         stream.seconds_per_block[index] += time.perf_counter() - start
+
+
+def activation_spill(model: nn.Module) -> ActivationSpill | None:
+    """Where a calibration walk over ``model`` keeps the activations past its allowance: a new ``ActivationSpill``
+    for a streamed model given an allowance (``prune_checkpoint``'s memory budget), else None."""
+    stream = block_stream(model)
+    return None if stream is None else stream.spill()
 
 
 @contextlib.contextmanager
@@ -313,7 +359,7 @@ def open_streamed_causal_lm(directory: str | os.PathLike) -> nn.Module:
         head = model.get_output_embeddings()
         tied.add(next(name for name, module in model.named_modules() if module is head) + ".weight")
     keys = _checkpoint_keys(model, reader, tied)
-    dtype = _stored_dtype(reader, keys)
+    dtype = reader.stored_dtype(keys.values())
     blocks_name, blocks = adapter_for(model).blocks(model)
     stream = BlockStream(model, reader, keys, blocks, blocks_name)
     outside = reader.read(keys[name] for name in stream.outside_parameters)

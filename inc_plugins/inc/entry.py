@@ -75,6 +75,19 @@ def _check_streamable(settings: list[dict], is_plugin: list[bool]) -> None:
                                  f"got {types}; prune with one, then stream its output through the next")
 
 
+def _check_distributable(settings: list[dict], is_plugin: list[bool]) -> None:
+    """Across processes each rank holds a share of the calibration data: a one-shot plugin type must combine its
+    statistics across ranks, or the ranks would derive different masks. (INC's training-aware types run on each
+    rank as in any data-parallel training loop.)"""
+    allowed = one_shot.distributed_types()
+    refused = sorted({entry["pruning_type"] for entry, plugin in zip(settings, is_plugin)
+                      if plugin and entry["pruning_type"] not in allowed})
+    if refused:
+        raise PruningConfigError(f"pruning type(s) {refused} calibrate on one process's data; under torch.distributed "
+                                 f"(world size {world_size()}) the one-shot types that combine their statistics "
+                                 f"across ranks are {', '.join(allowed)}")
+
+
 class _QuietAboutPluginKeys(logging.Filter):
     """INC warns '<key> is not supported for config' for every key it does not know, plugins' keys included."""
 
@@ -122,6 +135,8 @@ def prepare_pruning(
     is_plugin = [one_shot.runs_as_plugin(entry, streamed or world_size() > 1) for entry in settings]
     if streamed:
         _check_streamable(settings, is_plugin)
+    if world_size() > 1:
+        _check_distributable(settings, is_plugin)
     prunings = []
     if not all(is_plugin):
         # INC's own flows host plugin criteria too (wanda_score, apoz, ...), which read plugin keys

@@ -81,6 +81,7 @@ class MaskSearchPruning(OneShotPruning):
     """
 
     result_class = MaskSearchResult
+    combines_across_ranks = True  # the Fisher gradients (``post_training.pipeline``)
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
         if len(infos) != 1:

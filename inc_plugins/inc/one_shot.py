@@ -106,6 +106,12 @@ def streaming_types() -> list[str]:
     return sorted(name for name, registered in ONE_SHOT_TYPES.items() if registered.pruning_class.streams)
 
 
+def distributed_types() -> list[str]:
+    """The one-shot types whose statistics are combined across torch.distributed ranks."""
+    return sorted(name for name, registered in ONE_SHOT_TYPES.items()
+                  if registered.pruning_class.combines_across_ranks)
+
+
 def one_shot_pruning_class(pruning_type: str) -> type:
     return ONE_SHOT_TYPES[pruning_type].pruning_class
 

@@ -157,6 +157,9 @@ class OneShotPruning(BasePruning):
     inc_registry_name: ClassVar[str] = ""
     # whether ``prune`` holds one block at a time (``execution.streamed_model``), so a streamed model can be pruned
     streams: ClassVar[bool] = False
+    # whether ``prune`` combines its statistics across torch.distributed ranks (``execution.distributed``), so every
+    # rank derives the same masks from its own share of the calibration data
+    combines_across_ranks: ClassVar[bool] = False
 
     def __init__(self, config, model: nn.Module, dataloader=None, loss_func=None, device=None):
         if dataloader is None and self.needs_data:

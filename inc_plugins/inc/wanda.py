@@ -58,11 +58,11 @@ from transformers.pytorch_utils import Conv1D
 
 from inc_plugins.algorithms.dsnot import InputFeatureMoments, dsnot_keep_mask, dsnot_nm_keep_mask
 from inc_plugins.algorithms.exact_fraction import fraction_pruning_exactly
+from inc_plugins.algorithms.global_ranking import GlobalRanking
 from inc_plugins.algorithms.nm_mask import nm_mask
 from inc_plugins.algorithms.owl import block_sizes, outlier_ratio, owl_sparsities, pruned_counts, row_counts
 from inc_plugins.algorithms.wanda import (
     InputFeatureNorms,
-    global_masks,
     per_layer_mask,
     per_output_mask,
     rows_mask,
@@ -73,7 +73,7 @@ from inc_plugins.algorithms.input_gram import InputGram
 from inc_plugins.algorithms.weight_update import refit_kept_weights
 from inc_plugins.execution.calibration import MERGE_TOKENS, run_block, sequential_blocks, split_batches
 from inc_plugins.execution.distributed import GatherLog, combined_across_ranks, rank, world_size
-from inc_plugins.execution.streamed_model import block_stream, write_block
+from inc_plugins.execution.streamed_model import block_stream, resident_block, write_block
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
 from inc_plugins.models.architectures import adapter_for
@@ -238,6 +238,7 @@ class WandaPruner(OneShotPruner):
         self.feature_moments: dict[str, InputFeatureMoments] = {}  # for dsnot
         self.input_grams: dict[str, InputGram] = {}  # for update_weights
         self.pruned_counts: dict[str, int] | None = None  # per layer, for comparison_group "global" and OWL
+        self.global_ranking: GlobalRanking | None = None  # comparison_group "global": the dense scores' ranking
         self.block_sparsity: dict[int, float] = {}  # OWL: each block's sparsity, by block index
         self.outlier_ratios: dict[int, float] = {}  # OWL: each block's share of outlier scores in the dense model
         self.alphas: dict[str, float] = {}  # per layer, for use_variant
@@ -425,6 +426,7 @@ class WandaPruning(OneShotPruning):
 
     pruner_class = WandaPruner
     streams = True
+    combines_across_ranks = True
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
         _, self._blocks = adapter_for(model).blocks(model)  # UnsupportedModelError for families without blocks
@@ -542,19 +544,30 @@ class WandaPruning(OneShotPruning):
     @staticmethod
     def _block_measured(index: int, layers: Sequence[tuple[WandaPruner, list[str]]]) -> None:
         """Dense pass, while block ``index``'s weights are held (a streamed model releases them next): OWL's outlier
-        ratio of the block's scores."""
+        ratio of the block's scores, and the first pass of a global ranking."""
         for pruner, names in layers:
             if pruner.settings.layer_sparsity == "owl":
                 pruner.outlier_ratios[index] = outlier_ratio([pruner.scores(name) for name in names],
                                                              pruner.settings.owl_m)
+            if pruner.settings.ranks_globally:
+                if pruner.global_ranking is None:
+                    pruner.global_ranking = GlobalRanking(pruner.settings.target_sparsity)
+                for name in names:
+                    pruner.global_ranking.add_coarse(name, pruner.scores(name))
 
-    @staticmethod
-    def _allocate_global(pruners: Sequence[WandaPruner]) -> None:
-        """Per-layer pruned counts from one global ranking of the dense model's scores."""
+    def _allocate_global(self, pruners: Sequence[WandaPruner]) -> None:
+        """Per-layer pruned counts from one global ranking of the dense model's scores (``algorithms.global_ranking``:
+        ``global_masks``'s counts, one layer's scores at a time). Its second pass reads each block's weights once
+        more: a streamed model loads them from the source again."""
+        if not pruners:
+            return
+        for index, layers in sorted(self._layers_by_block(pruners).items()):
+            with resident_block(self._model, index):
+                for pruner, names in layers:
+                    for name in names:
+                        pruner.global_ranking.add_fine(name, pruner.scores(name))
         for pruner in pruners:
-            scores = {name: pruner.scores(name) for name in pruner.modules}
-            masks = global_masks(scores, pruner.settings.target_sparsity)
-            pruner.pruned_counts = {name: int((~mask).sum()) for name, mask in masks.items()}
+            pruner.pruned_counts = pruner.global_ranking.pruned_counts(list(pruner.modules))
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 
     def _allocate_owl(self, pruners: Sequence[WandaPruner]) -> None:
@@ -578,9 +591,6 @@ class WandaPruning(OneShotPruning):
             pruner.feature_norms.clear()  # the sequential pass collects its own statistics
 
     def prune(self, dataloader, loss_func) -> None:
-        if block_stream(self._model) is not None and any(p.settings.ranks_globally for p in self.pruners):
-            raise PruningConfigError("comparison_group 'global' ranks every layer's scores at once, which a streamed "
-                                     "model never holds; stream with 'per_output' or 'per_layer'")
         dense_pass = [p for p in self.pruners if p.settings.needs_dense_pass]
         # Two passes read the data twice: a one-shot iterator would be empty the second time.
         batches = list(dataloader) if dense_pass else dataloader

@@ -104,6 +104,16 @@ class CheckpointReader:
     def shard_of(self, name: str) -> str:
         return self._shard_of[name]
 
+    def stored_dtype(self, names: Iterable[str] | None = None) -> torch.dtype:
+        """The floating dtype most of the tensors ``names`` (default: all) are stored in, by element count; float32
+        when none is floating."""
+        counts: dict[torch.dtype, int] = {}
+        for name in self.names if names is None else names:
+            dtype = self.dtype(name)
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + int(torch.Size(self.shape(name)).numel())
+        return max(counts, key=counts.get) if counts else torch.float32
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors, each read from its shard straight into memory of its own (not a mapping of the file, whose
         pages would count as this process's memory too while the shard is open)."""

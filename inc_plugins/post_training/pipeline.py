@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
 from inc_plugins.algorithms.rearrange import rearrange_mask
+from inc_plugins.execution.distributed import rank_shard, unsharded, world_size
 from inc_plugins.finite_checks import check_batch, check_parameters
 from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
 from inc_plugins.plugin_settings import PluginSettings
@@ -159,6 +160,25 @@ def _check_gradients(gradients: MaskGradients, structure: MaskStructure, setting
                          f"per_sample_fisher={settings.per_sample_fisher}")
 
 
+def _fisher_gradients(model: nn.Module, samples: list, loss_func, per_sample: bool, structure: MaskStructure,
+                      recorders: list) -> MaskGradients:
+    """The Fisher pass. Under torch.distributed each rank runs its ``rank_shard`` of the batches and the gradient
+    vectors are gathered back into one process's order: each vector depends on its own batch alone, so every rank
+    holds one process's gradients, and the search, rearrangement, tuning and checks after them run alike on every
+    rank (each on all the samples)."""
+    if world_size() == 1:
+        return collect_mask_gradients(model, samples, loss_func, per_sample, structure, recorders)
+    share = rank_shard(samples)
+    pieces = []
+    if share:
+        local = collect_mask_gradients(model, share, loss_func, per_sample, structure)
+        counts = [batch_size(batch) if per_sample else 1 for batch in share]
+        pieces = list(zip(local.head.split(counts), local.neuron.split(counts)))
+    ordered = unsharded(pieces)
+    return MaskGradients(torch.cat([head for head, _ in ordered]), torch.cat([neuron for _, neuron in ordered]),
+                         per_sample)
+
+
 def _step_checker(model: nn.Module, predictions: DensePredictions | None, samples,
                   phase_seconds: dict) -> StepChecker | None:
     """The checker of the optional steps, the dense predictions recorded first when no Fisher pass ran; None when
@@ -188,13 +208,14 @@ def prune_post_training(
     ``batches``: labelled dict batches (``labels`` for ``outputs.loss``), or any dict batches with
     ``loss_func(outputs, batch) -> scalar``. ``gradients``: mask gradients that ``collect_mask_gradients`` already
     computed on these same samples (they depend on neither the target nor the other switches, so one pass can serve
-    several searches); None computes them here. Raises UnsupportedModelError for families without head/neuron masks,
+    several searches); None computes them here. Under torch.distributed each rank passes its ``rank_shard`` of the
+    batches and gets one process's result (``_fisher_gradients``). Raises UnsupportedModelError for families without head/neuron masks,
     ValueError for batches without labels, a target that cannot be met, or a bad latency table
     (``LatencyTableMismatchError`` when it comes from another machine); NonFiniteError naming the layer or batch
     when a parameter, a calibration input, a loss or a mask gradient holds NaN or Inf.
     """
     structure = mask_structure(model)
-    samples = take_samples(batches, settings.num_samples)
+    samples = take_samples(unsharded(list(batches)) if world_size() > 1 else batches, settings.num_samples)
     require_labels(samples, loss_func)
     check_parameters(model, "mask_search")
     for index, batch in enumerate(samples):
@@ -212,14 +233,15 @@ def prune_post_training(
     phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune", "check"), 0.0)
     start = time.perf_counter()
     # the Fisher pass runs the dense model on the calibration samples: it records, on the way, tuning's targets and
-    # the dense predictions the step checks compare with
+    # the dense predictions the step checks compare with (across processes, where each rank runs a share of the
+    # samples, tuning and the checks compute them on all of them)
     teacher = TeacherTargets(model, structure, samples) if (
-        gradients is None and settings.tune and TeacherTargets.fits(structure, samples)) else None
+        gradients is None and settings.tune and world_size() == 1 and TeacherTargets.fits(structure, samples)) else None
     predictions = DensePredictions(model, sum(batch_size(batch) for batch in samples)) if (
         settings.check_steps and (settings.rearrange or settings.tune)) else None
     if gradients is None:
-        recorders = [recorder for recorder in (teacher, predictions) if recorder is not None]
-        gradients = collect_mask_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, recorders)
+        recorders = [recorder for recorder in (teacher, predictions) if recorder is not None and world_size() == 1]
+        gradients = _fisher_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, recorders)
         phase_seconds["fisher"] = time.perf_counter() - start
     else:
         _check_gradients(gradients, structure, settings)
