@@ -1,7 +1,9 @@
 """INC plugins: extra pruners for Intel Neural Compressor 3.7's pruning system.
 
 Importing the package checks the INC version, then registers the project's pruners and criteria into INC's
-registries (``inc.registry``), so `WeightPruningConfig(pruning_type=...)` reaches them through INC's usual paths.
+registries (``inc.registry``), so `WeightPruningConfig(pruning_type=...)` reaches them through INC's usual paths, and
+the slimmed model types into transformers' Auto classes (``models.slimmed_auto``), so `from_pretrained` loads a
+slimmed model.
 """
 
 import warnings
@@ -25,7 +27,10 @@ from .inc.one_shot import is_one_shot, plugin_settings_model, register_one_shot_
 from .inc.one_shot_base import OneShotPruning, PruningResult, slim  # noqa: E402
 from .inc.trainer_callback import PruningCallback  # noqa: E402
 from .models.safetensors_checkpoint import CheckpointError  # noqa: E402
+from .models.slimmed_auto import register_slimmed_classes  # noqa: E402
 from .plugin_settings import PluginSettings  # noqa: E402
+
+register_slimmed_classes()
 
 __all__ = [
     "prepare_pruning",

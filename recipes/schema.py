@@ -275,7 +275,8 @@ class _TransformersRecipe(Strict):
     model: ModelSource
     pruning: Annotated[list[PruningStage], Field(min_length=1, max_length=100)]
     # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
-    # has layers of different sizes and loads with inc_plugins.models.saving.load_slimmed, not from_pretrained.
+    # has layers of different sizes: its model type (inc_slimmed_<family>) loads with from_pretrained after
+    # `import inc_plugins`.
     slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
     benchmark: Benchmark | None = None

@@ -5,6 +5,7 @@ Every task class takes the recipe and offers the same methods; `apply.run` only 
 `TASKS` maps the recipe's `task:` value to its class.
 """
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 import inc_plugins
-from inc_plugins.execution.distributed import gathered_in_rank_order, is_writer, rank_shard, world_size
+from inc_plugins.execution.distributed import gathered_in_rank_order, is_writer, rank, rank_shard, world_size
 from inc_plugins.execution.streamed_model import loading_each_block
 from inc_plugins.models.batch_inputs import named_batch_tensors
 from inc_plugins.inc.checkpoint_pruning import partial_output
@@ -34,7 +35,8 @@ from .tabular_data import file_examples, hub_examples
 from .text_classification import epochs_to_steps, evaluate, evaluated_model, tokenized_batches, train
 from .text_corpora import corpus_file_text, moby_dick_text, sotu_text, token_windows
 
-LOAD_SLIMMED = "from inc_plugins.models.saving import load_slimmed; model = load_slimmed({path!r})"
+# a slimmed model's type is registered with transformers' Auto classes by `import inc_plugins`
+LOAD_SLIMMED = "import inc_plugins; model = {auto}.from_pretrained({path!r})"
 MOVIE_SNIPPETS_NOTE = "movie-snippet sentiment (SST-2-like), not the official SST-2 labels or split"
 
 
@@ -149,7 +151,7 @@ class TextClassificationTask(_TransformersTask):
             model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         if slimmed:
-            return LOAD_SLIMMED.format(path=str(final))
+            return LOAD_SLIMMED.format(auto="AutoModelForSequenceClassification", path=str(final))
         return f"AutoModelForSequenceClassification.from_pretrained({str(final)!r})"
 
 
@@ -210,19 +212,22 @@ class CausalLMTask(_TransformersTask):
                                       else (batch,) for batch in batches])
             if self.streamed is not None:  # from the current checkpoint into the next, one block at a time
                 previous = self.streamed
-                if previous.stages and world_size() > 1:
-                    raise RecipeError("under torchrun a streamed recipe prunes in one stage: rank 0 alone holds "
-                                      "the first stage's checkpoint")
+                if not previous.directory.is_dir():  # a later stage, on a machine without rank 0's staging directory
+                    raise RecipeError(f"rank {rank()} cannot read {str(previous.directory)!r}, the checkpoint rank 0 "
+                                      f"wrote: under torchrun across machines, a streamed recipe of several stages "
+                                      f"needs its run directory on a filesystem every rank sees")
+                # into the run's staging directory, rank 0's, which the next stage reads on every rank (a partial
+                # checkpoint there was carried over from an interrupted run by `apply --resume`)
                 output = self.work_dir / f"streamed_stage_{previous.stages}"
-                # a partial checkpoint here was carried over from an interrupted run by `apply --resume`
-                resume = partial_output(output).is_dir()
+                output, resume = gathered_in_rank_order((output, partial_output(output).is_dir()))[0]
                 outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows),
                                                  previous.budget, resume)
-                if not is_writer():  # rank 0 wrote the checkpoint, and evaluates it
+                if not is_writer():  # rank 0 evaluates; the other ranks only prune the next stage from `output`
+                    self.streamed = dataclasses.replace(previous, directory=output, stages=previous.stages + 1)
                     return model, outcome
                 model, self.streamed = open_streamed(output, self.recipe.execution, previous.stages + 1)
-                if previous.stages:  # an earlier stage's checkpoint, in the run's staging directory: superseded
-                    shutil.rmtree(previous.directory)
+                if previous.stages:  # an earlier stage's checkpoint: superseded (every rank is past it:
+                    shutil.rmtree(previous.directory)  # prune_checkpoint returns once all ranks are done)
                 return model, outcome
             outcome = prune_with_batches(model, stage, calibration=calibration, n_calibration=len(windows),
                                          training=training)
@@ -260,7 +265,7 @@ class CausalLMTask(_TransformersTask):
             load = f"AutoModelForCausalLM.from_pretrained({str(final)!r})"
         elif slimmed:
             save_slimmed(model, directory)
-            load = LOAD_SLIMMED.format(path=str(final))
+            load = LOAD_SLIMMED.format(auto="AutoModelForCausalLM", path=str(final))
         else:
             model.save_pretrained(directory, safe_serialization=True)
             load = f"AutoModelForCausalLM.from_pretrained({str(final)!r})"

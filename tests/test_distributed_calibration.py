@@ -23,11 +23,12 @@ from recipes import apply
 from recipes.schema import load_recipe
 from tests.fixtures.calibration_data import token_batches
 from tests.fixtures.tiny_models import tiny_llama_lm
+from tests.test_recipe_streaming import _two_stages
 from tests.test_recipe_tasks import llm_recipe, tiny_lm  # noqa: F401  (tiny_lm: the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-MASTER_PORT = {"in_memory": 29531, "streaming": 29532, "mask_search": 29533}  # fixed, one per test, so parallel
-# runs do not collide
+# fixed, one per test, so parallel runs do not collide
+MASTER_PORT = {"in_memory": 29531, "streaming": 29532, "mask_search": 29533, "streaming_two_stages": 29534}
 
 WORLD = 2
 CONFIGS = {
@@ -35,14 +36,18 @@ CONFIGS = {
     "wanda_dsnot_update": dict(pruning_type="wanda", target_sparsity=0.5, pattern="2:4", dsnot=True,
                                    update_weights=True),
     "sparse_gpt": dict(pruning_type="sparse_gpt", target_sparsity=0.5, pattern="1x1"),
+    "wanda_variant": dict(pruning_type="wanda", target_sparsity=0.4, pattern="1x1", use_variant=True),  # (0.5: the
+    # tiny layers cannot reach it within the variant's 0.001)
+    "magnitude_dsnot": dict(pruning_type="one_shot_magnitude", target_sparsity=0.5, pattern="1x1", dsnot=True),
 }
 
 # largest weight difference from one process, relative to the layer's largest weight: Wanda's masked weights are the
 # dense ones; SparseGPT's and the refit's solves carry the statistics' rounding (the refit's CG stops at 1e-3)
 # mask entries that may differ from one process (of 18,432): DSnoT's swaps compare running sums, so rounding can
 # flip one (measured: 2, one swap)
-MASK_DIFFERENCES = {"wanda": 0, "wanda_dsnot_update": 18, "sparse_gpt": 0}
-WEIGHT_TOLERANCE = {"wanda": 0.0, "wanda_dsnot_update": 1e-2, "sparse_gpt": 1e-4}
+MASK_DIFFERENCES = {"wanda": 0, "wanda_dsnot_update": 18, "sparse_gpt": 0, "wanda_variant": 0, "magnitude_dsnot": 18}
+WEIGHT_TOLERANCE = {"wanda": 0.0, "wanda_dsnot_update": 1e-2, "sparse_gpt": 1e-4, "wanda_variant": 0.0,
+                    "magnitude_dsnot": 0.0}
 
 
 def _batches():
@@ -167,10 +172,14 @@ SLIMMED_THEN_WANDA = [{"pruning_type": "mask_search", "target_sparsity": 0.3, "c
                        "calibration_samples": 6, "batch_size": 2}]
 
 
-@pytest.mark.parametrize("mode", ["in_memory", "streaming", "mask_search"])
+@pytest.mark.parametrize("mode", ["in_memory", "streaming", "mask_search", "streaming_two_stages"])
 def test_a_recipe_under_torchrun_gives_the_single_process_run(tmp_path, tiny_lm, mode):  # noqa: F811
-    recipe = (_recipe_file(tmp_path, tiny_lm, pruning=SLIMMED_THEN_WANDA, slim=True) if mode == "mask_search"
-              else _recipe_file(tmp_path, tiny_lm, mode=mode))
+    if mode == "mask_search":
+        recipe = _recipe_file(tmp_path, tiny_lm, pruning=SLIMMED_THEN_WANDA, slim=True)
+    elif mode == "streaming_two_stages":  # the second stage streams, on every rank, from rank 0's first checkpoint
+        recipe = _recipe_file(tmp_path, tiny_lm, pruning=_two_stages(llm_recipe(*tiny_lm))["pruning"], mode="streaming")
+    else:
+        recipe = _recipe_file(tmp_path, tiny_lm, mode=mode)
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
          str(MASTER_PORT[mode]), "-m", "recipes.apply", str(recipe), "--run-dir", str(tmp_path / "two_ranks"),

@@ -2,6 +2,8 @@
 and survives save/load."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,7 +216,7 @@ def test_unsupported_family_and_double_slimming_are_rejected():
     ],
     ids=["bert", "mpnet", "llama"],
 )
-def test_save_load_round_trip_and_plain_from_pretrained_refuses(tmp_path, build, masks, auto_class):
+def test_save_load_round_trip_with_plain_from_pretrained(tmp_path, build, masks, auto_class):
     model = build()
     slim_model(model, *masks(model))
     batch = token_batches(1, batch_size=3, seq_len=8, seed=7)[0]
@@ -236,9 +238,32 @@ def test_save_load_round_trip_and_plain_from_pretrained_refuses(tmp_path, build,
     reloaded = load_slimmed(directory, model_class=auto_class)  # default attention implementation (sdpa)
     torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
 
-    # the plain loader builds the dense architecture and must not silently load the smaller weights
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        auto_class.from_pretrained(directory)
+    # after `import inc_plugins` the plain loader knows the slimmed model type (models.slimmed_auto)
+    assert json.loads((directory / "config.json").read_text())["model_type"].startswith("inc_slimmed_")
+    plain = auto_class.from_pretrained(directory, attn_implementation=model.config._attn_implementation).eval()
+    assert type(plain).__name__ == f"IncSlimmed{type(model).__name__}"
+    assert torch.equal(_logits(plain, batch), expected)
+
+
+def test_without_the_package_transformers_refuses_a_slimmed_model_by_its_type(tmp_path):
+    model = tiny_llama_lm()
+    slim_model(model, *_llama_masks(model))
+    directory = save_slimmed(model, tmp_path / "slim")
+    script = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True)
+    assert done.returncode != 0 and "inc_slimmed_llama" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_directory_saved_before_the_slimmed_model_type_still_loads(tmp_path):
+    """Directories saved by earlier versions name the dense family's type: load_slimmed reads them too."""
+    model = tiny_llama_lm()
+    slim_model(model, *_llama_masks(model))
+    directory = save_slimmed(model, tmp_path / "slim")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    batch = token_batches(1, batch_size=2, seq_len=8, seed=5)[0]
+    loaded = load_slimmed(directory, attn_implementation=model.config._attn_implementation)
+    assert torch.equal(_logits(loaded, batch), _logits(model.eval(), batch))
 
 
 def test_save_and_load_reject_dense_models(tmp_path):

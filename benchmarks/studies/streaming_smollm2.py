@@ -10,7 +10,8 @@ perplexity, with the peak RSS and time of each; (2) Wanda 50% calibrated by 2 gl
 Calibration and evaluation windows as in `recipes/smollm2_wanda.yaml` (State of the Union / Moby Dick). Every run is
 a fresh spawned process, so its peak RSS (``ru_maxrss``) is its own; runs go in alternating order (in memory first
 for one setting, streamed first for the next). The pass time of the ranks is the block walk of Wanda's one pass:
-the forward passes split between the ranks; each rank computes every mask (they are the same on every rank).
+the forward passes split between the ranks, and so does the ranking (each rank ranks its share of a block's layers
+and the masks are gathered).
 
 Writes <out>/streaming_smollm2.{json,md} (--quick: streaming_smollm2_quick.*).
 """

@@ -8,7 +8,9 @@ Wanda's feature norms keep each batch's contribution and are replayed in one pro
 norms are one process's bits. The other statistics (``InputGram``, ``InputFeatureMoments``: a batch's X^T X is too big
 to send) are combined from per-rank sums weighted by their counts, which rounds in another order than one process
 adding every batch in turn: a mask can then differ from the single-process one where two candidates are within float32
-rounding of each other (measured in docs/results/streaming.md). With one process nothing here does anything.
+rounding of each other (measured in docs/results/streaming.md). The ranking after it is split too: each rank ranks its
+share of a block's layers and the keep masks are gathered (``WandaPruner.share_masks``). With one process nothing here
+does anything.
 """
 
 from __future__ import annotations

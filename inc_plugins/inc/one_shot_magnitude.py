@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
+import torch
+
 from inc_plugins.execution.streamed_model import block_stream, resident_block
 from inc_plugins.models.layer_views import apply_matrix_mask, weight_matrix
 
@@ -38,12 +40,15 @@ class OneShotMagnitudePruner(WandaPruner):
 
     collects_gram = False  # (WandaPruner's property, fixed here)
 
+    def _keep(self, name: str) -> torch.Tensor:
+        magnitude = weight_matrix(self.modules[name]).detach().abs().float()
+        return (self._dsnot_keep(name, magnitude, self.scores(name)) if self.settings.dsnot
+                else self._per_output_keep(name, magnitude))
+
     def prune(self, names: Iterable[str]) -> None:
         for name in names:
             module = self.modules[name]
-            magnitude = weight_matrix(module).detach().abs().float()
-            keep = (self._dsnot_keep(name, magnitude, self.scores(name)) if self.settings.dsnot
-                    else self._per_output_keep(name, magnitude))
+            keep = self._keep_for_pruning(name)
             apply_matrix_mask(module, keep)
             self._record_mask(name, keep)
             self.feature_norms.pop(name, None)

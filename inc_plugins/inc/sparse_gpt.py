@@ -47,6 +47,7 @@ class PluginSparseGPTPruner(WandaPruner):
     collects_moments = False  # (WandaPruner's properties, fixed here)
     collects_gram = True
     gram_per_batch = True  # INC's add_batch arithmetic, so the masks are INC's even on exact ties
+    shares_mask_work = False  # the solve chooses the mask as it updates the weights: every rank runs it
 
     def prune(self, names: Iterable[str]) -> None:
         settings = self.settings

@@ -51,6 +51,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -72,7 +73,14 @@ from inc_plugins.algorithms.wanda import (
 from inc_plugins.algorithms.input_gram import InputGram
 from inc_plugins.algorithms.weight_update import refit_kept_weights
 from inc_plugins.execution.calibration import MERGE_TOKENS, run_block, sequential_blocks, split_batches
-from inc_plugins.execution.distributed import GatherLog, combined_across_ranks, rank, world_size
+from inc_plugins.execution.distributed import (
+    GatherLog,
+    combined_across_ranks,
+    gathered_in_rank_order,
+    rank,
+    rank_shard,
+    world_size,
+)
 from inc_plugins.execution.streamed_model import block_stream, resident_block, write_block
 from inc_plugins.progress import progress
 from inc_plugins.finite_checks import NonFiniteError, check_tensor
@@ -222,6 +230,15 @@ class NonFiniteActivationError(NonFiniteError):
     walk): the ``NonFiniteError`` the layer hooks raise."""
 
 
+def _packed(keep: torch.Tensor) -> tuple[bytes, tuple[int, ...]]:
+    return np.packbits(keep.cpu().numpy().reshape(-1)).tobytes(), tuple(keep.shape)
+
+
+def _unpacked(bits: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    count = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=count).astype(bool)).reshape(shape)
+
+
 class WandaPruner(OneShotPruner):
     """INC pruner for Wanda's one-shot pruning of ``modules`` ({name: Linear | Conv1D | Conv2d}).
 
@@ -242,6 +259,7 @@ class WandaPruner(OneShotPruner):
         self.block_sparsity: dict[int, float] = {}  # OWL: each block's sparsity, by block index
         self.outlier_ratios: dict[int, float] = {}  # OWL: each block's share of outlier scores in the dense model
         self.alphas: dict[str, float] = {}  # per layer, for use_variant
+        self._shared_keeps: dict[str, torch.Tensor] = {}  # keep masks other ranks computed (``share_masks``)
         self.pruned_layers: set[str] = set()
 
     @property
@@ -381,14 +399,41 @@ class WandaPruner(OneShotPruner):
         for name in names:
             self.masks[name] = torch.empty_like(self.masks[name], device="meta")
 
+    # whether a layer's keep mask is a function of statistics every rank holds, so ranks can split the ranking work
+    # (SparseGPT's is not: it solves the weights as it prunes)
+    shares_mask_work: ClassVar[bool] = True
+
+    def _keep(self, name: str) -> torch.Tensor:
+        """The layer's keep mask ``[out, in]`` from its statistics."""
+        return self._keep_matrix(name, self.scores(name))
+
+    def share_masks(self, names: list[str], log: GatherLog, block_index: int) -> None:
+        """Across ranks, each rank ranks its ``rank_shard`` of ``names`` and every rank receives all their keep masks
+        (8 to a byte; the same bits as ranking them itself), which ``prune`` then takes: the ranks split the sorting
+        instead of each repeating it."""
+        if world_size() == 1 or not self.shares_mask_work:
+            return
+        own = {name: _packed(self._keep(name)) + (self.alphas.get(name),) for name in rank_shard(names)}
+        log.add(block_index, sum(len(bits) for bits, _, _ in own.values()))
+        for part in gathered_in_rank_order(own):
+            for name, (bits, shape, alpha) in part.items():
+                self._shared_keeps[name] = _unpacked(bits, shape)
+                if alpha is not None:
+                    self.alphas[name] = alpha
+
+    def _keep_for_pruning(self, name: str) -> torch.Tensor:
+        shared = self._shared_keeps.pop(name, None)
+        return shared if shared is not None else self._keep(name)
+
     def prune(self, names: Iterable[str]) -> None:
-        """Compute the masks of ``names`` from their statistics, zero the pruned weights, store the masks."""
+        """Compute the masks of ``names`` from their statistics (or take those ``share_masks`` received), zero the
+        pruned weights, store the masks."""
         if self.settings.needs_dense_pass and self.pruned_counts is None:
             raise RuntimeError("comparison_group 'global' and layer_sparsity 'owl' need pruned_counts from a dense "
                                "pass before prune()")
         for name in names:
             module = self.modules[name]
-            keep = self._keep_matrix(name, self.scores(name))
+            keep = self._keep_for_pruning(name)
             if self.settings.update_weights:
                 self._refit(name, keep)
             apply_matrix_mask(module, keep)
@@ -513,6 +558,7 @@ class WandaPruning(OneShotPruning):
                             pruner.combine_across_ranks(names, self.gather_log, index)
                     if prune:
                         for pruner, names in layers:
+                            pruner.share_masks(names, self.gather_log, index)
                             pruner.prune(names)
                         self._block_pruned(index, layers)
                     else:

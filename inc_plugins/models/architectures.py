@@ -196,14 +196,20 @@ def _is_cnn(model: nn.Module) -> bool:
     )
 
 
+SLIMMED_PREFIX = "inc_slimmed_"
+"""A slimmed model's type is its family's with this prefix (``slimmed_auto``); its layers are laid out the same."""
+
+
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for `model`, by `model.config.model_type`, or the CNN adapter for a config-less CNN.
+    """The adapter for `model`, by `model.config.model_type` (a slimmed model's: its family's), or the CNN adapter for
+    a config-less CNN.
 
     Raises UnsupportedModelError naming the model type and the supported families.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in ADAPTERS:
-        return ADAPTERS[model_type]
+    family_type = model_type.removeprefix(SLIMMED_PREFIX) if isinstance(model_type, str) else model_type
+    if family_type in ADAPTERS:
+        return ADAPTERS[family_type]
     if _is_cnn(model):
         return CNN_ADAPTER
     described = f"model type {model_type!r}" if model_type else "a model without config.model_type"

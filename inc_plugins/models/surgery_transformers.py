@@ -85,7 +85,8 @@ class _SelectPositionBiasHeads:
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, *args, **kwargs):
         if position_bias is not None:
-            position_bias = position_bias.index_select(1, self.kept_heads.to(position_bias.device))
+            kept = torch.as_tensor(self.kept_heads, dtype=torch.long, device=position_bias.device)
+            position_bias = position_bias.index_select(1, kept)
         return super().forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
 
 
@@ -98,7 +99,8 @@ def _with_position_bias_selection(module: nn.Module, kept_heads: Sequence[int]) 
     if base not in _HEAD_SUBSET_CLASSES:
         _HEAD_SUBSET_CLASSES[base] = type(f"HeadSubset{base.__name__}", (_SelectPositionBiasHeads, base), {})
     module.__class__ = _HEAD_SUBSET_CLASSES[base]
-    module.register_buffer("kept_heads", torch.as_tensor(list(kept_heads), dtype=torch.long), persistent=False)
+    # a plain attribute, not a buffer: from_pretrained would re-create a non-persistent buffer empty (its values lost)
+    module.kept_heads = tuple(kept_heads)
 
 
 def _takes_position_bias(module: nn.Module) -> bool:
