@@ -102,6 +102,18 @@ def test_a_plugin_criterion_prunes_inside_the_trainer(tmp_path):
     assert zeros_of(model) == pytest.approx(0.5, abs=0.01)
 
 
+def test_lottery_tickets_prune_and_rewind_inside_the_trainer(tmp_path):
+    """INC's schedule prunes at steps 4 and 6 (its first pruning step, 2, prunes nothing); the weights the kept ones
+    return to are the initial ones (rewind_step 0)."""
+    config = inc_plugins.pruning_config(pruning_type="lottery_ticket", target_sparsity=0.5, pattern="1x1",
+                                        op_names=PRUNED_LAYERS, start_step=2, end_step=6, pruning_frequency=2)
+    initial = {name: weight.detach().clone() for name, weight in tiny_bert_classifier().named_parameters()}
+    model, _, callback, record = train(tmp_path, config)
+    (pruner,) = callback.pruning.pruners
+    assert pruner.rounds == 2 and record.after_step[6] == pytest.approx(0.5, abs=0.01)
+    assert all(torch.equal(pruner.rewind_weights[name], initial[f"{name}.weight"]) for name in PRUNED_LAYERS)
+
+
 def test_one_shot_types_are_refused_with_the_way_to_run_them():
     config = inc_plugins.pruning_config(pruning_type="wanda", target_sparsity=0.5)
     with pytest.raises(inc_plugins.PruningConfigError, match=r"\['wanda'\] prune one-shot .* dataloader=") as error:

@@ -33,7 +33,7 @@ def known_pruning_types() -> list[str]:
     inc_types = {"pattern_lock", "sparse_gpt"}
     for criterion in CRITERIA:
         inc_types |= {criterion, f"{criterion}_progressive"}
-    return sorted(inc_types | set(one_shot.ONE_SHOT_TYPES))
+    return sorted(inc_types | set(one_shot.ONE_SHOT_TYPES) | set(one_shot.TRAINING_AWARE_TYPES))
 
 
 def pattern_name(pattern: Any) -> str:

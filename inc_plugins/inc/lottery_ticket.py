@@ -1,9 +1,10 @@
 """Lottery-ticket rounds whose weights INC's own ``magnitude`` pruner chooses.
 
-Lottery tickets have no INC pruning type: rewinding needs the weights saved before training and a driver around
-the caller's training, which INC's step callbacks do not own. ``execution.lottery_rounds.run_lottery_rounds`` is
-the project API; ``inc_magnitude_round`` is a drop-in ``prune_round`` for it (``prune_round=inc_magnitude_round``
-or ``functools.partial(inc_magnitude_round, scope="layer", layer_fractions={"classifier": p / 2})``).
+The rounds as the paper runs them (each trained to the end, from a fresh optimizer) need a driver around the caller's
+training, which INC's step callbacks do not own: ``execution.lottery_rounds.run_lottery_rounds`` is that driver (the
+INC type ``lottery_ticket``, ``lottery_ticket_pruner.py``, rewinds inside one training loop instead).
+``inc_magnitude_round`` is a drop-in ``prune_round`` for it (``prune_round=inc_magnitude_round`` or
+``functools.partial(inc_magnitude_round, scope="layer", layer_fractions={"classifier": p / 2})``).
 """
 
 from __future__ import annotations

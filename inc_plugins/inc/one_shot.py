@@ -3,6 +3,8 @@
 INC 3.7.1 sends a config to a one-shot flow only when its pruning type contains "gpt" or "retrain". Each project
 pruning class registered here also goes into INC's `PRUNINGS` registry (and its INC pruner into `PRUNERS`), beside
 INC's own flows. The config keys each type accepts are the fields of its settings model (`PluginSettings`).
+The project's training-aware types (`register_training_aware_pruning`) need no routing: INC's training-aware flow
+builds their pruner from `PRUNERS`; they are registered here for their settings, keys and default pattern.
 """
 
 from __future__ import annotations
@@ -66,11 +68,7 @@ def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSetting
     entry that sets none of the settings' own keys (`runs_as_plugin`); the class and its pruner are registered in
     INC's registries as "plugin_<pruning_type>" so INC's own stay where they are.
     """
-    clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
-    if clashes and not inc_builtin:
-        raise ValueError(f"pruning type {pruning_type!r} contains {clashes}, which INC's dispatch reserves")
-    if not (isinstance(settings, type) and issubclass(settings, PluginSettings)):
-        raise TypeError(f"settings of {pruning_type!r} must be a PluginSettings subclass, got {settings!r}")
+    _check_type(pruning_type, settings, inc_builtin)
 
     def register(cls):
         registry_name = f"plugin_{pruning_type}" if inc_builtin else pruning_type
@@ -81,10 +79,44 @@ def register_one_shot_pruning(pruning_type: str, *, settings: type[PluginSetting
         cls.pruning_type, cls.settings_model, cls.needs_data = pruning_type, settings, needs_data
         cls.inc_registry_name = registry_name
         ONE_SHOT_TYPES[pruning_type] = OneShotType(cls, settings, needs_data, default_pattern, inc_builtin)
-        PLUGIN_SETTINGS_MODELS[pruning_type] = settings
-        own = frozenset(settings.model_fields) - INC_CONFIG_KEYS
-        TYPE_CONFIG_KEYS[pruning_type] = own
-        PLUGIN_CONFIG_KEYS.update(own)
+        _register_settings(pruning_type, settings)
+        return cls
+
+    return register
+
+
+def _check_type(pruning_type: str, settings: type[PluginSettings], inc_builtin: bool = False) -> None:
+    clashes = [s for s in RESERVED_SUBSTRINGS if s in pruning_type]
+    if clashes and not inc_builtin:
+        raise ValueError(f"pruning type {pruning_type!r} contains {clashes}, which INC's dispatch reserves")
+    if not (isinstance(settings, type) and issubclass(settings, PluginSettings)):
+        raise TypeError(f"settings of {pruning_type!r} must be a PluginSettings subclass, got {settings!r}")
+
+
+def _register_settings(pruning_type: str, settings: type[PluginSettings]) -> None:
+    """The type's settings model, and its own config keys: its fields that INC does not know."""
+    PLUGIN_SETTINGS_MODELS[pruning_type] = settings
+    own = frozenset(settings.model_fields) - INC_CONFIG_KEYS
+    TYPE_CONFIG_KEYS[pruning_type] = own
+    PLUGIN_CONFIG_KEYS.update(own)
+
+
+# training-aware plugin types (pruned by INC's own training-aware flow, with the plugin's pruner) -> default pattern
+TRAINING_AWARE_TYPES: dict[str, str] = {}
+
+
+def register_training_aware_pruning(pruning_type: str, *, settings: type[PluginSettings],
+                                    default_pattern: str = INC_DEFAULT_PATTERN):
+    """Class decorator for an INC pruner class (a ``PytorchBasePruner``): INC's PRUNERS["pt_<pruning_type>"], so
+    INC's training-aware flow (``prepare_pruning(model, config, optimizer=...)`` and its step callbacks) builds it
+    for entries of this type. `settings`: the type's settings model, whose keys beyond INC's are its own (checked
+    like a one-shot type's)."""
+    _check_type(pruning_type, settings)
+
+    def register(cls):
+        register_pruner(f"pt_{pruning_type}")(cls)
+        TRAINING_AWARE_TYPES[pruning_type] = default_pattern
+        _register_settings(pruning_type, settings)
         return cls
 
     return register
@@ -129,7 +161,9 @@ def needs_data(pruning_type: str) -> bool:
 def default_pattern(pruning_type: str) -> str:
     """The pattern a config entry of this type gets when it sets none: the plugin's own, else INC's "4x1"."""
     registered = ONE_SHOT_TYPES.get(pruning_type)
-    return registered.default_pattern if registered is not None else INC_DEFAULT_PATTERN
+    if registered is not None:
+        return registered.default_pattern
+    return TRAINING_AWARE_TYPES.get(pruning_type, INC_DEFAULT_PATTERN)
 
 
 def plugin_keys_read_by(pruning_type: str) -> frozenset[str]:

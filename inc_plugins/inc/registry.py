@@ -3,17 +3,19 @@
 A new one-shot pruning type is one file in this package (a ``PluginSettings`` model and a ``OneShotPruning``
 subclass with a ``prune`` method) and one ``register_one_shot_pruning`` line below. Names must avoid the
 substrings INC dispatches on ("gpt", "retrain", "block", "free", "progressive"), unless the type is one of INC's own
-that the plugins also implement (`inc_builtin=True`: "sparse_gpt").
+that the plugins also implement (`inc_builtin=True`: "sparse_gpt"). A training-aware type is an INC pruner class
+and a settings model, registered with ``register_training_aware_pruning``.
 """
 
 from neural_compressor.compression.pruner.criteria import register_criterion
 from neural_compressor.compression.pruner.regs import register_reg
 
 from .apoz_criterion import APoZCriterion
+from .lottery_ticket_pruner import LotteryTicketPruner, LotteryTicketSettings
 from .mask_search import MaskSearchPruning, MaskSearchSettings
 from .network_slimming import BNL1Regularizer, NetworkSlimmingPruning, NetworkSlimmingSettings
 from .network_trimming import NetworkTrimmingPruning, NetworkTrimmingSettings
-from .one_shot import register_one_shot_pruning
+from .one_shot import register_one_shot_pruning, register_training_aware_pruning
 from .one_shot_magnitude import MagnitudeSettings, OneShotMagnitudePruning
 from .particle_filter import ParticleFilterPruning, ParticleFilterSettings
 from .sparse_gpt import PluginSparseGPTPruning, SparseGPTSettings
@@ -35,6 +37,10 @@ register_one_shot_pruning("network_slimming", settings=NetworkSlimmingSettings, 
 # the default granularity is "channel"; "kernel" / "intra_kernel" need pattern "1x1" set explicitly
 register_one_shot_pruning("particle_filter", settings=ParticleFilterSettings,
                           default_pattern="1xchannel")(ParticleFilterPruning)
+
+# training-aware types: PRUNERS["pt_<type>"], built by INC's training-aware flow (prepare_pruning(..., optimizer=...))
+register_training_aware_pruning("lottery_ticket", settings=LotteryTicketSettings,
+                                default_pattern="1x1")(LotteryTicketPruner)
 
 # criteria and regularizers for INC's training-aware flow (prepare_pruning(..., optimizer=...))
 register_criterion("wanda_score")(WandaScoreCriterion)
