@@ -14,6 +14,9 @@ the same attention mask and position embeddings) run through each block as one c
 one batch of 128 tokens leaves a small model's matrix products too short to keep the cores busy (a SmolLM2-135M
 block: 10.1 ms per 128-token window alone, 6.2 ms in calls of 8 windows, identical outputs). Statistics that depend
 on how the data was batched read `BlockInput.batch_sizes` to split a merged call back into its batches.
+
+A streamed model with a memory budget keeps the recorded inputs past its allowance in a file (`activation_spill`):
+then memory holds one batch's hidden states at a time, however many calibration batches there are.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
