@@ -12,13 +12,9 @@ import torch
 
 from inc_plugins.execution.streamed_model import MemoryBudgetError, block_stream, open_streamed_causal_lm
 from inc_plugins.models.safetensors_checkpoint import CheckpointError, CheckpointReader
-from inc_plugins.perf.memory import available_bytes
+from inc_plugins.perf.memory import available_bytes, gib
 
 from .schema import CausalLMRecipe, Execution, RecipeError
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
-
 
 def _budget(execution: Execution) -> int:
     return int(execution.memory_budget) if execution.memory_budget is not None else available_bytes()
@@ -48,10 +44,10 @@ def streams(recipe: CausalLMRecipe) -> bool:
         return False
     refused = recipe.streaming_refusals()
     if refused:
-        raise RecipeError(f"the model needs {_gib(size)} in memory ({dtype}), more than the memory budget "
-                          f"{_gib(budget)}, so execution 'auto' would stream it, but streaming cannot run: "
+        raise RecipeError(f"the model needs {gib(size)} in memory ({dtype}), more than the memory budget "
+                          f"{gib(budget)}, so execution 'auto' would stream it, but streaming cannot run: "
                           f"{'; '.join(refused)}")
-    print(f"  streaming the model: {_gib(size)} in memory ({dtype}) exceeds the memory budget {_gib(budget)}")
+    print(f"  streaming the model: {gib(size)} in memory ({dtype}) exceeds the memory budget {gib(budget)}")
     return True
 
 

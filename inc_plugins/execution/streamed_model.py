@@ -42,6 +42,7 @@ from inc_plugins.models.safetensors_checkpoint import (
     CheckpointReader,
     ShardedCheckpointWriter,
 )
+from inc_plugins.perf.memory import gib
 
 from .activation_spill import ActivationSpill
 from .distributed import gathered_in_rank_order, is_writer, rank
@@ -58,10 +59,6 @@ SPILL_PREFIX = "activations-"  # calibration activations kept in the output's st
 
 class MemoryBudgetError(ValueError):
     """A memory budget smaller than the weights streaming must hold at once."""
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
 
 
 def _malloc_trim():
@@ -173,9 +170,9 @@ class BlockStream:
         """MemoryBudgetError when ``budget`` bytes cannot hold what streaming holds at once."""
         if self.held_bytes > budget:
             raise MemoryBudgetError(
-                f"the memory budget {_gib(budget)} is smaller than what streaming holds at once: "
-                f"{_gib(self.held_bytes)} (weights outside the blocks {_gib(self.outside_bytes)} + the largest block "
-                f"{_gib(self.largest_block_bytes)}); raise it to at least {_gib(self.held_bytes)}")
+                f"the memory budget {gib(budget)} is smaller than what streaming holds at once: "
+                f"{gib(self.held_bytes)} (weights outside the blocks {gib(self.outside_bytes)} + the largest block "
+                f"{gib(self.largest_block_bytes)}); raise it to at least {gib(self.held_bytes)}")
 
     @property
     def spilled_bytes(self) -> int:

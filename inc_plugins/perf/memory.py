@@ -29,6 +29,11 @@ def _status_kb(field: str) -> int:
     return int(match.group(1))
 
 
+def gib(size: int) -> str:
+    """``size`` bytes for people: "1.25 GiB"."""
+    return f"{size / 2**30:.2f} GiB"
+
+
 def rss_bytes() -> int:
     """This process's resident set size now, in bytes (Linux: /proc/self/statm)."""
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -162,10 +162,11 @@ def _check_gradients(gradients: MaskGradients, structure: MaskStructure, setting
 
 def _fisher_gradients(model: nn.Module, samples: list, loss_func, per_sample: bool, structure: MaskStructure,
                       recorders: list) -> MaskGradients:
-    """The Fisher pass. Under torch.distributed each rank runs its ``rank_shard`` of the batches and the gradient
-    vectors are gathered back into one process's order: each vector depends on its own batch alone, so every rank
-    holds one process's gradients, and the search, rearrangement, tuning and checks after them run alike on every
-    rank (each on all the samples)."""
+    """The Fisher pass, filling ``recorders`` on the way with one process only (a rank sees a share of the samples,
+    so the dense predictions are recorded later, on all of them). Under torch.distributed each rank runs its
+    ``rank_shard`` of the batches and the gradient vectors are gathered back into one process's order: each vector
+    depends on its own batch alone, so every rank holds one process's gradients, and the search, rearrangement,
+    tuning and checks after them run alike on every rank (each on all the samples)."""
     if world_size() == 1:
         return collect_mask_gradients(model, samples, loss_func, per_sample, structure, recorders)
     share = rank_shard(samples)
@@ -240,7 +241,7 @@ def prune_post_training(
     predictions = DensePredictions(model, sum(batch_size(batch) for batch in samples)) if (
         settings.check_steps and (settings.rearrange or settings.tune)) else None
     if gradients is None:
-        recorders = [recorder for recorder in (teacher, predictions) if recorder is not None and world_size() == 1]
+        recorders = [recorder for recorder in (teacher, predictions) if recorder is not None]
         gradients = _fisher_gradients(model, samples, loss_func, settings.per_sample_fisher, structure, recorders)
         phase_seconds["fisher"] = time.perf_counter() - start
     else:
