@@ -92,12 +92,12 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
                          "prune_seconds": round(time.perf_counter() - start, 3)})
 
 
-def prune_checkpoint_stage(source: Path, output: Path, stage: PruningStage, calibration: list,
+def prune_checkpoint_stage(source: Path | torch.nn.Module, output: Path, stage: PruningStage, calibration: list,
                            n_calibration: int, memory_budget: int, resume: bool = False) -> StageOutcome:
-    """One one-shot stage of a streamed run (`inc_plugins.prune_checkpoint`): checkpoint `source` pruned block by block
-    into the new checkpoint `output` within `memory_budget` bytes (`resume`: continuing an interrupted run's partial
-    output). The report adds the seconds each block was held, the process's peak RSS, the calibration activations
-    kept on disk and the blocks taken from the interrupted run."""
+    """One one-shot stage of a streamed run (`inc_plugins.prune_checkpoint`): checkpoint `source` (or the streamed
+    model opened from it) pruned block by block into the new checkpoint `output` within `memory_budget` bytes
+    (`resume`: continuing an interrupted run's partial output). The report adds the seconds each block was held,
+    the process's peak RSS, the calibration activations kept on disk and the blocks taken from the interrupted run."""
     config = inc_plugins.pruning_config(pruning_configs=[stage.inc_settings()])
     start = time.perf_counter()
     try:

@@ -33,7 +33,7 @@ from .schema import CausalLMRecipe, PruningStage, RecipeError, TextClassificatio
 from .shape_checks import check_pattern_fits
 from .tabular_data import file_examples, hub_examples
 from .text_classification import epochs_to_steps, evaluate, evaluated_model, tokenized_batches, train
-from .text_corpora import corpus_file_text, moby_dick_text, sotu_text, token_windows
+from .text_corpora import corpus_file_text, moby_dick_text, sotu_text, text_token_ids, token_windows, windows_of
 
 # a slimmed model's type is registered with transformers' Auto classes by `import inc_plugins`
 LOAD_SLIMMED = "import inc_plugins; model = {auto}.from_pretrained({path!r})"
@@ -175,24 +175,26 @@ class CausalLMTask(_TransformersTask):
         with timer("load"):
             if streams(self.recipe):
                 directory, self.tokenizer = local_checkpoint(source)
-                self.model, self.streamed = open_streamed(directory, self.recipe.execution)
+                model, self.streamed = open_streamed(directory, self.recipe.execution)
             elif source.asset is not None:
-                self.model, self.tokenizer = load_causal_lm(source.asset)
+                model, self.tokenizer = load_causal_lm(source.asset)
             else:
-                self.model, self.tokenizer = load_local_causal_lm(source, float32=self.recipe.takes_gradients())
+                model, self.tokenizer = load_local_causal_lm(source, float32=self.recipe.takes_gradients())
             try:
-                self.calibration_text = corpus_text(corpus.calibration)
+                # encoded once: every stage samples its windows from it
+                self.calibration_ids = text_token_ids(self.tokenizer, corpus_text(corpus.calibration))
                 self.evaluation_windows = token_windows(self.tokenizer, corpus_text(corpus.evaluation),
                                                         corpus.evaluation_windows, corpus.evaluation_seq_len)
             except ValueError as err:
                 raise RecipeError(f"corpus: {err}") from None
         self.finetune_info = None
-        return self.model
+        self.in_memory_dtype = str(model.dtype).removeprefix("torch.")  # (a streamed model's: self.streamed.dtype)
+        return model
 
     def _windows(self, stage: PruningStage) -> torch.Tensor:
         try:
-            return token_windows(self.tokenizer, self.calibration_text, stage.calibration_samples,
-                                 self.recipe.corpus.calibration_seq_len, seed=stage.seed)
+            return windows_of(self.calibration_ids, stage.calibration_samples, self.recipe.corpus.calibration_seq_len,
+                              seed=stage.seed)
         except ValueError as err:
             raise RecipeError(f"corpus.calibration: {err}") from None
 
@@ -220,8 +222,11 @@ class CausalLMTask(_TransformersTask):
                 # checkpoint there was carried over from an interrupted run by `apply --resume`)
                 output = self.work_dir / f"streamed_stage_{previous.stages}"
                 output, resume = gathered_in_rank_order((output, partial_output(output).is_dir()))[0]
-                outcome = prune_checkpoint_stage(previous.directory, output, stage, calibration, len(windows),
-                                                 previous.budget, resume)
+                # the opened model, not its directory, so its weights outside the blocks are not held twice (a rank
+                # other than 0 opens no later checkpoint: its model is the source's)
+                source = model if is_writer() or not previous.stages else previous.directory
+                outcome = prune_checkpoint_stage(source, output, stage, calibration, len(windows), previous.budget,
+                                                 resume)
                 if not is_writer():  # rank 0 evaluates; the other ranks only prune the next stage from `output`
                     self.streamed = dataclasses.replace(previous, directory=output, stages=previous.stages + 1)
                     return model, outcome
@@ -257,7 +262,7 @@ class CausalLMTask(_TransformersTask):
                 "evaluation_windows": corpus.evaluation_windows, "evaluation_seq_len": corpus.evaluation_seq_len,
                 "calibration_seq_len": corpus.calibration_seq_len,
                 "execution": self.streamed.describe() if self.streamed is not None else {
-                    "mode": "in_memory", "dtype": str(self.model.dtype).removeprefix("torch.")}}
+                    "mode": "in_memory", "dtype": self.in_memory_dtype}}
 
     def save(self, model: torch.nn.Module, directory: Path, slimmed: bool, final: Path) -> str:
         if self.streamed is not None:  # the last stage wrote the pruned checkpoint already: it becomes the model

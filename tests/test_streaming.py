@@ -129,6 +129,22 @@ def test_blocks_without_selected_layers_are_copied_unchanged(tmp_path):
     assert float((pruned.model.decoder.layers[0].fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
 
+def test_an_opened_streamed_model_is_pruned_without_opening_the_source_again(tmp_path, monkeypatch):
+    source = _save(tiny_llama_lm(seed=6), tmp_path / "source")
+    config = _config("wanda")
+    by_directory = inc_plugins.prune_checkpoint(source, tmp_path / "by_directory", config, dataloader=_batches())
+    opened = open_streamed_causal_lm(source)
+    monkeypatch.setattr("inc_plugins.inc.checkpoint_pruning.open_streamed_causal_lm", None)  # a second open fails
+    run = inc_plugins.prune_checkpoint(opened, tmp_path / "by_model", config, dataloader=_batches())
+    _assert_same_weights(AutoModelForCausalLM.from_pretrained(by_directory.output), run.output)
+    # spent: its blocks are still the source's, so pruning it again would prune the unpruned weights
+    with pytest.raises(PruningConfigError, match="pruned already"):
+        inc_plugins.prune_checkpoint(opened, tmp_path / "again", config, dataloader=_batches())
+    with pytest.raises(PruningConfigError, match="held in memory"):
+        inc_plugins.prune_checkpoint(tiny_llama_lm(seed=6), tmp_path / "in_memory", config, dataloader=_batches())
+    assert not (tmp_path / "again").exists() and not (tmp_path / "in_memory").exists()
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 

@@ -123,9 +123,29 @@ def _prepare_staging(staging: Path, identity: dict, resume: bool) -> None:
                                  f"this run's (resume only the same source, config and calibration data)")
 
 
-def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike, config: WeightPruningConfig,
-                     dataloader=None, resume: bool = False, memory_budget: int | None = None) -> CheckpointPruning:
+def _opened(source: str | os.PathLike | torch.nn.Module) -> torch.nn.Module:
+    """The streamed model of ``source``: a checkpoint directory, opened now, or a model ``open_streamed_causal_lm``
+    opened (a caller that holds one already passes it, so the weights outside the blocks are not held twice)."""
+    if not isinstance(source, torch.nn.Module):
+        return open_streamed_causal_lm(source)
+    stream = block_stream(source)
+    if stream is None:
+        raise PruningConfigError(f"prune_checkpoint takes a checkpoint directory or a model opened with "
+                                 f"open_streamed_causal_lm, not a {type(source).__name__} held in memory: "
+                                 f"prune it with prepare_pruning")
+    if stream.output is not None:  # its blocks would still be read from the source, unpruned
+        raise PruningConfigError("this streamed model was pruned already and its blocks are the source's: open the "
+                                 "output checkpoint to prune it again")
+    return source
+
+
+def prune_checkpoint(source: str | os.PathLike | torch.nn.Module, output: str | os.PathLike,
+                     config: WeightPruningConfig, dataloader=None, resume: bool = False,
+                     memory_budget: int | None = None) -> CheckpointPruning:
     """Prune the causal LM in checkpoint directory ``source`` with ``config`` into the new directory ``output``.
+
+    ``source`` may also be the model ``open_streamed_causal_lm`` opened from that directory; it is spent afterwards
+    (open ``output`` for the pruned model).
 
     ``config`` names one streaming type (``one_shot.streaming_types``: wanda, one_shot_magnitude, and sparse_gpt run
     by the plugins' SparseGPT, which gives INC's weights); ``dataloader`` yields its calibration batches as for
@@ -145,7 +165,7 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike, confi
     output = Path(output)
     if output.exists():
         raise PruningConfigError(f"output directory {str(output)!r} exists; name a new one (nothing is overwritten)")
-    model = open_streamed_causal_lm(source)
+    model = _opened(source)
     stream = block_stream(model)
     budget = int(memory_budget) if memory_budget is not None else available_bytes()
     try:
@@ -170,7 +190,8 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike, confi
         raise
     # (a collective: also, no rank returns before rank 0 has renamed the output)
     samples = gathered_in_rank_order(sum(map(_samples, batches)) if batches is not None else 0)
-    logger.info("pruned %s into %s in %.1f s of block time", source, output, sum(stream.seconds_per_block))
+    logger.info("pruned %s into %s in %.1f s of block time", stream.reader.directory, output,
+                sum(stream.seconds_per_block))
     return CheckpointPruning(result=pruning.result, output=output, dtype=str(model.config.dtype).removeprefix("torch."),
                              seconds_per_block=list(stream.seconds_per_block), peak_rss_bytes=peak_rss_bytes(),
                              world_size=world_size(), samples_per_rank=samples, resumed_blocks=sorted(stream.resumed),
