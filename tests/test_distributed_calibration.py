@@ -28,7 +28,8 @@ from tests.test_recipe_tasks import llm_recipe, tiny_lm  # noqa: F401  (tiny_lm:
 
 REPO = Path(__file__).resolve().parent.parent
 # fixed, one per test, so parallel runs do not collide
-MASTER_PORT = {"in_memory": 29531, "streaming": 29532, "mask_search": 29533, "streaming_two_stages": 29534}
+MASTER_PORT = {"in_memory": 29531, "streaming": 29532, "mask_search": 29533, "streaming_two_stages": 29534,
+               "two_nodes": 29535}
 
 WORLD = 2
 CONFIGS = {
@@ -172,19 +173,32 @@ SLIMMED_THEN_WANDA = [{"pruning_type": "mask_search", "target_sparsity": 0.3, "c
                        "calibration_samples": 6, "batch_size": 2}]
 
 
-@pytest.mark.parametrize("mode", ["in_memory", "streaming", "mask_search", "streaming_two_stages"])
+def _torchrun(mode: str, recipe: Path, run_dir: Path) -> None:
+    """The recipe on WORLD ranks: one torchrun with WORLD processes, or ("two_nodes") one torchrun per node, as on two
+    machines (here sharing a filesystem), each rank its node's only process: global rank 1 has local rank 0."""
+    apply_recipe = ["-m", "recipes.apply", str(recipe), "--run-dir", str(run_dir), "--allow-outside-cwd"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(MASTER_PORT[mode])]
+    if mode != "two_nodes":
+        launches = [run + ["--nproc-per-node", str(WORLD)] + apply_recipe]
+    else:
+        launches = [run + ["--nnodes", str(WORLD), "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr",
+                           "127.0.0.1"] + apply_recipe for node in range(WORLD)]
+    nodes = [subprocess.Popen(launch, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for launch in launches]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "streaming", "mask_search", "streaming_two_stages", "two_nodes"])
 def test_a_recipe_under_torchrun_gives_the_single_process_run(tmp_path, tiny_lm, mode):  # noqa: F811
     if mode == "mask_search":
         recipe = _recipe_file(tmp_path, tiny_lm, pruning=SLIMMED_THEN_WANDA, slim=True)
-    elif mode == "streaming_two_stages":  # the second stage streams, on every rank, from rank 0's first checkpoint
+    elif mode in ("streaming_two_stages", "two_nodes"):  # stage 2 streams, on every rank, from rank 0's checkpoint
         recipe = _recipe_file(tmp_path, tiny_lm, pruning=_two_stages(llm_recipe(*tiny_lm))["pruning"], mode="streaming")
     else:
         recipe = _recipe_file(tmp_path, tiny_lm, mode=mode)
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
-         str(MASTER_PORT[mode]), "-m", "recipes.apply", str(recipe), "--run-dir", str(tmp_path / "two_ranks"),
-         "--allow-outside-cwd"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    _torchrun(mode, recipe, tmp_path / "two_ranks")
     single = apply.run(load_recipe(recipe), tmp_path / "one", allow_outside_cwd=True)
 
     two, one = (json.loads((path / "report.json").read_text()) for path in (tmp_path / "two_ranks", single))
