@@ -148,10 +148,10 @@ class StructuredUnitPruning(OneShotPruning):
         """A ``[n_layers, n_head_units]`` keep mask as the float ``[n_layers, n_heads]`` mask of the shared convention."""
         return head_keep.float().repeat_interleave(self.structure.heads_per_unit, dim=1)
 
-    def fold_units(self, head_keep: torch.Tensor, neuron_keep: torch.Tensor) -> None:
+    def fold_units(self, head_keep: torch.Tensor, neuron_keep: torch.Tensor, layers: list[int] | None = None) -> None:
         """Zero the units that ``head_keep`` ``[n_layers, n_head_units]`` and ``neuron_keep`` ``[n_layers, n_neurons]``
-        (bool) remove; kept units are multiplied by 1, so folding one block's masks at a time is exact."""
-        fold_structure_masks(self._model, self.per_query_head(head_keep), neuron_keep.float())
+        (bool) remove, in the blocks ``layers`` (default: all)."""
+        fold_structure_masks(self._model, self.per_query_head(head_keep), neuron_keep.float(), layers)
 
     @contextlib.contextmanager
     def output_projection_moments(self, index: int, moments: tuple[ChannelMoments, ChannelMoments],

@@ -35,8 +35,9 @@ class WandaSpPruning(StructuredUnitPruning):
                      ) -> tuple[UnitSelection, torch.Tensor, torch.Tensor, bool]:
         layout, structure = self.adapter.layout, self.structure
         channels_per_unit = structure.heads_per_unit * structure.head_dim
-        head_scores, neuron_scores, head_keep, neuron_keep = [], [], [], []
-        removed = 0
+        head_keep = torch.ones(structure.n_layers, structure.n_head_units, dtype=torch.bool)
+        neuron_keep = torch.ones(structure.n_layers, structure.n_neurons, dtype=torch.bool)
+        head_scores, neuron_scores, removed = [], [], 0
         walk = sequential_blocks(self._model, batches, self.blocks, "Wanda-sp calibration")
         with contextlib.closing(walk):
             for index, block, inputs in walk:
@@ -47,17 +48,7 @@ class WandaSpPruning(StructuredUnitPruning):
                                                              ffn.squared_norms))
                 chosen = uniform_selection(head_scores[-1][None], neuron_scores[-1][None], costs.per_head_unit,
                                            costs.per_neuron, settings.target_sparsity)
-                head_keep.append(chosen.head_keep[0])
-                neuron_keep.append(chosen.neuron_keep[0])
+                head_keep[index], neuron_keep[index] = chosen.head_keep[0], chosen.neuron_keep[0]
                 removed += chosen.removed_cost
-                self.fold_units(*self._only_block(index, chosen))  # before the walk computes the next block's inputs
-        selection = UnitSelection(torch.stack(head_keep), torch.stack(neuron_keep), removed)
-        return selection, torch.stack(head_scores), torch.stack(neuron_scores), False
-
-    def _only_block(self, index: int, chosen: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep masks of the whole model that remove ``chosen``'s units from block ``index`` alone."""
-        structure = self.structure
-        head_keep = torch.ones(structure.n_layers, structure.n_head_units, dtype=torch.bool)
-        neuron_keep = torch.ones(structure.n_layers, structure.n_neurons, dtype=torch.bool)
-        head_keep[index], neuron_keep[index] = chosen.head_keep[0], chosen.neuron_keep[0]
-        return head_keep, neuron_keep
+                self.fold_units(head_keep, neuron_keep, [index])  # before the walk computes the next block's inputs
+        return UnitSelection(head_keep, neuron_keep, removed), torch.stack(head_scores), torch.stack(neuron_scores), False
