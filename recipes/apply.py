@@ -131,10 +131,11 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
 
     Every task runs the same way: load (and fine-tune or train), evaluate, the stages in the recipe's order on the
     same model (a stage may return a smaller one), evaluate, benchmark, save. With `slim: true` the model is
-    slimmed right after the last structured stage (mask_search, flap, wanda_sp, structured_magnitude), so later stages (e.g. Wanda) prune the slimmed model and their
-    target_sparsity is a fraction of the weights that remain. A failing stage leaves `<run>.failed` with the
-    report so far. `resume`: a streamed stage continues the checkpoint that an interrupted or killed run of the same
-    `run_dir` left, from its last completed block (the recipe's earlier steps run again)."""
+    slimmed right after the last structured stage (mask_search, flap, wanda_sp, structured_magnitude), so later
+    stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a fraction of the weights that remain.
+    A failing stage leaves `<run>.failed` with the report so far. `resume`: a streamed stage continues the checkpoint
+    that an interrupted or killed run of the same `run_dir` left, from its last completed block (the recipe's earlier
+    steps run again)."""
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())

@@ -48,10 +48,11 @@ class FlapPruning(StructuredUnitPruning):
         with contextlib.closing(walk):
             for index, block, inputs in walk:
                 attention, ffn = self.block_moments(index, inputs, masks)
-                attention_out, ffn_out = block.get_submodule(layout.attention_output), block.get_submodule(layout.ffn_out)
-                head_scores.append(unit_scores(standardized(fluctuation_scores(attention_out.weight, attention.variance)),
+                attention_out = block.get_submodule(layout.attention_output).weight
+                ffn_out = block.get_submodule(layout.ffn_out).weight
+                head_scores.append(unit_scores(standardized(fluctuation_scores(attention_out, attention.variance)),
                                                channels_per_unit))
-                neuron_scores.append(standardized(fluctuation_scores(ffn_out.weight, ffn.variance)))
+                neuron_scores.append(standardized(fluctuation_scores(ffn_out, ffn.variance)))
                 means.append((attention.mean, ffn.mean))
         head_scores, neuron_scores = torch.stack(head_scores), torch.stack(neuron_scores)
         selection = global_selection(head_scores, neuron_scores, costs.per_head_unit, costs.per_neuron,
