@@ -65,17 +65,19 @@ def prepare_task(recipe: TextClassificationRecipe, timer: StageTimer | None = No
 
 
 def _macs_seq_len(stages: list[dict], task) -> int:
-    """The sequence length MACs are reported at: the one a FLOPs-constrained mask_search budgeted for (so the
-    report can be checked against its budget), else the task's evaluation length."""
+    """The sequence length MACs are reported at: the one a FLOPs-constrained structured stage (mask_search, flap,
+    wanda_sp, structured_magnitude) counted its target at (so the report can be checked against it), else the task's
+    evaluation length."""
     for stage in reversed(stages):
-        searched = stage.get("mask_search") or {}
+        searched = stage.get("mask_search") or stage.get("structure") or {}
         if searched.get("seq_len"):
             return searched["seq_len"]
     return task.macs_seq_len()
 
 
-def _last_mask_search(recipe: Recipe) -> int | None:
-    indices = [i for i, stage in enumerate(recipe.pruning) if stage.pruning_type == "mask_search"]
+def _last_structured_stage(recipe: Recipe) -> int | None:
+    """The index of the last stage that removes whole heads and neurons (the one `slim: true` slims after)."""
+    indices = [i for i, stage in enumerate(recipe.pruning) if stage.pruning_type in one_shot.structured_types()]
     return indices[-1] if indices else None
 
 
@@ -109,7 +111,7 @@ def run_other_rank(recipe: Recipe) -> None:
     calibration batches; rank 0 evaluates, saves and reports (a rank that fails makes torchrun stop them all)."""
     check_distributed(recipe)
     task = task_for(recipe)
-    slim_after = _last_mask_search(recipe) if getattr(recipe, "slim", False) else None
+    slim_after = _last_structured_stage(recipe) if getattr(recipe, "slim", False) else None
     with tempfile.TemporaryDirectory(prefix=f"inc-plugins-rank{rank()}-") as work_dir:
         task.work_dir = Path(work_dir)  # (nothing is written there: only rank 0 writes)
         model = task.load(StageTimer())
@@ -129,10 +131,11 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
 
     Every task runs the same way: load (and fine-tune or train), evaluate, the stages in the recipe's order on the
     same model (a stage may return a smaller one), evaluate, benchmark, save. With `slim: true` the model is
-    slimmed right after the last mask_search stage, so later stages (e.g. Wanda) prune the slimmed model and their
-    target_sparsity is a fraction of the weights that remain. A failing stage leaves `<run>.failed` with the
-    report so far. `resume`: a streamed stage continues the checkpoint that an interrupted or killed run of the same
-    `run_dir` left, from its last completed block (the recipe's earlier steps run again)."""
+    slimmed right after the last structured stage (mask_search, flap, wanda_sp, structured_magnitude), so later
+    stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a fraction of the weights that remain.
+    A failing stage leaves `<run>.failed` with the report so far. `resume`: a streamed stage continues the checkpoint
+    that an interrupted or killed run of the same `run_dir` left, from its last completed block (the recipe's earlier
+    steps run again)."""
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())
@@ -173,15 +176,15 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
         dense = copy.deepcopy(model) if benchmark is not None else None  # the benchmark's baseline
         staged.stage_done("evaluate_before")
 
-        stages, slimming, slim_after = [], None, _last_mask_search(recipe) if slim else None
-        searched = None  # the last mask_search stage's pruning result: its masks, for slimming and MACs
+        stages, slimming, slim_after = [], None, _last_structured_stage(recipe) if slim else None
+        searched = None  # the last structured stage's pruning result: its masks, for slimming and MACs
         report["pruning_stages"] = stages
         for index, stage in enumerate(recipe.pruning):
             name = f"prune_{index}_{stage.pruning_type}"
             with timer(name):
                 task.check_stage(model, stage, f"pruning stage {index} ({stage.pruning_type})")
                 model, outcome = task.prune(model, stage)
-                if stage.pruning_type == "mask_search":
+                if stage.pruning_type in one_shot.structured_types():
                     searched = outcome.result
                 stages.append({"settings": stage.model_dump(mode="json", exclude_none=True), **outcome.report})
             staged.stage_done(name)

@@ -1,5 +1,6 @@
-"""Runs one recipe pruning stage through `inc_plugins.prepare_pruning` (one-shot or training-aware), slims a
-mask_search-pruned model, and counts the attention-head and FFN MACs a model still computes."""
+"""Runs one recipe pruning stage through `inc_plugins.prepare_pruning` (one-shot or training-aware), slims a model
+whose heads and neurons a structured stage removed (mask_search, flap, wanda_sp, structured_magnitude), and counts
+the attention-head and FFN MACs a model still computes."""
 
 import random
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 import inc_plugins
+from inc_plugins.inc import one_shot
 from inc_plugins.models.architectures import UnsupportedModelError
 from inc_plugins.models.surgery_transformers import slimmed_sizes
 from inc_plugins.inc.one_shot_base import PruningResult
@@ -23,7 +25,7 @@ from .text_classification import tokenized_batches, train
 @dataclass
 class StageOutcome:
     """What one pruning stage gives back besides the model it pruned in place: what the report says about how the
-    stage was driven, and the pruner's returned result (mask_search's masks, for slimming and MACs), if any."""
+    stage was driven, and the pruner's returned result (a structured stage's masks, for slimming and MACs), if any."""
 
     report: dict
     result: PruningResult | None = None
@@ -69,6 +71,8 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
                   "prune_seconds": round(time.perf_counter() - start, 3)}
         if stage.pruning_type == "mask_search":
             report["mask_search"] = mask_search_summary(pruning)
+        elif stage.pruning_type in one_shot.structured_types():
+            report["structure"] = structure_summary(pruning.result)
         if stage.retrain_steps:
             report["retrain"] = finetune_holding_zeros(model, training, stage.retrain_steps, stage.learning_rate,
                                                         stage.seed, desc=f"fine-tune after {stage.pruning_type}")
@@ -160,6 +164,23 @@ def mask_search_summary(pruning) -> dict:
     }
 
 
+def structure_summary(result) -> dict:
+    """What a flap, wanda_sp or structured_magnitude stage removed: units kept per layer, MACs against the target."""
+    return {
+        "cost_unit": "MACs per sequence (heads + FFN neurons)",
+        "seq_len": result.seq_len,
+        "dense_cost": result.dense_cost,
+        "target_cost": result.target_cost,
+        "cost": result.dense_cost - result.removed_cost,
+        "removed_fraction": result.removed_fraction,
+        "bias_compensated": result.bias_compensated,
+        "kept_heads": (result.head_mask != 0).sum(dim=1).tolist(),
+        "kept_neurons": (result.neuron_mask != 0).sum(dim=1).tolist(),
+        "heads_per_layer": result.head_mask.shape[1],
+        "neurons_per_layer": result.neuron_mask.shape[1],
+    }
+
+
 def tuning_summary(tuning) -> dict:
     """Each sub-layer's mask-tuning decision: scales kept or not, why not, and its held-out errors."""
     return {"heldout_samples": tuning.heldout_samples,
@@ -175,7 +196,7 @@ def tuning_summary(tuning) -> dict:
 
 @torch.no_grad()
 def slim_pruned_model(model: torch.nn.Module, probe_batch: dict, result) -> tuple[torch.nn.Module, dict]:
-    """`inc_plugins.slim(model, result)`: the heads and neurons mask_search zeroed are removed for real.
+    """`inc_plugins.slim(model, result)`: the heads and neurons a structured stage zeroed are removed for real.
 
     The logits on `probe_batch` before and after are compared, so the report shows that slimming kept the outputs.
     """
@@ -197,7 +218,7 @@ def structure_or_none(model: torch.nn.Module) -> MaskStructure | None:
 def kept_unit_masks(model: torch.nn.Module, structure: MaskStructure, result=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]), 1 = still computed.
 
-    Read from the slimmed sizes, else from the masks of mask_search's `result`, else everything is kept. Weights zeroed
+    Read from the slimmed sizes, else from the masks of a structured stage's `result`, else everything is kept. Weights zeroed
     by other pruners do not count: dense kernels still multiply them."""
     units = torch.ones(structure.n_layers, structure.n_head_units)
     neurons = torch.ones(structure.n_layers, structure.n_neurons)

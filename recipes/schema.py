@@ -274,7 +274,8 @@ class _TransformersRecipe(Strict):
     description: Description = ""
     model: ModelSource
     pruning: Annotated[list[PruningStage], Field(min_length=1, max_length=100)]
-    # Physically remove the heads and FFN neurons a mask_search stage pruned (inc_plugins.slim). The saved model then
+    # Physically remove the heads and FFN neurons a structured stage (mask_search, flap, wanda_sp,
+    # structured_magnitude) pruned (inc_plugins.slim). The saved model then
     # has layers of different sizes: its model type (inc_slimmed_<family>) loads with from_pretrained after
     # `import inc_plugins`.
     slim: bool = False
@@ -284,11 +285,12 @@ class _TransformersRecipe(Strict):
 
     @model_validator(mode="after")
     def _slim_needs_structured_masks(self):
-        if self.slim and not any(stage.pruning_type == "mask_search" for stage in self.pruning):
+        structured = one_shot.structured_types()
+        if self.slim and not any(stage.pruning_type in structured for stage in self.pruning):
             types = ", ".join(repr(stage.pruning_type) for stage in self.pruning)
             raise ValueError(
-                f"slim: true removes the attention heads and FFN neurons that a 'mask_search' stage pruned, but the "
-                f"stages are {types}; add a mask_search stage or set slim: false"
+                f"slim: true removes the attention heads and FFN neurons that a structured stage "
+                f"({', '.join(map(repr, structured))}) pruned, but the stages are {types}; add one or set slim: false"
             )
         return self
 
@@ -336,6 +338,17 @@ class CausalLMRecipe(_TransformersRecipe):
         if refused:
             raise ValueError(f"execution.mode 'streaming' never holds the whole model, so it cannot run: "
                              f"{'; '.join(refused)}")
+        return self
+
+    @model_validator(mode="after")
+    def _flap_biases_need_slimming(self):
+        """FLAP's compensation adds biases to Llama-like o_proj / down_proj, which the dense model's config cannot
+        describe: only a slimmed model records them, so plain from_pretrained would drop them from a masked one."""
+        compensated = [index for index, stage in enumerate(self.pruning)
+                       if stage.pruning_type == "flap" and stage.bias_compensation is not False]
+        if compensated and not self.slim:
+            raise ValueError(f"pruning stage {compensated[0]} (flap) compensates biases that only a slimmed decoder "
+                             f"can save: set slim: true, or bias_compensation: false in the stage")
         return self
 
     def takes_gradients(self) -> bool:

@@ -10,6 +10,7 @@ import re
 from torch import nn
 
 from inc_plugins import PruningConfigError
+from inc_plugins.inc import one_shot
 from inc_plugins.inc.config_checks import default_pattern
 from inc_plugins.inc.layer_selection import select_layers
 from inc_plugins.models.architectures import UnsupportedModelError, adapter_for
@@ -18,8 +19,8 @@ from .schema import PruningStage, RecipeError
 
 BLOCK_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 N_OF_M_PATTERN = re.compile(r"^(\d+):(\d+)$")
-# Types that ignore `pattern`: mask_search prunes whole heads and neurons, the classic types whole channels.
-PATTERN_FREE_TYPES = ("mask_search", "network_trimming", "network_slimming", "particle_filter")
+# Types that ignore `pattern`: the structured ones prune whole heads and neurons, the classic types whole channels.
+PATTERN_FREE_TYPES = (*one_shot.structured_types(), "network_trimming", "network_slimming", "particle_filter")
 
 
 def _head_names(model: nn.Module) -> list[str]:

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from inc_plugins.inc import one_shot
+
 from .atomic import write_text
 
 # {split}: the examples the task evaluates on (report["evaluated_on"]: dev sentences, test images, ...)
@@ -48,7 +50,7 @@ def _stage_line(stage: dict) -> str:
                           if key != "pruning_type" and not isinstance(value, dict))
         return f"- `{settings['pruning_type']}`: {shown}"
     what = f"`{settings['pruning_type']}` to {settings['target_sparsity']:g}"
-    if settings["pruning_type"] not in ("mask_search",):
+    if settings["pruning_type"] not in one_shot.structured_types():  # (whole heads and neurons: no pattern)
         what += f" ({settings.get('pattern')})"
     how = (f"{stage['calibration_samples']} calibration samples" if stage["mode"] == "one-shot"
            else f"{stage['training_steps']} training steps")
@@ -70,7 +72,7 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
     if report.get("description"):
         lines += [report["description"].strip(), ""]
     stages = report["pruning_stages"]
-    searched = [i for i, stage in enumerate(stages) if stage["settings"]["pruning_type"] == "mask_search"]
+    searched = [i for i, stage in enumerate(stages) if stage["settings"]["pruning_type"] in one_shot.structured_types()]
     lines += ["## Stages", ""]
     for index, stage in enumerate(stages):
         lines.append(_stage_line(stage))
@@ -106,13 +108,15 @@ def _slimmed_without_zeros(report: dict) -> bool:
 
 
 def _searched_structure(report: dict) -> dict | None:
-    """The last mask_search stage's summary (kept heads and neurons per layer), or None."""
-    searched = [stage["mask_search"] for stage in report["pruning_stages"] if stage.get("mask_search")]
+    """The last structured stage's summary (kept heads and neurons per layer: mask_search's, or flap's, wanda_sp's,
+    structured_magnitude's), or None."""
+    searched = [stage.get("mask_search") or stage["structure"] for stage in report["pruning_stages"]
+                if stage.get("mask_search") or stage.get("structure")]
     return searched[-1] if searched else None
 
 
 def plot_run(report: dict, path: Path) -> None:
-    """Per-layer sparsity (a horizontal bar per layer, in model order) and, after a mask_search stage, the
+    """Per-layer sparsity (a horizontal bar per layer, in model order) and, after a structured stage, the
     attention heads and FFN neurons kept in each block next to it; written atomically as a PNG."""
     import matplotlib
 
@@ -140,7 +144,7 @@ def plot_run(report: dict, path: Path) -> None:
             panel.invert_yaxis()
             panel.set_xlim(0, total)
             panel.set_xlabel(f"{what} kept of {total}")
-            panel.set_title(f"mask_search: {what}")
+            panel.set_title(f"{what} kept")
         heads.legend(loc="lower right", fontsize=7)
     if zeros_panel:
         axes.barh(range(len(names)), values, color="tab:blue")

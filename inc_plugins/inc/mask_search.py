@@ -25,27 +25,24 @@ Where the result lives:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from neural_compressor.compression.pruner.pruners import get_pruner
 from torch import nn
 
-from inc_plugins.models.structure_masks import UnitSlice, fold_structure_masks, mask_structure
+from inc_plugins.models.structure_masks import fold_structure_masks, mask_structure
 from inc_plugins.models.surgery_transformers import slim_model
 from inc_plugins.post_training import KwonResult, KwonSettings, prune_post_training
 
 from .config_checks import PruningConfigError
-from .one_shot_base import OneShotPruner, OneShotPruning, PruningResult
+from .one_shot_base import OneShotPruning, PruningResult
+from .structure_pruners import zeroed_structure_pruners
 
 __all__ = ["MaskSearchPruning", "MaskSearchResult", "MaskSearchSettings"]
 
 logger = logging.getLogger(__name__)
-
-ROW_PATTERN, COLUMN_PATTERN = "1xchannel", "channelx1"
 
 # mask_search's config keys are the settings of Kwon et al.'s pipeline
 MaskSearchSettings = KwonSettings
@@ -61,19 +58,6 @@ class MaskSearchResult(PruningResult, KwonResult):
         return slim_model(model, (self.head_mask != 0).float(), (self.neuron_mask != 0).float())
 
 
-def _zeroed_structure_pruner(info: Mapping[str, Any], pattern: str, slices: Sequence[UnitSlice]) -> OneShotPruner:
-    """The INC pruner of the rows ("1xchannel") or columns ("channelx1") the search zeroed."""
-    config = copy.deepcopy(info)
-    config["pattern"] = pattern
-    pruner = get_pruner(config, {unit.name: unit.module for unit in slices})
-    for unit in slices:
-        weight = unit.module.weight
-        keep = unit.keep.to(weight.device)
-        rows_or_columns = keep.unsqueeze(1) if unit.axis == "out" else keep.unsqueeze(0)
-        pruner.masks[unit.name] = rows_or_columns.expand_as(weight).clone()
-    return pruner
-
-
 class MaskSearchPruning(OneShotPruning):
     """One-shot "mask_search" over one config entry; prunes at construction (see the module docstring).
 
@@ -81,6 +65,7 @@ class MaskSearchPruning(OneShotPruning):
     """
 
     result_class = MaskSearchResult
+    prunes_structures = True
     combines_across_ranks = True  # the Fisher gradients (``post_training.pipeline``)
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
@@ -102,12 +87,5 @@ class MaskSearchPruning(OneShotPruning):
         (info,), (settings,) = self.pruners_info, self.settings
         search = prune_post_training(self._model, dataloader, settings, loss_func)
         slices = fold_structure_masks(self._model, search.head_mask, search.neuron_mask)
-        self.pruners = [
-            _zeroed_structure_pruner(info, ROW_PATTERN, [s for s in slices if s.axis == "out"]),
-            _zeroed_structure_pruner(info, COLUMN_PATTERN, [s for s in slices if s.axis == "in"]),
-        ]
-        for pruner in self.pruners:
-            pruner.settings = settings
-        info["modules"] = [s.name for s in slices]
-        info["len_of_modules"] = len(slices)
+        self.pruners = zeroed_structure_pruners(info, settings, slices)
         return {field.name: getattr(search, field.name) for field in dataclasses.fields(KwonResult)}

@@ -138,6 +138,12 @@ def streaming_types() -> list[str]:
     return sorted(name for name, registered in ONE_SHOT_TYPES.items() if registered.pruning_class.streams)
 
 
+def structured_types() -> list[str]:
+    """The one-shot types that remove whole attention units and FFN neurons (their results slim)."""
+    return sorted(name for name, registered in ONE_SHOT_TYPES.items()
+                  if getattr(registered.pruning_class, "prunes_structures", False))
+
+
 def distributed_types() -> list[str]:
     """The one-shot types whose statistics are combined across torch.distributed ranks."""
     return sorted(name for name, registered in ONE_SHOT_TYPES.items()

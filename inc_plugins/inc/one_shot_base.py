@@ -58,7 +58,8 @@ class PruningResult:
         """The physically smaller model (``inc_plugins.slim``); only types that prune whole structures have one."""
         raise ValueError(
             f"a {self.pruning_type!r} result has no structures to remove: inc_plugins.slim takes the result of "
-            f"'mask_search' (attention heads, FFN neurons) or 'network_slimming' (CNN channels)"
+            f"'mask_search', 'flap', 'wanda_sp' or 'structured_magnitude' (attention heads, FFN neurons) or "
+            f"'network_slimming' (CNN channels)"
         )
 
 
@@ -66,7 +67,8 @@ def slim(model: nn.Module, result: PruningResult) -> nn.Module:
     """The physically smaller model: the structures that ``result``'s pruning zeroed in ``model`` removed.
 
     ``result`` is ``pruning.result`` of the ``inc_plugins.prepare_pruning`` call that pruned ``model``:
-    mask_search (attention heads and FFN neurons; ``models.surgery_transformers.slim_model``) or network_slimming
+    mask_search, flap, wanda_sp or structured_magnitude (attention heads and FFN neurons;
+    ``models.surgery_transformers.slim_model``) or network_slimming
     (CNN channels; a copy, ``models.surgery_cnn.slim_cnn_channels``). The outputs stay those of the pruned model.
     """
     if not isinstance(result, PruningResult):
@@ -157,6 +159,9 @@ class OneShotPruning(BasePruning):
     inc_registry_name: ClassVar[str] = ""
     # whether ``prune`` holds one block at a time (``execution.streamed_model``), so a streamed model can be pruned
     streams: ClassVar[bool] = False
+    # whether the type removes whole attention units and FFN neurons, so ``inc_plugins.slim`` (and a recipe's
+    # ``slim: true``) can take its result
+    prunes_structures: ClassVar[bool] = False
     # whether ``prune`` combines its statistics across torch.distributed ranks (``execution.distributed``), so every
     # rank derives the same masks from its own share of the calibration data
     combines_across_ranks: ClassVar[bool] = False

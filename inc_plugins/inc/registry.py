@@ -11,6 +11,7 @@ from neural_compressor.compression.pruner.criteria import register_criterion
 from neural_compressor.compression.pruner.regs import register_reg
 
 from .apoz_criterion import APoZCriterion
+from .flap import FlapPruning, FlapSettings
 from .lottery_ticket_pruner import LotteryTicketPruner, LotteryTicketSettings
 from .mask_search import MaskSearchPruning, MaskSearchSettings
 from .network_slimming import BNL1Regularizer, NetworkSlimmingPruning, NetworkSlimmingSettings
@@ -19,7 +20,9 @@ from .one_shot import register_one_shot_pruning, register_training_aware_pruning
 from .one_shot_magnitude import MagnitudeSettings, OneShotMagnitudePruning
 from .particle_filter import ParticleFilterPruning, ParticleFilterSettings
 from .sparse_gpt import PluginSparseGPTPruning, SparseGPTSettings
+from .structured_magnitude import StructuredMagnitudePruning, StructuredMagnitudeSettings
 from .wanda import WandaPruning, WandaSettings
+from .wanda_sp import WandaSpPruning, WandaSpSettings
 from .wanda_score_criterion import WandaScoreCriterion
 
 # one-shot types: PRUNINGS["<type>_pruning"], PRUNERS["pt_<type>"], routed by inc_plugins.prepare_pruning
@@ -30,6 +33,11 @@ register_one_shot_pruning("one_shot_magnitude", settings=MagnitudeSettings, need
 register_one_shot_pruning("sparse_gpt", settings=SparseGPTSettings, default_pattern="1x1",
                           inc_builtin=True)(PluginSparseGPTPruning)
 register_one_shot_pruning("mask_search", settings=MaskSearchSettings, default_pattern="1xchannel")(MaskSearchPruning)
+# whole heads (key/value groups) and FFN neurons to a FLOPs target, results that inc_plugins.slim takes
+register_one_shot_pruning("flap", settings=FlapSettings, default_pattern="1xchannel")(FlapPruning)
+register_one_shot_pruning("wanda_sp", settings=WandaSpSettings, default_pattern="1xchannel")(WandaSpPruning)
+register_one_shot_pruning("structured_magnitude", settings=StructuredMagnitudeSettings, needs_data=False,
+                          default_pattern="1xchannel")(StructuredMagnitudePruning)
 register_one_shot_pruning("network_trimming", settings=NetworkTrimmingSettings,
                           default_pattern="1xchannel")(NetworkTrimmingPruning)
 register_one_shot_pruning("network_slimming", settings=NetworkSlimmingSettings, needs_data=False,

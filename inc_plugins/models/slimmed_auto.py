@@ -2,8 +2,8 @@
 
 Each slimmable family gets a model type of its own, ``inc_slimmed_<family>`` (``inc_slimmed_llama``,
 ``inc_slimmed_bert``, ...): its config class is the family's, and its model classes are the family's, built dense and
-slimmed to the sizes recorded in ``config.inc_slimmed`` (kept query heads and FFN neurons per layer) before the weights
-are loaded. ``saving.save_slimmed`` writes that model type into config.json, so
+slimmed to the sizes recorded in ``config.inc_slimmed`` (kept query heads and FFN neurons per layer, and the output
+projections that carry a bias) before the weights are loaded. ``saving.save_slimmed`` writes that model type into config.json, so
 
     import inc_plugins
     model = AutoModelForCausalLM.from_pretrained("run/model")           # a slimmed decoder
@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from .architectures import SLIMMED_PREFIX
+from .output_bias import OUTPUT_BIASES_KEY, add_output_biases
 from .surgery_transformers import SLIMMED_CONFIG_KEY, SLIMMED_FORMAT_VERSION, slim_model, slimming_adapter
 
 __all__ = ["SLIMMABLE_MODEL_TYPES", "register_slimmed_classes", "slimmed_class", "slimmed_config", "slimmed_model_type"]
@@ -76,6 +77,8 @@ def _slim_to_recorded_sizes(model: nn.Module) -> None:
         # from_pretrained builds the model within a meta-device context; the masks and indices are real values
         with torch.device("cpu"):
             slim_model(model, *_sizes_to_masks(sizes, len(blocks), adapter.num_heads(model), n_neurons))
+            # biases the family's config cannot describe (FLAP's compensation on Llama-like blocks)
+            add_output_biases(blocks, sizes.get(OUTPUT_BIASES_KEY, ()))
     finally:
         setattr(model.config, SLIMMED_CONFIG_KEY, sizes)  # exactly what was saved
 

@@ -27,6 +27,7 @@ Qwen2). Both keep a head-major ``[..., n_heads * head_dim]`` layout at the outpu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -272,8 +273,10 @@ class UnitSlice:
     scale: torch.Tensor
 
 
-def unit_slices(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> list[UnitSlice]:
-    """Every Linear row/column range that the masks govern, as ``UnitSlice``s with full module names.
+def unit_slices(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                layers: Collection[int] | None = None) -> list[UnitSlice]:
+    """Every Linear row/column range that the masks govern, as ``UnitSlice``s with full module names (of the blocks
+    ``layers`` only, when given).
 
     Heads: the rows of query (per query head) and key/value projections (per key/value head, kept while any query
     head reading it is kept) and the columns of the attention output projection, which carry the scales.
@@ -288,6 +291,8 @@ def unit_slices(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Te
     layout, dh = adapter.layout, structure.head_dim
     slices = []
     for index, block in enumerate(blocks):
+        if layers is not None and index not in layers:
+            continue
         query_scale = heads[index].repeat_interleave(dh)
         kv_kept = (heads[index] != 0).reshape(structure.n_kv_heads, -1).any(dim=1).float().repeat_interleave(dh)
         governed = [
@@ -306,14 +311,16 @@ def unit_slices(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Te
 
 
 @torch.no_grad()
-def fold_structure_masks(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> list[UnitSlice]:
-    """Write the masks into the weights, in place: the model then computes what the hooked model computes.
+def fold_structure_masks(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                         layers: Collection[int] | None = None) -> list[UnitSlice]:
+    """Write the masks into the weights, in place: the model then computes what the hooked model computes (into the
+    blocks ``layers`` only, when given: a pruner that prunes block by block).
 
     Pruned units' rows (query/key/value, FFN input layers: weights and biases) and columns (output projections)
     become 0; kept units' scales multiply their columns of the attention output projection and of ``ffn_out``.
     Returns the ``unit_slices`` written. Folding twice applies the scales twice.
     """
-    slices = unit_slices(model, head_mask, neuron_mask)
+    slices = unit_slices(model, head_mask, neuron_mask, layers)
     for unit in slices:
         weight = unit.module.weight
         scale = unit.scale.to(weight.device, weight.dtype)

@@ -22,7 +22,8 @@ is likewise the FFN output projection's bias.
 
 Saving and loading the smaller models (transformers 5 configs cannot describe per-layer sizes): ``saving.py``.
 ``config.inc_slimmed`` records, per layer, the original indices of the kept query heads and the number of kept FFN
-neurons; the config's own sizes stay those of the dense model.
+neurons, and which output projections carry a bias (``output_bias``: FLAP adds them to Llama-like blocks); the
+config's own sizes stay those of the dense model.
 
 Limits: models whose layers differ in size cannot use caches that pre-allocate from the config (StaticCache);
 the default dynamic cache works.
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureAdapter, UnsupportedModelError, adapter_for
+from .output_bias import OUTPUT_BIASES_KEY, output_projections_with_bias
 
 SLIMMED_CONFIG_KEY = "inc_slimmed"
 """Name of the config attribute (and config.json field) that describes a slimmed model's per-layer sizes."""
@@ -360,6 +362,7 @@ def slim_model(model: nn.Module, head_mask, neuron_mask) -> nn.Module:
             "format": SLIMMED_FORMAT_VERSION,
             "heads": [plan.kept_heads for plan in plans],
             "intermediate_size": [len(plan.kept_neurons) for plan in plans],
+            OUTPUT_BIASES_KEY: output_projections_with_bias(blocks, adapter),
         },
     )
     return model

@@ -18,14 +18,23 @@ Costs per sequence of L tokens, hidden size d, head size d_h (MACs; FLOPs are ab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from inc_plugins.algorithms.mac_cost import head_macs, model_macs, neuron_macs
 from inc_plugins.algorithms.mask_search import search_masks_under_unit_costs
 from inc_plugins.models.structure_masks import MaskStructure
 
-__all__ = ["UnitCosts", "unit_costs", "masked_macs", "flops_budget", "search_masks_under_flops"]
+__all__ = ["SEQ_LEN_DESCRIPTION", "SeqLenSetting", "UnitCosts", "unit_costs", "masked_macs", "flops_budget",
+           "search_masks_under_flops"]
+
+# the ``seq_len`` key of every type whose target counts FLOPs (mask_search and the structured types): one declaration,
+# so the recipe schema sees one key
+SeqLenSetting = Annotated[int, Field(ge=1, le=8192)] | None
+SEQ_LEN_DESCRIPTION = ("tokens per sequence the FLOPs are counted at; null: the average non-padding length of the "
+                       "calibration samples")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,14 @@ from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, 
 from inc_plugins.plugin_settings import PluginSettings
 
 from .data import average_sequence_length, batch_size, require_labels, take_samples
-from .flops_budget import flops_budget, masked_macs, search_masks_under_flops, unit_costs
+from .flops_budget import (
+    SEQ_LEN_DESCRIPTION,
+    SeqLenSetting,
+    flops_budget,
+    masked_macs,
+    search_masks_under_flops,
+    unit_costs,
+)
 from .latency_budget import (
     as_latency_table,
     check_machine,
@@ -67,9 +74,7 @@ class KwonSettings(PluginSettings):
     constraint: Constraint = Field(
         "flops", description="what target_sparsity counts: 'flops' (MACs per sequence) or 'latency' (seconds, from "
                              "latency_table)")
-    seq_len: Annotated[int, Field(ge=1, le=8192)] | None = Field(
-        None, description="tokens per sequence the FLOPs are counted at; null: the average non-padding length of "
-                          "the calibration samples")
+    seq_len: SeqLenSetting = Field(None, description=SEQ_LEN_DESCRIPTION)
     num_samples: Annotated[int, Field(ge=1, le=65_536)] | None = Field(
         None, description="calibration sequences used (the first ones); null: all that the dataloader yields")
     rearrange: bool = Field(True, description="run mask rearrangement (the paper's section 4.2)")
