@@ -26,7 +26,6 @@ Where the result lives:
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,13 +35,10 @@ from inc_plugins.models.structure_masks import fold_structure_masks, mask_struct
 from inc_plugins.models.surgery_transformers import slim_model
 from inc_plugins.post_training import KwonResult, KwonSettings, prune_post_training
 
-from .config_checks import PruningConfigError
 from .one_shot_base import OneShotPruning, PruningResult
-from .structure_pruners import zeroed_structure_pruners
+from .structure_pruners import check_whole_model_entry, zeroed_structure_pruners
 
 __all__ = ["MaskSearchPruning", "MaskSearchResult", "MaskSearchSettings"]
-
-logger = logging.getLogger(__name__)
 
 # mask_search's config keys are the settings of Kwon et al.'s pipeline
 MaskSearchSettings = KwonSettings
@@ -69,15 +65,7 @@ class MaskSearchPruning(OneShotPruning):
     combines_across_ranks = True  # the Fisher gradients (``post_training.pipeline``)
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
-        if len(infos) != 1:
-            raise PruningConfigError(
-                f"mask_search searches one set of head and neuron masks for the whole model: give exactly one "
-                f"pruning_configs entry with pruning_type 'mask_search', got {len(infos)}"
-            )
-        for key in ("op_names", "excluded_op_names"):
-            if infos[0].get(key):
-                logger.warning("mask_search ignores %s=%r: it searches every attention unit and FFN neuron",
-                               key, infos[0][key])
+        check_whole_model_entry("mask_search", infos)
         mask_structure(model)  # UnsupportedModelError (naming the supported families) before any work
 
     def _generate_pruners(self) -> list:

@@ -1,4 +1,6 @@
-"""The INC pruners of a pruning that zeroed whole heads and FFN neurons (``structure_masks.fold_structure_masks``).
+"""What the structured types (mask_search, flap, wanda_sp, structured_magnitude) share at INC's face: the one config
+entry they take, and the INC pruners of the whole heads and FFN neurons they zeroed
+(``structure_masks.fold_structure_masks``).
 
 Two pruners: one whose ``.masks`` are the zeroed rows of the query, key, value and FFN input layers (pattern
 "1xchannel"), one whose masks are the zeroed columns of the attention and FFN output projections (pattern
@@ -8,6 +10,7 @@ Two pruners: one whose ``.masks`` are the zeroed rows of the query, key, value a
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -16,11 +19,28 @@ from neural_compressor.compression.pruner.pruners import get_pruner
 from inc_plugins.models.structure_masks import UnitSlice
 from inc_plugins.plugin_settings import PluginSettings
 
+from .config_checks import PruningConfigError
 from .one_shot_base import OneShotPruner
 
-__all__ = ["COLUMN_PATTERN", "ROW_PATTERN", "zeroed_structure_pruners"]
+__all__ = ["COLUMN_PATTERN", "ROW_PATTERN", "check_whole_model_entry", "zeroed_structure_pruners"]
+
+logger = logging.getLogger(__name__)
 
 ROW_PATTERN, COLUMN_PATTERN = "1xchannel", "channelx1"
+
+
+def check_whole_model_entry(pruning_type: str, infos: Sequence[Mapping[str, Any]]) -> None:
+    """A structured type chooses among every block's attention units and FFN neurons at once: exactly one config
+    entry (PruningConfigError otherwise), whose layer selection does not apply (a warning)."""
+    if len(infos) != 1:
+        raise PruningConfigError(
+            f"{pruning_type} chooses one set of heads and FFN neurons for the whole model: give exactly one "
+            f"pruning_configs entry with pruning_type {pruning_type!r}, got {len(infos)}"
+        )
+    for key in ("op_names", "excluded_op_names"):
+        if infos[0].get(key):
+            logger.warning("%s ignores %s=%r: every block's attention units and FFN neurons are candidates",
+                           pruning_type, key, infos[0][key])
 
 
 def _zeroed_structure_pruner(info: Mapping[str, Any], pattern: str, slices: Sequence[UnitSlice]) -> OneShotPruner:

@@ -41,7 +41,7 @@ from inc_plugins.post_training.flops_budget import SEQ_LEN_DESCRIPTION, SeqLenSe
 
 from .config_checks import PruningConfigError
 from .one_shot_base import OneShotPruning, PruningResult
-from .structure_pruners import zeroed_structure_pruners
+from .structure_pruners import check_whole_model_entry, zeroed_structure_pruners
 
 __all__ = ["StructuredPruningResult", "StructuredUnitPruning", "StructuredUnitSettings", "real_token_masks"]
 
@@ -117,15 +117,7 @@ class StructuredUnitPruning(OneShotPruning):
     combines_across_ranks = True
 
     def inspect_model(self, model: nn.Module, infos: Sequence[Mapping[str, Any]]) -> None:
-        if len(infos) != 1:
-            raise PruningConfigError(
-                f"{self.pruning_type} removes one set of head units and neurons for the whole model: give exactly one "
-                f"pruning_configs entry with pruning_type {self.pruning_type!r}, got {len(infos)}"
-            )
-        for key in ("op_names", "excluded_op_names"):
-            if infos[0].get(key):
-                logger.warning("%s ignores %s=%r: every block's attention units and FFN neurons are candidates",
-                               self.pruning_type, key, infos[0][key])
+        check_whole_model_entry(self.pruning_type, infos)
         self.structure: MaskStructure = mask_structure(model)  # UnsupportedModelError naming the supported families
         self.adapter = adapter_for(model)
         _, self.blocks = self.adapter.blocks(model)
