@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError, create_model, model_validator
 
 import inc_plugins  # registers the plugins' pruning types, which stages name
+from inc_plugins.deploy.openvino_export import PRECISIONS
+from inc_plugins.deploy.output_comparison import DEFAULT_TOLERANCES, Tolerance
 from inc_plugins.inc import one_shot
 from inc_plugins.inc.config_checks import check_pruner_settings
 from inc_plugins.inc.layer_selection import compiled
@@ -261,6 +263,26 @@ class Benchmark(Strict):
     seed: Seed = 0
 
 
+class Export(Strict):
+    """Optional stage after the last evaluation: the final model (pruned, slimmed) as OpenVINO IR in `<run>/openvino/`
+    (`openvino_model.xml/.bin`, float32 weights, batch and sequence length free), with `precision` as its inference
+    hint. The IR is then run on the evaluation data beside the PyTorch model: the largest logit difference (over the
+    largest logit) and the metric of each go into report.json; past `tolerance` the run fails."""
+
+    format: Literal["openvino"] = "openvino"
+    precision: Literal[tuple(PRECISIONS)] = "fp32"
+    # None: the precision's default (inc_plugins.deploy.DEFAULT_TOLERANCES)
+    max_relative_logit_diff: Annotated[float, Field(ge=0, le=1)] | None = None
+    metric_tolerance: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="accuracy and F1: absolute difference; perplexity: relative difference")
+
+    def tolerance(self) -> Tolerance:
+        default = DEFAULT_TOLERANCES[self.precision]
+        return Tolerance(default.relative_logits if self.max_relative_logit_diff is None
+                         else self.max_relative_logit_diff,
+                         default.metric if self.metric_tolerance is None else self.metric_tolerance)
+
+
 class Output(Strict):
     """Runs go to `<dir>/<recipe name>-<UTC time>/`; an existing run directory is never overwritten."""
 
@@ -280,6 +302,7 @@ class _TransformersRecipe(Strict):
     slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
     benchmark: Benchmark | None = None
+    export: Export | None = None
     output: Output = Field(default_factory=Output)
 
     @model_validator(mode="after")
@@ -348,7 +371,7 @@ class CausalLMRecipe(_TransformersRecipe):
         """What in this recipe a streamed model cannot run (empty: it can stream)."""
         return [what for what, present in (
             ("model.hub_id (stream a local directory or asset)", self.model.hub_id is not None),
-            ("benchmark", self.benchmark is not None), ("slim: true", self.slim),
+            ("benchmark", self.benchmark is not None), ("slim: true", self.slim), ("export", self.export is not None),
             *((f"pruning stage {i} ({stage.pruning_type}): streaming runs "
                f"{', '.join(one_shot.streaming_types())}", stage.pruning_type not in one_shot.streaming_types())
               for i, stage in enumerate(self.pruning)),

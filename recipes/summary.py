@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .atomic import write_text
+from inc_plugins.atomic import write_text
 
 # {split}: the examples the task evaluates on (report["evaluated_on"]: dev sentences, test images, ...)
 METRIC_LABELS = {"accuracy": "{split} accuracy", "f1": "{split} F1", "perplexity": "perplexity"}
@@ -94,10 +94,29 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
                       f"token ids (seeded)."]
     if plot_name:
         lines += ["", f"![heads and neurons kept, per-layer sparsity]({plot_name})"]
+    if report.get("export"):
+        lines += _export_lines(report)
     seconds = report["stage_seconds"]
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
     lines += ["", "## Load the model", "", "```python", report["model"]["load"], "```", ""]
     return "\n".join(lines)
+
+
+def _export_lines(report: dict) -> list[str]:
+    """The OpenVINO IR section: where it is, its precision, and how it compares with the PyTorch model."""
+    export, split = report["export"], report.get("evaluated_on", "dev")
+    check = export["check"]
+    megabytes = sum(export["bytes"].values()) / 1e6
+    lines = ["", "## OpenVINO IR", "",
+             f"`{export['directory']}/openvino_model.xml` (+ .bin, {megabytes:.1f} MB in all), inference precision "
+             f"{export['precision']} (OpenVINO runs it at {export['runs_at']} here). Run on the {split} beside the "
+             f"PyTorch model ({check['batches']} batches): largest logit difference {check['max_abs_diff']:.3g}, "
+             f"{check['relative_diff']:.2g} of the largest logit (tolerance {check['tolerance']['relative_logits']:g}).",
+             "", "| | PyTorch | OpenVINO IR | difference |", "|---|---:|---:|---:|"]
+    for name, metric in check["metrics"].items():
+        label = METRIC_LABELS.get(name, name).format(split=split)
+        lines.append(f"| {label} | {metric['pytorch']:.4f} | {metric['candidate']:.4f} | {metric['difference']:+.4f} |")
+    return lines + ["", "```python", export["load"], "```"]
 
 
 def _slimmed_without_zeros(report: dict) -> bool:

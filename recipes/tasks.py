@@ -136,6 +136,10 @@ class TextClassificationTask(_TransformersTask):
     def probe_batch(self) -> dict:
         return self.dev_batches[0]
 
+    def export_example(self) -> dict:
+        """Two rows of model inputs for a dynamic export (torch.export fixes a dimension of size 1)."""
+        return {name: tensor[:1].repeat(2, 1) for name, tensor in self.dev_batches[0].items() if name != "labels"}
+
     def macs_seq_len(self) -> int:
         return average_sequence_length(self.dev_batches)
 
@@ -246,6 +250,12 @@ class CausalLMTask(_TransformersTask):
 
     def probe_batch(self) -> dict:
         return {"input_ids": self.evaluation_windows[:1]}
+
+    def export_example(self) -> dict:
+        """Two rows of model inputs for a dynamic export (torch.export fixes a dimension of size 1); the IR takes an
+        attention mask, so a user can run padded batches."""
+        input_ids = self.evaluation_windows[:1].repeat(2, 1)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def macs_seq_len(self) -> int:
         return self.recipe.corpus.evaluation_seq_len
