@@ -8,7 +8,9 @@ cannot describe a slimmed model whose layers differ in size. `torch.export` trac
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 
 import openvino as ov
 import torch
@@ -33,6 +35,16 @@ class TokensToLogits(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         output = self.model(**dict(zip(self.input_names, tensors)), **self.options)
         return output.logits if hasattr(output, LOGITS) else output
+
+
+@contextlib.contextmanager
+def _without_pytree_notice():
+    """torch 2.13's own export code (and OpenVINO's reading of it) trips a deprecation notice of torch's pytree
+    module on every export: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def _first_line(error: BaseException) -> str:
@@ -60,13 +72,14 @@ def convert_to_openvino(model: nn.Module, example_inputs: dict[str, torch.Tensor
     args = tuple(example_inputs.values())
     dynamic_shapes = ((({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},) * len(args)),) if dynamic else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_pytree_notice():
             exported = torch.export.export(TokensToLogits(model.eval(), names), args, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # torch.export raises many types; the first line says what it could not trace
         raise OpenVINOExportError(f"cannot export {family} to OpenVINO: torch.export.export could not trace it "
                                   f"({_first_line(error)})") from error
     try:
-        converted = ov.convert_model(exported)
+        with _without_pytree_notice():
+            converted = ov.convert_model(exported)
     except Exception as error:
         raise OpenVINOExportError(f"cannot export {family} to OpenVINO: openvino.convert_model failed on the traced "
                                   f"graph ({_first_line(error)})") from error
