@@ -36,7 +36,8 @@ test: assets
 validate: install
 	$(BIN)/python -m recipes.validate recipes/*.yaml
 
-# The OpenVINO backend of the benchmarks (optimum-intel 2.1.0 + openvino; it downgrades safetensors to 0.7).
+# optimum-intel 2.1.0, for users' own comparisons (it downgrades safetensors to 0.7); the project's OpenVINO export
+# and benchmark backend need only openvino, a main dependency.
 openvino: install
 	$(BIN)/python -m pip install --quiet -e '.[openvino]'
 

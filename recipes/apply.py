@@ -1,5 +1,6 @@
 """Runs a recipe end to end: load, fine-tune (cached), evaluate, prune (one or more stages), slim (optional),
-evaluate, benchmark (optional), save, report.
+evaluate, benchmark (optional), export to OpenVINO IR and check it (optional), int8 quantization (optional), save,
+report.
 
     python -m recipes.apply minilm_mask_search_wanda.yaml   # a bare name is looked up in recipes/
     python -m recipes.apply path/to/my_recipe.yaml --run-dir runs/my-run --overwrite
@@ -22,14 +23,16 @@ from pathlib import Path
 
 import yaml
 
+from inc_plugins.atomic import write_text
 from inc_plugins.execution.distributed import rank, torchrun_process_group, world_size
 from inc_plugins.perf.memory import peak_rss_bytes
 from inc_plugins.inc import one_shot
 
-from .atomic import write_text
 from .benchmark_stage import benchmark_dense_and_pruned, select_benchmark_backends
+from .export_stage import EXPORT_DIR, export_and_check
 from .hub_access import require_hub_if_needed
 from .preflight import check_inputs
+from .quantize_stage import quantize_and_check
 from .pruning_stage import dense_prunable_macs, prunable_macs, slim_pruned_model, structure_or_none
 from .report import environment, layer_sparsity, weights_bytes
 from .run_dir import (Terminated, check_run_dir, fresh_path, interrupted_stream_stages, remove_stale_staging,
@@ -130,12 +133,12 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     """Runs the recipe and returns its run directory, which appears only once everything succeeded.
 
     Every task runs the same way: load (and fine-tune or train), evaluate, the stages in the recipe's order on the
-    same model (a stage may return a smaller one), evaluate, benchmark, save. With `slim: true` the model is
-    slimmed right after the last structured stage (mask_search, flap, wanda_sp, structured_magnitude), so later
-    stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a fraction of the weights that remain.
-    A failing stage leaves `<run>.failed` with the report so far. `resume`: a streamed stage continues the checkpoint
-    that an interrupted or killed run of the same `run_dir` left, from its last completed block (the recipe's earlier
-    steps run again)."""
+    same model (a stage may return a smaller one), evaluate, benchmark, export, quantize, save. With `slim: true` the
+    model is slimmed right after the last structured stage (mask_search, flap, wanda_sp, structured_magnitude), so
+    later stages (e.g. Wanda) prune the slimmed model and their target_sparsity is a fraction of the weights that
+    remain. A failing stage leaves `<run>.failed` with the report so far. `resume`: a streamed stage continues the
+    checkpoint that an interrupted or killed run of the same `run_dir` left, from its last completed block (the
+    recipe's earlier steps run again)."""
     started = datetime.now(timezone.utc)
     run_dir = check_run_dir(run_dir or default_run_dir(recipe, started), overwrite, allow_outside_cwd,
                             inputs=recipe.input_paths())
@@ -214,6 +217,20 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
             with timer("benchmark"):
                 report["benchmark"] = benchmark_dense_and_pruned(dense, model, benchmark)
             staged.stage_done("benchmark")
+
+        export = getattr(recipe, "export", None)
+        if export is not None:
+            with timer("export"):
+                report["export"] = export_and_check(task, model, export, staged.path / EXPORT_DIR, run_dir,
+                                                    report["metrics"]["after"])
+            staged.stage_done("export")
+
+        quantize = getattr(recipe, "quantize", None)
+        if quantize is not None:
+            with timer("quantize"):
+                report["quantize"] = quantize_and_check(task, model, quantize, export, staged.path, run_dir,
+                                                        report["metrics"]["after"])
+            staged.stage_done("quantize")
 
         with timer("save"):
             load = task.save(model, staged.path / "model", slimming is not None, run_dir / "model")

@@ -18,7 +18,7 @@ from inc_plugins.models.structure_masks import MaskStructure, mask_structure
 from inc_plugins.post_training import masked_macs
 
 from .movie_snippets import Example
-from .schema import PruningStage, RecipeError
+from .schema import PruningStage, Quantize, RecipeError
 from .text_classification import tokenized_batches, train
 
 
@@ -45,9 +45,10 @@ def run_pruning_stage(model: torch.nn.Module, stage: PruningStage, tokenizer, tr
     return prune_with_batches(model, stage, calibration=calibration, n_calibration=n_calibration, training=training)
 
 
-def calibration_batches(stage: PruningStage, tokenizer, train_examples: list[Example],
+def calibration_batches(stage: PruningStage | Quantize, tokenizer, train_examples: list[Example],
                         max_length: int) -> tuple[list, int]:
-    """(batches, samples) of a one-shot stage's calibration: `calibration_samples` examples drawn with its seed."""
+    """(batches, samples) of a one-shot (or quantize) stage's calibration: `calibration_samples` examples drawn with its
+    seed, in batches of its `batch_size`."""
     sample = random.Random(stage.seed).sample(train_examples, min(stage.calibration_samples, len(train_examples)))
     return tokenized_batches(tokenizer, sample, stage.batch_size, max_length), len(sample)
 

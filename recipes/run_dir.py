@@ -23,7 +23,8 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
-from .atomic import write_json, write_text
+from inc_plugins.atomic import write_json, write_text
+
 from .recipe_base import RecipeError
 
 RUN_MARKER = ".inc-plugins-run.json"  # written last into every run directory, failed ones included

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError, create_model, model_validator
 
 import inc_plugins  # registers the plugins' pruning types, which stages name
+from inc_plugins.deploy.openvino_export import PRECISIONS
+from inc_plugins.deploy.output_comparison import DEFAULT_TOLERANCES, Tolerance
 from inc_plugins.inc import one_shot
 from inc_plugins.inc.config_checks import check_pruner_settings
 from inc_plugins.inc.layer_selection import compiled
@@ -261,6 +263,59 @@ class Benchmark(Strict):
     seed: Seed = 0
 
 
+class _ComparedWithPyTorch(Strict):
+    """Tolerances of a deployed model's check against the PyTorch model; None: `DEFAULT_TOLERANCES[...]`."""
+
+    max_relative_logit_diff: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="largest |logit difference| over the largest |logit| of the PyTorch model")
+    metric_tolerance: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="accuracy and F1: absolute difference; perplexity: relative difference")
+
+    def tolerance_against(self, default: Tolerance) -> Tolerance:
+        return Tolerance(default.relative_logits if self.max_relative_logit_diff is None
+                         else self.max_relative_logit_diff,
+                         default.metric if self.metric_tolerance is None else self.metric_tolerance)
+
+
+class Export(_ComparedWithPyTorch):
+    """Optional stage after the last evaluation: the final model (pruned, slimmed) as OpenVINO IR in `<run>/openvino/`
+    (`openvino_model.xml/.bin`, float32 weights, batch and sequence length free), with `precision` as its inference
+    hint. The IR is then run on the evaluation data beside the PyTorch model: the largest logit difference (over the
+    largest logit) and the metric of each go into report.json; past the tolerance the run fails (a conversion bug)."""
+
+    format: Literal["openvino"] = "openvino"
+    precision: Literal[tuple(PRECISIONS)] = "fp32"
+
+    def tolerance(self) -> Tolerance:
+        return self.tolerance_against(DEFAULT_TOLERANCES[self.precision])
+
+
+class Quantize(_ComparedWithPyTorch):
+    """Optional stage after export: static int8 post-training quantization of the final model, calibrated on
+    `calibration_samples` examples of the recipe's calibration data (training examples; for causal_lm, windows of the
+    calibration text) drawn with `seed`. `nncf`: `nncf.quantize` of the OpenVINO IR, written to
+    `<run>/openvino_int8/` (inference hint: export.precision, else fp32), the deployable int8 model. `inc`: INC
+    3.7.1's PyTorch post-training quantization (its 2.x `fit` API: the 3.x one needs IPEX or torch's removed PT2E
+    quantizer), evaluated in PyTorch and not saved. Each is evaluated beside the float PyTorch model (metric, largest
+    logit difference) and checked to keep every pruned zero at zero; past the tolerance the report says so (int8
+    losing accuracy is a result, not a broken run)."""
+
+    methods: Annotated[list[Literal["nncf", "inc"]], Field(min_length=1, max_length=2)] = Field(
+        default_factory=lambda: ["nncf"])
+    calibration_samples: CalibrationSamples = 300  # NNCF's default subset size
+    batch_size: BatchSize = 8  # of the calibration batches (NNCF then reads them one sample at a time)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _each_method_once(self):
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"quantize.methods names a method twice: {self.methods}")
+        return self
+
+    def tolerance(self) -> Tolerance:
+        return self.tolerance_against(DEFAULT_TOLERANCES["int8"])
+
+
 class Output(Strict):
     """Runs go to `<dir>/<recipe name>-<UTC time>/`; an existing run directory is never overwritten."""
 
@@ -281,6 +336,8 @@ class _TransformersRecipe(Strict):
     slim: bool = False
     evaluation: Evaluation = Field(default_factory=Evaluation)
     benchmark: Benchmark | None = None
+    export: Export | None = None
+    quantize: Quantize | None = None
     output: Output = Field(default_factory=Output)
 
     @model_validator(mode="after")
@@ -361,7 +418,8 @@ class CausalLMRecipe(_TransformersRecipe):
         """What in this recipe a streamed model cannot run (empty: it can stream)."""
         return [what for what, present in (
             ("model.hub_id (stream a local directory or asset)", self.model.hub_id is not None),
-            ("benchmark", self.benchmark is not None), ("slim: true", self.slim),
+            ("benchmark", self.benchmark is not None), ("slim: true", self.slim), ("export", self.export is not None),
+            ("quantize", self.quantize is not None),
             *((f"pruning stage {i} ({stage.pruning_type}): streaming runs "
                f"{', '.join(one_shot.streaming_types())}", stage.pruning_type not in one_shot.streaming_types())
               for i, stage in enumerate(self.pruning)),

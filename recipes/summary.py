@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
+from inc_plugins.atomic import write_text
 from inc_plugins.inc import one_shot
-
-from .atomic import write_text
 
 # {split}: the examples the task evaluates on (report["evaluated_on"]: dev sentences, test images, ...)
 METRIC_LABELS = {"accuracy": "{split} accuracy", "f1": "{split} F1", "perplexity": "perplexity"}
@@ -96,10 +95,62 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
                       f"token ids (seeded)."]
     if plot_name:
         lines += ["", f"![heads and neurons kept, per-layer sparsity]({plot_name})"]
+    if report.get("export"):
+        lines += _export_lines(report)
+    if report.get("quantize"):
+        lines += _quantize_lines(report)
     seconds = report["stage_seconds"]
     lines += ["", "## Time", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
     lines += ["", "## Load the model", "", "```python", report["model"]["load"], "```", ""]
     return "\n".join(lines)
+
+
+def _export_lines(report: dict) -> list[str]:
+    """The OpenVINO IR section: where it is, its precision, and how it compares with the PyTorch model."""
+    export, split = report["export"], report.get("evaluated_on", "dev")
+    check = export["check"]
+    megabytes = sum(export["bytes"].values()) / 1e6
+    lines = ["", "## OpenVINO IR", "",
+             f"`{export['directory']}/openvino_model.xml` (+ .bin, {megabytes:.1f} MB in all), inference precision "
+             f"{export['precision']} (OpenVINO runs it at {export['runs_at']} here). Run beside the PyTorch model on the "
+             f"same {split} batches ({check['batches']}): largest logit difference {check['max_abs_diff']:.3g}, "
+             f"{check['relative_diff']:.2g} of the largest logit (tolerance {check['tolerance']['relative_logits']:g}).",
+             "", "| | PyTorch | OpenVINO IR | difference |", "|---|---:|---:|---:|"]
+    for name, metric in check["metrics"].items():
+        label = METRIC_LABELS.get(name, name).format(split=split)
+        lines.append(f"| {label} | {metric['pytorch']:.4f} | {metric['candidate']:.4f} | {metric['difference']:+.4f} |")
+    return lines + ["", "```python", export["load"], "```"]
+
+
+QUANTIZERS = {"nncf": "OpenVINO IR, int8 (NNCF)", "inc": "PyTorch, int8 (INC 3.7.1)"}
+
+
+def _quantize_lines(report: dict) -> list[str]:
+    """The int8 section: each quantizer's metric beside the float PyTorch model's, and the pruned zeros it kept."""
+    quantize, split = report["quantize"], report.get("evaluated_on", "dev")
+    methods = quantize["methods"]
+    lines = ["", "## int8 (static post-training quantization)", "",
+             f"Calibrated on {quantize['calibration_samples']} samples (seed {quantize['seed']}), evaluated on the "
+             f"{split} beside the float PyTorch model.", "",
+             "| model | metric | float PyTorch | int8 | difference | pruned zeros kept | max logit diff |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for method, result in methods.items():
+        if not result["ran"]:
+            lines.append(f"| {QUANTIZERS[method]} | failed: {result['error']} | | | | | |")
+            continue
+        check, zeros = result["check"], result["pruned_zeros"]
+        kept = f"{zeros['zeros_kept']:,} of {zeros['zeros']:,}" if zeros["zeros"] else "(no zero weights)"
+        for name, metric in check["metrics"].items():
+            label = METRIC_LABELS.get(name, name).format(split=split)
+            lines.append(f"| {QUANTIZERS[method]} | {label} | {metric['pytorch']:.4f} | {metric['candidate']:.4f} | "
+                         f"{metric['difference']:+.4f} | {kept} | {check['max_abs_diff']:.3g} |")
+    outside = [f"{QUANTIZERS[m]}: {'; '.join(r['check']['failures'])}" for m, r in methods.items()
+               if r["ran"] and not r["check"]["within_tolerance"]]
+    if outside:
+        lines += ["", "Outside the int8 tolerance: " + " / ".join(outside) + "."]
+    if methods.get("nncf", {}).get("ran"):
+        lines += ["", "```python", methods["nncf"]["load"], "```"]
+    return lines
 
 
 def _slimmed_without_zeros(report: dict) -> bool:

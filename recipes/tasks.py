@@ -27,9 +27,10 @@ from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
 from .streaming_choice import StreamedCheckpoint, open_streamed, streams
 from .image_classification import ImageClassificationTask
-from .pruning_stage import StageOutcome, prune_checkpoint_stage, prune_with_batches, run_pruning_stage
+from .pruning_stage import (StageOutcome, calibration_batches, prune_checkpoint_stage, prune_with_batches,
+                            run_pruning_stage)
 from .report import parameter_counts
-from .schema import CausalLMRecipe, PruningStage, RecipeError, TextClassificationRecipe, TextSource
+from .schema import CausalLMRecipe, PruningStage, Quantize, RecipeError, TextClassificationRecipe, TextSource
 from .shape_checks import check_pattern_fits
 from .tabular_data import file_examples, hub_examples
 from .text_classification import epochs_to_steps, evaluate, evaluated_model, tokenized_batches, train
@@ -136,6 +137,15 @@ class TextClassificationTask(_TransformersTask):
     def probe_batch(self) -> dict:
         return self.dev_batches[0]
 
+    def export_example(self) -> dict:
+        """Two rows of model inputs for a dynamic export (torch.export fixes a dimension of size 1)."""
+        return {name: tensor[:1].repeat(2, 1) for name, tensor in self.dev_batches[0].items() if name != "labels"}
+
+    def calibration_inputs(self, settings: Quantize) -> list[dict]:
+        """Model-input batches of `settings.calibration_samples` training examples drawn with `settings.seed`."""
+        batches, _ = calibration_batches(settings, self.tokenizer, self.train_examples, self.recipe.data.max_length)
+        return [{name: tensor for name, tensor in batch.items() if name != "labels"} for batch in batches]
+
     def macs_seq_len(self) -> int:
         return average_sequence_length(self.dev_batches)
 
@@ -191,7 +201,8 @@ class CausalLMTask(_TransformersTask):
         self.in_memory_dtype = str(model.dtype).removeprefix("torch.")  # (a streamed model's: self.streamed.dtype)
         return model
 
-    def _windows(self, stage: PruningStage) -> torch.Tensor:
+    def _windows(self, stage: PruningStage | Quantize) -> torch.Tensor:
+        """`stage.calibration_samples` windows of the calibration text, drawn with `stage.seed`."""
         try:
             return windows_of(self.calibration_ids, stage.calibration_samples, self.recipe.corpus.calibration_seq_len,
                               seed=stage.seed)
@@ -251,6 +262,19 @@ class CausalLMTask(_TransformersTask):
 
     def probe_batch(self) -> dict:
         return {"input_ids": self.evaluation_windows[:1]}
+
+    def export_example(self) -> dict:
+        """Two rows of model inputs for a dynamic export (torch.export fixes a dimension of size 1); the IR takes an
+        attention mask, so a user can run padded batches."""
+        input_ids = self.evaluation_windows[:1].repeat(2, 1)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    def calibration_inputs(self, settings: Quantize) -> list[dict]:
+        """Model-input batches of `settings.calibration_samples` windows of the calibration text drawn with
+        `settings.seed`, as a pruning stage draws its own."""
+        windows = self._windows(settings)
+        return [{"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+                for batch in windows.split(settings.batch_size)]
 
     def macs_seq_len(self) -> int:
         return self.recipe.corpus.evaluation_seq_len

@@ -32,7 +32,7 @@ import transformers  # noqa: E402
 import yaml  # noqa: E402
 
 from inc_plugins.perf.machine import load_average, machine_description  # noqa: E402
-from recipes.atomic import write_json, write_text  # noqa: E402
+from inc_plugins.atomic import write_json, write_text  # noqa: E402
 
 RESULTS_DIR = Path("benchmarks/results")
 SETTINGS_FILE = Path(__file__).with_name("settings.yaml")

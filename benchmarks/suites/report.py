@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.studies.common import empty_figure, save_figure
 from inc_plugins.perf.backends import BACKENDS
-from recipes.atomic import write_text
+from inc_plugins.atomic import write_text
 
 VARIANT_ORDER = ("dense", "slim40", "wanda50", "wanda2:4")
 VARIANT_LABELS = {"dense": "dense", "slim40": "slimmed, 40% FLOPs removed (mask search)",

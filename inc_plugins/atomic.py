@@ -31,10 +31,14 @@ def write_json(path: Path, data) -> None:
 def staged_directory(final: Path):
     """Yields a temporary sibling directory that becomes `final` only if the block succeeds.
 
-    Refuses to replace an existing `final`: earlier results are never silently overwritten.
+    Refuses to replace an existing `final` unless it is an empty directory (the rename replaces that): earlier
+    results are never overwritten. The check is repeated at the rename, which also refuses a non-empty directory.
     """
-    if final.exists():
-        raise FileExistsError(f"{final} already exists; refusing to overwrite it")
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        if not final.is_dir() or final.is_symlink() or any(final.iterdir()):
+            raise FileExistsError(f"{final} already exists and is not an empty directory; refusing to overwrite it: "
+                                  f"choose a new directory or remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
