@@ -10,7 +10,7 @@ IPEX_VENV ?= $(HOME)/.cache/inc-plugins/venv-ipex
 RECIPE ?= minilm_mask_search.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install assets demo test validate openvino bench-smoke bench ipex-env clean clean-ipex
+.PHONY: install assets demo test validate bench-smoke bench ipex-env clean clean-ipex
 
 # torch==2.13.0 goes in first: it is the CPU wheel these machines carry, and installing the project
 # with no torch present could let pip pick a multi-GB CUDA build.
@@ -35,11 +35,6 @@ test: assets
 
 validate: install
 	$(BIN)/python -m recipes.validate recipes/*.yaml
-
-# optimum-intel 2.1.0, for users' own comparisons (it downgrades safetensors to 0.7); the project's OpenVINO export
-# and benchmark backend need only openvino, a main dependency.
-openvino: install
-	$(BIN)/python -m pip install --quiet -e '.[openvino]'
 
 # Every benchmark suite once on the tiny encoder and decoder, default backend: what CI runs (timings meaningless).
 bench-smoke: install

@@ -1,4 +1,4 @@
-"""The README's "Writing a pruner" example, run for real: a new one-shot pruning type ("l1_channel") is a settings
+"""docs/writing_a_pruner.md's example, run for real: a new one-shot pruning type ("l1_channel") is a settings
 model, a `prune` method and one registration line, and then runs through `inc_plugins.prepare_pruning`."""
 
 import copy
@@ -17,7 +17,7 @@ from tests.fixtures.tiny_models import tiny_cnn
 
 IMAGES = image_batches(n_batches=2, batch_size=4)
 
-# --- the README example (with `from inc_plugins import OneShotPruning, PluginSettings, register_one_shot_pruning`)
+# --- the docs/writing_a_pruner.md example (with `from inc_plugins import OneShotPruning, PluginSettings, ...`) ---
 
 
 class L1ChannelSettings(PluginSettings):
@@ -46,7 +46,7 @@ def register_l1_channel():  # in inc_plugins/inc/registry.py this is the one lin
     register_one_shot_pruning("l1_channel", settings=L1ChannelSettings, needs_data=False,
                               default_pattern="1xchannel")(L1ChannelPruning)
 
-# --- end of the README example -------------------------------------------------------------------------------
+# --- end of the docs/writing_a_pruner.md example ----------------------------------------------------------------------
 
 
 @pytest.fixture
