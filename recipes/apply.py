@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from inc_plugins.atomic import write_text
+from inc_plugins.deploy import RecordedOutputs
 from inc_plugins.execution.distributed import rank, torchrun_process_group, world_size
 from inc_plugins.perf.memory import peak_rss_bytes
 from inc_plugins.inc import one_shot
@@ -147,6 +148,7 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
     require_hub_if_needed(recipe)  # before any loading: offline, a hub recipe stops here at once
     # only the transformers tasks have these sections; the image task neither slims nor benchmarks
     benchmark, slim = getattr(recipe, "benchmark", None), getattr(recipe, "slim", False)
+    export, quantize = getattr(recipe, "export", None), getattr(recipe, "quantize", None)
     if benchmark is not None:
         select_benchmark_backends(benchmark.backends)  # a misspelt backend fails now, not after pruning
 
@@ -197,7 +199,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
                 staged.stage_done("slim")
 
         with timer("evaluate_after"):
-            report["metrics"]["after"] = task.evaluate(model, desc="evaluate pruned")
+            # the export and quantize stages compare their forms with these logits rather than run the model again
+            evaluated = RecordedOutputs(model) if export is not None or quantize is not None else model
+            report["metrics"]["after"] = task.evaluate(evaluated, desc="evaluate pruned")
         report["parameters"]["after"] = task.size(model)
         report["macs"] = None
         if structure is not None:
@@ -215,21 +219,20 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, overwrite: bool = False,
 
         if benchmark is not None:
             with timer("benchmark"):
-                report["benchmark"] = benchmark_dense_and_pruned(dense, model, benchmark)
+                report["benchmark"] = benchmark_dense_and_pruned(
+                    dense, model, benchmark, task.calibration_inputs(quantize) if quantize is not None else None)
             staged.stage_done("benchmark")
 
-        export = getattr(recipe, "export", None)
         if export is not None:
             with timer("export"):
-                report["export"] = export_and_check(task, model, export, staged.path / EXPORT_DIR, run_dir,
-                                                    report["metrics"]["after"])
+                report["export"] = export_and_check(task, model, evaluated, export, staged.path / EXPORT_DIR,
+                                                    run_dir, report["metrics"]["after"])
             staged.stage_done("export")
 
-        quantize = getattr(recipe, "quantize", None)
         if quantize is not None:
             with timer("quantize"):
-                report["quantize"] = quantize_and_check(task, model, quantize, export, staged.path, run_dir,
-                                                        report["metrics"]["after"])
+                report["quantize"] = quantize_and_check(task, model, evaluated, quantize, export, staged.path,
+                                                        run_dir, report["metrics"]["after"])
             staged.stage_done("quantize")
 
         with timer("save"):

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import torch
 
-from inc_plugins.deploy import ComparedModel, compare_outputs, export_openvino, load_openvino
+from inc_plugins.deploy import export_openvino, load_openvino
 
+from .deployed_check import evaluated_beside
 from .recipe_base import RecipeError
 from .schema import Export
 
@@ -20,15 +21,14 @@ LOAD_IR = ('import openvino as ov\n'
            'logits = model(dict(tokenizer(["some text"], return_tensors="np")))["logits"]')
 
 
-def export_and_check(task, model: torch.nn.Module, settings: Export, directory: Path, final: Path,
-                     pytorch_metrics: dict) -> dict:
+def export_and_check(task, model: torch.nn.Module, reference: torch.nn.Module, settings: Export, directory: Path,
+                     final: Path, pytorch_metrics: dict) -> dict:
     """Writes `model` as IR into `directory` (the run's staging path; `final` is where it will be), runs it over the
-    task's evaluation data beside `model`, and returns what report.json records. RecipeError past the tolerance."""
+    task's evaluation data beside `reference` (`model`, or its recorded logits), and returns what report.json
+    records. RecipeError past the tolerance."""
     export_openvino(model, task.export_example(), directory, settings.precision)
     ir = load_openvino(directory)
-    compared = ComparedModel(ir, model)
-    ir_metrics = task.evaluate(compared, desc="evaluate OpenVINO IR")
-    comparison = compare_outputs(compared, pytorch_metrics, ir_metrics, settings.tolerance())
+    comparison = evaluated_beside(task, ir, reference, "evaluate OpenVINO IR", pytorch_metrics, settings.tolerance())
     if not comparison.within_tolerance:
         raise RecipeError(f"the OpenVINO IR ({settings.precision}) does not compute what the PyTorch model computes: "
                           f"{'; '.join(comparison.failures)}; the IR is in {directory}. Raise export.max_relative_logit_diff "

@@ -93,6 +93,9 @@ def markdown_summary(report: dict, plot_name: str | None) -> str:
         lines += ["", f"Latency: median of {benchmark['rounds']} rounds that time dense and pruned alternately, "
                       f"{benchmark['threads']} threads, a batch of {shape['batch_size']} x {shape['seq_len']} random "
                       f"token ids (seeded)."]
+        for backend, timing in benchmark["backends"].items():
+            if timing.get("calibrated_on"):
+                lines[-1] += f" {backend}: both models quantized to int8, calibrated on {timing['calibrated_on']}."
     if plot_name:
         lines += ["", f"![heads and neurons kept, per-layer sparsity]({plot_name})"]
     if report.get("export"):

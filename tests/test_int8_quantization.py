@@ -111,6 +111,7 @@ def test_int8_after_pruning_on_a_synthetic_separable_task_keeps_accuracy_and_zer
         "pruning": [{"pruning_type": "wanda", "pattern": "1x1", "target_sparsity": 0.5, "op_names": ["bert.encoder"],
                      "calibration_samples": 32, "batch_size": 16}],
         "evaluation": {"batch_size": 32},
+        "benchmark": {"backends": ["openvino-int8-fp32"], "batch_size": 2, "seq_len": 16, "warmup": 1, "rounds": 2},
         "export": {},
         "quantize": {"methods": ["nncf", "inc"], "calibration_samples": 64, "seed": 3},
     })
@@ -135,6 +136,11 @@ def test_int8_after_pruning_on_a_synthetic_separable_task_keeps_accuracy_and_zer
     summary = (run_dir / "summary.md").read_text()
     assert "## int8 (static post-training quantization)" in summary
     assert "| OpenVINO IR, int8 (NNCF) | dev accuracy |" in summary and "| PyTorch, int8 (INC 3.7.1) | dev accuracy |" in summary
+    # the benchmark's int8 backend quantized both models on the quantize stage's samples
+    timing = report["benchmark"]["backends"]["openvino-int8-fp32"]
+    assert timing["available"] and timing["dense_seconds"] > 0 and timing["pruned_seconds"] > 0
+    assert timing["calibrated_on"] == "the quantize stage's 64 calibration samples"
+    assert "openvino-int8-fp32: both models quantized to int8, calibrated on the quantize stage's 64" in summary
 
 
 def test_int8_of_a_pruned_causal_lm_records_perplexity_and_keeps_zeros(tiny_lm):  # noqa: F811

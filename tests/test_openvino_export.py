@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from inc_plugins.deploy import (ComparedModel, OpenVINOExportError, Tolerance, compare_outputs, export_openvino,
-                                load_openvino, stored_precision)
+from inc_plugins.deploy import (ComparedModel, OpenVINOExportError, RecordedOutputs, Tolerance, compare_outputs,
+                                export_openvino, load_openvino, stored_precision)
 from inc_plugins.deploy.openvino_export import IR_FILE
 from inc_plugins.models.surgery_transformers import slim_model
 from tests.fixtures.calibration_data import token_batches
@@ -126,6 +126,43 @@ def test_compare_outputs_reports_the_logit_difference_and_metric_agreement(expor
     far = compare_outputs(compared, {"accuracy": 0.90}, {"accuracy": 0.88}, Tolerance(relative_logits=0.0, metric=0.01))
     assert not far.within_tolerance and len(far.failures) == 2
     assert "accuracy 0.8800 vs PyTorch 0.9000" in far.failures[1]
+
+
+class CountingModel(nn.Module):
+    """`model`, counting its calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **inputs):
+        self.calls += 1
+        return self.model(**inputs)
+
+
+@pytest.mark.parametrize("kept_batches", [3, 1])
+def test_recorded_logits_compare_as_the_model_run_again_without_running_it(exported, kept_batches, one_thread):
+    """The check of a deployed form against logits the evaluation kept gives the comparison that running the PyTorch
+    model again gives; past its byte budget the recording keeps a prefix and the later batches run the model."""
+    model, directory = exported("llama")
+    ir = load_openvino(directory)
+    live = ComparedModel(ir, model)
+    for batch in CHECK_BATCHES:
+        live(**batch)
+    counted = CountingModel(model)
+    with torch.no_grad():
+        sizes = [model(**batch).logits.numel() * 4 for batch in CHECK_BATCHES]
+    recorded = RecordedOutputs(counted, max_bytes=sum(sizes[:kept_batches]))
+    for batch in CHECK_BATCHES:
+        recorded(**batch)
+    assert len(recorded.recorded) == kept_batches and counted.calls == len(CHECK_BATCHES)
+    replayed = ComparedModel(ir, recorded)
+    for batch in CHECK_BATCHES:
+        replayed(**batch)
+    assert counted.calls == 2 * len(CHECK_BATCHES) - kept_batches  # only the batches not kept ran again
+    metrics = {"perplexity": 10.0}
+    assert (compare_outputs(replayed, metrics, metrics, Tolerance(1e-5, 1e-3))
+            == compare_outputs(live, metrics, metrics, Tolerance(1e-5, 1e-3)))
 
 
 class SyntheticDataDependentClassifier(nn.Module):

@@ -123,3 +123,22 @@ def test_latency_tables_time_layers_on_registry_backends_only():
         layer_backend("eager", "fp16")
     with pytest.raises(BackendUnavailable, match="runs whole token models only"):
         BACKENDS["openvino-fp32"].prepare_module(layer)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_backend_times_the_quantized_model_at_the_examples_shape(batch, monkeypatch, one_thread):
+    """openvino-int8-fp32 quantizes on the calibration batches it is given (else on the timed inputs) and runs at the
+    example's shape; its logits stay near the float model's (int8 weights and activations)."""
+    seen = []
+    real = backends.quantize_ir_int8
+    monkeypatch.setattr(backends, "quantize_ir_int8", lambda model, batches: seen.append(batches) or real(model, batches))
+    model, inputs = tiny_bert_classifier(), token_batches(1, batch, 16)[0]
+    calibration = token_batches(2, 4, 12, seed=5)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    for given, used in ((calibration, calibration), (None, [inputs])):
+        logits = BACKENDS["openvino-int8-fp32"].prepare(model, inputs, given)(inputs)
+        assert logits.dtype == torch.float32 and logits.shape == expected.shape
+        assert (logits - expected).abs().max().item() <= 0.25 * expected.abs().max().item()
+        assert len(seen[-1]) == len(used)
+        assert all(torch.equal(got["input_ids"], want["input_ids"]) for got, want in zip(seen[-1], used))

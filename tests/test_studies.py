@@ -205,3 +205,35 @@ def test_streaming_smollm2_quick(tmp_path):
         assert row["in_memory"]["perplexity"] == row["streamed"]["perplexity"]
     ranks = data["ranks"]
     assert [r["samples"] for r in ranks["per_rank"]] == [2, 2] and ranks["comparison"]["mask_entries_differing"] == 0
+
+
+def test_deploy_minilm_quick_in_two_steps(tmp_path):
+    """The prune step measures every (model, backend) form's accuracy and sizes; the latency step, run apart as on a
+    quiet machine, times each of them at every shape against dense eager fp32; a second prune step into the same
+    models directory refuses instead of overwriting."""
+    models = tmp_path / "models"
+    run_study("deploy_minilm", "--step", "prune", "--models-dir", str(models), out=tmp_path)
+    pruned = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
+    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40"}
+    backends = pruned["settings"]["backends"]
+    for name, model in pruned["models"].items():
+        assert set(model["forms"]) == set(backends), name
+        assert all("accuracy" in form or form["reason"] for form in model["forms"].values()), name
+        assert model["bytes"]["openvino_int8_ir_bin"] < model["bytes"]["openvino_ir_bin"], model["bytes"]
+    assert pruned["models"]["pruned_40"]["parameters"] < pruned["models"]["dense"]["parameters"]
+
+    run_study("deploy_minilm", "--step", "latency", "--models-dir", str(models), out=tmp_path)
+    data = results(tmp_path / "deploy_minilm_quick.json", "settings", "models", "latency", "target")
+    available = [b for b in backends if pruned["models"]["dense"]["forms"][b]["available"]]
+    for shape in data["latency"]["shapes"]:
+        timed = {(t["model"], t["backend"]) for t in shape["timings"]}
+        assert timed == {(name, b) for name in pruned["models"] for b in available}
+        baseline = next(t for t in shape["timings"] if (t["model"], t["backend"]) == ("dense", "eager-fp32"))
+        assert baseline["speedup_vs_dense_eager_fp32"] == 1.0
+    assert data["target"]["model"] == "pruned_40" and "int8" in data["target"]["backend"]
+    assert set(data["latency"]["cpu_features"]) >= {"avx512_vnni", "amx_int8"}
+
+    again = subprocess.run([sys.executable, "-m", "benchmarks.studies.deploy_minilm", "--quick", "--step", "prune",
+                            "--models-dir", str(models), "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode != 0 and "is not empty" in again.stderr

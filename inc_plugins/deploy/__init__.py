@@ -12,7 +12,9 @@ layers differ in size), so `perf` (the benchmark backends) converts through it t
 from .openvino_conversion import OpenVINOExportError, TokensToLogits, convert_to_openvino
 from .openvino_export import PRECISIONS, export_openvino, load_openvino, stored_precision
 from .openvino_model import OpenVINOTokenModel
-from .output_comparison import DEFAULT_TOLERANCES, ComparedModel, OutputComparison, Tolerance, compare_outputs
+from .output_comparison import (DEFAULT_TOLERANCES, ComparedModel, OutputComparison, RecordedOutputs, Tolerance,
+                                compare_outputs)
 
-__all__ = ["DEFAULT_TOLERANCES", "PRECISIONS", "OpenVINOExportError", "ComparedModel", "OpenVINOTokenModel", "OutputComparison", "Tolerance", "TokensToLogits",
-           "compare_outputs", "convert_to_openvino", "export_openvino", "load_openvino", "stored_precision"]
+__all__ = ["DEFAULT_TOLERANCES", "PRECISIONS", "OpenVINOExportError", "ComparedModel", "OpenVINOTokenModel",
+           "OutputComparison", "RecordedOutputs", "Tolerance", "TokensToLogits", "compare_outputs", "convert_to_openvino",
+           "export_openvino", "load_openvino", "stored_precision"]

@@ -1,8 +1,10 @@
 """Does a deployed model compute what the PyTorch model computes? The largest logit difference over a data set, and
 whether the task's metric agrees within a stated tolerance.
 
-    compared = ComparedModel(ir, model)               # runs both on every call, returns the IR's outputs
-    ir_metrics = evaluate(compared, batches)          # any evaluation that calls model(**inputs).logits
+    recorded = RecordedOutputs(model)                 # the PyTorch model, keeping its logits batch by batch
+    pytorch_metrics = evaluate(recorded, batches)     # any evaluation that calls model(**inputs).logits
+    compared = ComparedModel(ir, recorded)            # runs the IR on every call, returns its outputs
+    ir_metrics = evaluate(compared, batches)          # compared with the kept logits (or `model` run again)
     result = compare_outputs(compared, pytorch_metrics, ir_metrics, Tolerance(1e-4, 0.002))
 
 The difference is read against the scale of the logits (`max_abs_diff / reference_max_abs`), so one tolerance fits a
@@ -50,9 +52,42 @@ class OutputComparison:
         return asdict(self)
 
 
+# logits kept by RecordedOutputs: all of a classifier's dev set is a few MB; a language model's windows (vocabulary-
+# wide logits) are hundreds of MB, past which the reference runs again instead
+RECORDED_BYTES = 256 * 2**20
+
+
+class RecordedOutputs(nn.Module):
+    """`model`, keeping the float32 logits of its calls in order (up to `max_bytes`), so the checks of several deployed
+    forms over the same batches read the PyTorch model's logits instead of running it once per form."""
+
+    def __init__(self, model: nn.Module, max_bytes: int = RECORDED_BYTES):
+        super().__init__()
+        self.model, self.max_bytes = model, max_bytes
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, logits) of each call
+        self.bytes = 0
+
+    def forward(self, **inputs):
+        output = self.model(**inputs)
+        logits = output.logits.detach().float()
+        if self.bytes + logits.numel() * logits.element_size() <= self.max_bytes:
+            self.recorded.append((inputs["input_ids"].clone(), logits))
+            self.bytes += logits.numel() * logits.element_size()
+        else:
+            self.max_bytes = self.bytes  # keep a prefix of the calls: the later ones run again
+        return output
+
+    def logits_for(self, call: int, inputs: dict) -> torch.Tensor:
+        """The logits of the `call`-th call if it was kept and had these token ids; else `model` run on `inputs`."""
+        if call < len(self.recorded) and torch.equal(self.recorded[call][0], inputs["input_ids"]):
+            return self.recorded[call][1]
+        return self.model(**inputs).logits.float()
+
+
 class ComparedModel(nn.Module):
-    """Calls `candidate` and `reference` with the same inputs; returns the candidate's output and keeps the largest
-    absolute logit difference (and the largest reference logit) seen."""
+    """Calls `candidate` and `reference` with the same inputs (a `RecordedOutputs` reference gives its kept logits
+    instead of running again); returns the candidate's output and keeps the largest absolute logit difference (and
+    the largest reference logit) seen."""
 
     def __init__(self, candidate: nn.Module, reference: nn.Module):
         super().__init__()
@@ -62,7 +97,10 @@ class ComparedModel(nn.Module):
     @torch.no_grad()
     def forward(self, **inputs):
         output = self.candidate(**inputs)
-        expected = self.reference(**inputs).logits.float()
+        if isinstance(self.reference, RecordedOutputs):
+            expected = self.reference.logits_for(self.batches, inputs)
+        else:
+            expected = self.reference(**inputs).logits.float()
         self.max_abs_diff = max(self.max_abs_diff, (output.logits.float() - expected).abs().max().item())
         self.reference_max_abs = max(self.reference_max_abs, expected.abs().max().item())
         self.batches += 1

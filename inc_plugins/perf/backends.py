@@ -11,6 +11,11 @@ something else.
 `run(inputs)` takes the model's keyword inputs (`input_ids`, `attention_mask`) and returns the logits as an fp32
 tensor, so outputs of every backend can be compared with eager fp32.
 
+The int8 backends (`openvino-int8-fp32`, `openvino-int8-bf16`: static int8 matmuls by NNCF, the other operations in
+fp32 or bf16) quantize the model in `prepare`, calibrated on the `calibration` batches it is given (the recipe's
+quantize-stage samples, so the timed graph is the one that was evaluated) or else on the timed inputs themselves: an
+int8 graph's speed does not depend on its ranges, its accuracy does, and accuracy is measured elsewhere.
+
 `prepare_module(module)` prepares one module (a transformer layer) to be called with its own arguments, for
 backends that can time a lone layer (`LAYER_BACKENDS`). Only eager fp32 can so far: inductor would compile one code
 object per layer size, and past dynamo's recompile limit (8) silently fall back to eager, so an inductor layer
@@ -31,12 +36,14 @@ import openvino as ov
 import torch
 from torch import nn
 
+from inc_plugins.deploy.int8_nncf import quantize_ir_int8
 from inc_plugins.deploy.openvino_conversion import convert_to_openvino
 from inc_plugins.deploy.openvino_model import OpenVINOTokenModel
 
 from .machine import cpu_description
 
 Runner = Callable[[dict], torch.Tensor]
+Calibration = list[dict]  # model-input batches ({name: [batch, sequence] tensor}) an int8 backend calibrates on
 
 
 class BackendUnavailable(RuntimeError):
@@ -52,10 +59,11 @@ class Availability:
 @dataclass(frozen=True)
 class Backend:
     name: str  # e.g. "inductor-freezing"
-    dtype: str  # "fp32" or "bf16"
+    dtype: str  # "fp32" or "bf16" (of an int8 backend: of the operations left in floating point)
     settings: dict = field(hash=False)
     check: Callable[[], Availability] = field(hash=False, repr=False)
-    build: Callable[[nn.Module, dict], Runner] = field(hash=False, repr=False)
+    # (model, example inputs, calibration batches or None) -> runner; only int8 backends read the calibration
+    build: Callable[[nn.Module, dict, Calibration | None], Runner] = field(hash=False, repr=False)
     # one module -> a callable with the module's own signature; None: this backend runs whole token models only
     build_module: Callable[[nn.Module], Callable[..., object]] | None = field(default=None, hash=False, repr=False)
 
@@ -66,12 +74,13 @@ class Backend:
     def availability(self) -> Availability:
         return self.check()
 
-    def prepare(self, model: nn.Module, example_inputs: dict) -> Runner:
-        """A callable that runs `model` on this backend; compiling/exporting happens here, for the example's shapes."""
+    def prepare(self, model: nn.Module, example_inputs: dict, calibration: Calibration | None = None) -> Runner:
+        """A callable that runs `model` on this backend; compiling/exporting (and, for int8, quantizing on
+        `calibration`, default the example) happens here, for the example's shapes."""
         availability = self.availability()
         if not availability.available:
             raise BackendUnavailable(f"backend {self.id} is unavailable: {availability.reason}")
-        return self.build(model.eval(), example_inputs)
+        return self.build(model.eval(), example_inputs, calibration)
 
     def prepare_module(self, module: nn.Module) -> Callable[..., object]:
         """A callable that runs `module` (e.g. one transformer layer) on this backend with its own arguments."""
@@ -126,8 +135,8 @@ def _logits(output) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ eager, inductor
 
 
-def _eager(autocast: bool) -> Callable[[nn.Module, dict], Runner]:
-    def build(model: nn.Module, example_inputs: dict) -> Runner:
+def _eager(autocast: bool) -> Callable[..., Runner]:
+    def build(model: nn.Module, example_inputs: dict, calibration: Calibration | None = None) -> Runner:
         def run(inputs: dict) -> torch.Tensor:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return _logits(model(**inputs))
@@ -141,8 +150,8 @@ def _module_as_is(module: nn.Module) -> Callable[..., object]:
     return module
 
 
-def _inductor(compile_kwargs: dict, autocast: bool) -> Callable[[nn.Module, dict], Runner]:
-    def build(model: nn.Module, example_inputs: dict) -> Runner:
+def _inductor(compile_kwargs: dict, autocast: bool) -> Callable[..., Runner]:
+    def build(model: nn.Module, example_inputs: dict, calibration: Calibration | None) -> Runner:
         # every model and shape compiles the same forward code objects: past dynamo's recompile limit (8) it would
         # silently fall back to eager, and the benchmark would time eager under an inductor label
         for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
@@ -173,8 +182,8 @@ def _ipex_available() -> Availability:
     return Availability(True, f"intel_extension_for_pytorch {ipex.__version__}, torch {torch.__version__}")
 
 
-def _ipex(dtype: torch.dtype) -> Callable[[nn.Module, dict], Runner]:
-    def build(model: nn.Module, example_inputs: dict) -> Runner:
+def _ipex(dtype: torch.dtype) -> Callable[..., Runner]:
+    def build(model: nn.Module, example_inputs: dict, calibration: Calibration | None) -> Runner:
         import intel_extension_for_pytorch as ipex
 
         # ipex.optimize rewrites weights in place (prepacking): work on a copy, the caller's model stays usable
@@ -199,20 +208,41 @@ def _openvino_bf16_available() -> Availability:
     return Availability(True, f"OpenVINO CPU capabilities: {', '.join(capabilities)}")
 
 
-def _openvino(precision: str) -> Callable[[nn.Module, dict], Runner]:
-    def build(model: nn.Module, example_inputs: dict) -> Runner:
-        tokens = {name: example_inputs[name] for name in ("input_ids", "attention_mask")}
+def _token_inputs(inputs: dict) -> dict:
+    return {name: inputs[name] for name in ("input_ids", "attention_mask")}
+
+
+def _compiled_runner(converted: ov.Model, precision: str, example_inputs: dict) -> Runner:
+    compiled = OpenVINOTokenModel(ov.Core().compile_model(converted, "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads()}))
+
+    def run(inputs: dict) -> torch.Tensor:
+        return compiled(**_token_inputs(inputs)).logits
+
+    run(example_inputs)
+    return run
+
+
+def _openvino(precision: str) -> Callable[..., Runner]:
+    def build(model: nn.Module, example_inputs: dict, calibration: Calibration | None) -> Runner:
         # specialised to the timed shape, as the other backends compile for it
-        converted = convert_to_openvino(model, tokens, dynamic=False)
-        compiled = OpenVINOTokenModel(ov.Core().compile_model(converted, "CPU", {
-            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads()}))
+        return _compiled_runner(convert_to_openvino(model, _token_inputs(example_inputs), dynamic=False), precision,
+                                example_inputs)
 
-        def run(inputs: dict) -> torch.Tensor:
-            return compiled(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return build
 
-        run(example_inputs)
-        return run
+
+def _openvino_int8(precision: str) -> Callable[..., Runner]:
+    def build(model: nn.Module, example_inputs: dict, calibration: Calibration | None) -> Runner:
+        tokens = _token_inputs(example_inputs)
+        # converted with free shapes, as the quantize stage does (calibration samples differ in length), then fixed to
+        # the timed shape like the float backends; a free batch needs an example of at least two rows
+        converted = convert_to_openvino(model, {name: tensor.repeat(2, 1) for name, tensor in tokens.items()})
+        batches = calibration if calibration is not None else [tokens]
+        quantized = quantize_ir_int8(converted, [_token_inputs(batch) for batch in batches])
+        quantized.reshape({name: list(tensor.shape) for name, tensor in tokens.items()})
+        return _compiled_runner(quantized, precision, example_inputs)
 
     return build
 
@@ -222,6 +252,10 @@ def _openvino(precision: str) -> Callable[[nn.Module, dict], Runner]:
 _OPENVINO_EXPORT = ("inc_plugins.deploy.convert_to_openvino (torch.export.export + openvino.convert_model): optimum-intel's from_pretrained export rebuilds "
                     "the model from its config, which cannot describe a slimmed model's per-layer sizes, so every "
                     "model (dense and pruned) takes this one path")
+
+_INT8 = ("inc_plugins.deploy.quantize_ir_int8 (nncf.quantize, transformer preset: int8 weights per output channel and "
+         "int8 activations; VNNI or AMX int8 where the CPU has them), calibrated on the calibration batches passed to "
+         "prepare, else on the timed inputs")
 
 BACKENDS: dict[str, Backend] = {b.id: b for b in (
     Backend("eager", "fp32", {}, _torch_available, _eager(autocast=False), build_module=_module_as_is),
@@ -242,6 +276,12 @@ BACKENDS: dict[str, Backend] = {b.id: b for b in (
                                  "export": _OPENVINO_EXPORT}, _openvino_available, _openvino("f32")),
     Backend("openvino", "bf16", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
                                  "export": _OPENVINO_EXPORT}, _openvino_bf16_available, _openvino("bf16")),
+    Backend("openvino-int8", "fp32", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                      "export": _OPENVINO_EXPORT, "quantization": _INT8},
+            _openvino_available, _openvino_int8("f32")),
+    Backend("openvino-int8", "bf16", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
+                                      "export": _OPENVINO_EXPORT, "quantization": _INT8},
+            _openvino_bf16_available, _openvino_int8("bf16")),
 )}
 
 LAYER_BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(b.name for b in BACKENDS.values() if b.build_module))

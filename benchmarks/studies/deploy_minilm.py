@@ -1,0 +1,298 @@
+"""From dense MiniLM to pruned int8: dev accuracy, size on disk and latency of every deployable form of the model.
+
+    python -m benchmarks.studies.deploy_minilm --step prune     # models, IRs and dev accuracy (no timing)
+    python -m benchmarks.studies.deploy_minilm --step latency   # alone, on a quiet machine
+    python -m benchmarks.studies.deploy_minilm --quick          # every step on the synthetic BERT, in seconds
+
+Issue #17's measurement. Models: the fine-tuned MiniLM-L6 of recipes/minilm_deploy.yaml (dense) and, for each
+fraction of settings.yaml, that recipe's pruning stage (mask_search, the full method) with its target replaced by the
+fraction, slimmed. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
+bf16 (autocast), OpenVINO fp32 and bf16, and OpenVINO int8 (NNCF static int8 on the recipe's quantize settings: 300
+training samples, seed 0), whose float parts run in fp32 or bf16.
+
+* prune step: dev accuracy and F1 of every (model, backend) form. The OpenVINO forms are evaluated as they are
+  exported (free batch and sequence length), quantized on the same samples as the latency step's int8 backends;
+  sizes on disk of the safetensors, the IR and the int8 IR.
+* latency step: every (model, backend) at each shape of settings.yaml (random token ids, seeded), all of one shape
+  timed in turn within each round (`inc_plugins.perf.timing`), so load that comes and goes hits all of them alike;
+  speed-ups against dense eager fp32 at that shape. The CPU features that ran are recorded (AVX-512 VNNI / BF16, AMX
+  if any; OpenVINO's own view of the CPU).
+
+The issue's target: pruned + int8 on the best backend >= 8x faster than dense eager fp32 at 32 x 128, within 1 point
+of dense accuracy. Writes <out>/deploy_minilm.{json,md} (--quick: deploy_minilm_quick.*).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import openvino as ov
+import torch
+from torch import nn
+
+import inc_plugins
+from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
+                                       steps_models_dir, study_parser, study_settings)
+from benchmarks.studies.sources import text_classification_task
+from inc_plugins.deploy import convert_to_openvino
+from inc_plugins.deploy.int8_nncf import quantize_ir_int8
+from inc_plugins.deploy.openvino_export import IR_FILE, write_openvino_ir
+from inc_plugins.deploy.openvino_model import OpenVINOTokenModel
+from inc_plugins.models.saving import load_slimmed, save_slimmed
+from inc_plugins.perf.backends import BACKENDS
+from inc_plugins.perf.machine import cpu_description, load_average
+from inc_plugins.perf.timing import interleaved_seconds, summary
+from recipes.pruning_stage import calibration_batches, run_pruning_stage
+from recipes.schema import load_recipe
+from recipes.text_classification import evaluate, tokenized_batches
+
+STUDY = "deploy_minilm"
+RECIPE = "minilm_deploy.yaml"
+DENSE = "dense"
+BASELINE = (DENSE, "eager-fp32")  # what every speed-up is measured against
+IR_WEIGHTS = Path(IR_FILE).with_suffix(".bin").name  # beside the IR's graph
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
+
+
+class _Autocast(nn.Module):
+    """`model` under bf16 autocast: eager bf16 with free shapes, for the accuracy of the eager-bf16 backend."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return SimpleNamespace(logits=self.model(**inputs).logits.float())
+
+
+def _hint(backend_id: str) -> str:
+    return BACKENDS[backend_id].settings["INFERENCE_PRECISION_HINT"]
+
+
+def _ir(model: nn.Module, example: dict, quantize_on: list[dict] | None) -> ov.Model:
+    """The model as the recipe's export stage writes it (free shapes), int8 as its quantize stage makes it when
+    `quantize_on` is given. (The timed backends leave out token_type_ids, all zeros here: the same computation.)"""
+    converted = convert_to_openvino(model, example)
+    return converted if quantize_on is None else quantize_ir_int8(converted, quantize_on)
+
+
+def _compiled(ir: ov.Model, hint: str) -> OpenVINOTokenModel:
+    return OpenVINOTokenModel(ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}))
+
+
+def _bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
+
+
+def accuracy_of_forms(name: str, model: nn.Module, backends: list[str], dev: list[dict], calibration: list[dict],
+                      models_dir: Path) -> dict:
+    """{backend id: dev metrics (or why it cannot run here)} of `model`, and the sizes of its files on disk (the
+    IRs are written to `models_dir`)."""
+    example = {key: tensor[:2] for key, tensor in dev[0].items() if key != "labels"}
+    float_ir, int8_ir = _ir(model, example, None), None
+    write_openvino_ir(float_ir, models_dir / f"{name}_ir")
+    forms = {}
+    for backend_id in backends:
+        availability = BACKENDS[backend_id].availability()
+        if not availability.available:
+            forms[backend_id] = {"available": False, "reason": availability.reason}
+            continue
+        if backend_id == "eager-fp32":
+            evaluated = model
+        elif backend_id == "eager-bf16":
+            evaluated = _Autocast(model)
+        elif "quantization" in BACKENDS[backend_id].settings:
+            if int8_ir is None:
+                int8_ir = _ir(model, example, calibration)
+                write_openvino_ir(int8_ir, models_dir / f"{name}_int8_ir")
+            evaluated = _compiled(int8_ir, _hint(backend_id))
+        else:
+            evaluated = _compiled(float_ir, _hint(backend_id))
+        forms[backend_id] = {"available": True, **evaluate(evaluated, dev, desc=f"{name} {backend_id}")}
+        print(f"{name} {backend_id}: accuracy {forms[backend_id]['accuracy']:.4f}", flush=True)
+    # whole directories, and the IRs' weights files alone (the .xml, the graph, is most of a tiny model's IR)
+    sizes = {"safetensors": _bytes(models_dir / name), "openvino_ir": _bytes(models_dir / f"{name}_ir"),
+             "openvino_ir_bin": (models_dir / f"{name}_ir" / IR_WEIGHTS).stat().st_size}
+    if int8_ir is not None:
+        sizes["openvino_int8_ir"] = _bytes(models_dir / f"{name}_int8_ir")
+        sizes["openvino_int8_ir_bin"] = (models_dir / f"{name}_int8_ir" / IR_WEIGHTS).stat().st_size
+    return {"forms": forms, "bytes": sizes, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path) -> dict:
+    """Prunes and slims at each fraction, saves the models under `models_dir`, measures every form's accuracy."""
+    dense, tokenizer, train_examples, dev_examples = text_classification_task(recipe, run.quick)
+    dev_examples = dev_examples[: settings["dev_examples"]] if settings["dev_examples"] else dev_examples
+    dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, recipe.data.max_length)
+    calibration = quantize_calibration(recipe, settings, tokenizer, train_examples)
+    template = recipe.pruning[0].model_copy(update={"calibration_samples": settings["calibration_samples"]})
+    results = {"benchmark": STUDY,
+               "settings": {"quick": run.quick, "recipe": RECIPE, **settings, "dev_examples": len(dev_examples),
+                            "quantize_samples": sum(len(b["input_ids"]) for b in calibration),
+                            "data_note": "movie-snippet sentiment, SST-2-like, not official SST-2"},
+               "models": {}}
+    dense.save_pretrained(models_dir / DENSE, safe_serialization=True)
+    results["models"][DENSE] = accuracy_of_forms(DENSE, dense, settings["backends"], dev, calibration, models_dir)
+    for fraction in settings["fractions"]:
+        name = f"pruned_{round(100 * fraction)}"
+        model = copy.deepcopy(dense)
+        outcome = run_pruning_stage(model, template.model_copy(update={"target_sparsity": fraction}), tokenizer,
+                                    train_examples, recipe.data.max_length)
+        model = inc_plugins.slim(model, outcome.result)
+        save_slimmed(model, models_dir / name)
+        results["models"][name] = {"target": fraction, "prune_seconds": outcome.report["prune_seconds"],
+                                   "flops_removed": outcome.report["mask_search"]["removed_fraction"],
+                                   **accuracy_of_forms(name, model, settings["backends"], dev, calibration, models_dir)}
+        run.write_progress(results)
+    results["prune_step_load_average"] = dict(run.load_averages, end=load_average())
+    return results
+
+
+def quantize_calibration(recipe, settings: dict, tokenizer, train_examples) -> list[dict]:
+    """The quantize stage's calibration batches of the recipe (its samples, seed and batch size)."""
+    stage = recipe.quantize.model_copy(update={"calibration_samples": settings["quantize_samples"]})
+    batches, _ = calibration_batches(stage, tokenizer, train_examples, recipe.data.max_length)
+    return [{key: tensor for key, tensor in batch.items() if key != "labels"} for batch in batches]
+
+
+def latency_step(run: StudyRun, recipe, results: dict, models_dir: Path) -> dict:
+    """Every (model, backend) of the prune step timed at each shape, interleaved."""
+    settings = results["settings"]
+    dense, tokenizer, train_examples, _ = text_classification_task(recipe, run.quick)
+    calibration = quantize_calibration(recipe, settings, tokenizer, train_examples)
+    models = {DENSE: dense, **{name: load_slimmed(models_dir / name) for name in results["models"] if name != DENSE}}
+    available = [b for b in settings["backends"] if BACKENDS[b].availability().available]
+    generator = torch.Generator().manual_seed(0)
+    latency = {"warmup": settings["warmup"], "repeats": settings["repeats"], "threads": torch.get_num_threads(),
+               "shapes": []}
+    for batch, seq_len in settings["shapes"]:
+        inputs = {"input_ids": torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=generator),
+                  "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+        print(f"[latency {batch} x {seq_len}] preparing {len(models) * len(available)} runners", flush=True)
+        runners = {(name, backend): BACKENDS[backend].prepare(model, inputs, calibration)
+                   for name, model in models.items() for backend in available}
+        load_before = load_average()
+        samples = interleaved_seconds([lambda run=runner: run(inputs) for runner in runners.values()],
+                                      settings["warmup"], settings["repeats"])
+        timed = {key: summary(seconds) for key, seconds in zip(runners, samples)}
+        baseline = timed[BASELINE]["median_s"]
+        latency["shapes"].append({
+            "batch": batch, "seq_len": seq_len, "load_average": {"before": load_before, "after": load_average()},
+            "timings": [{"model": name, "backend": backend, **stats, "speedup_vs_dense_eager_fp32":
+                         baseline / stats["median_s"]} for (name, backend), stats in timed.items()]})
+        run.mark(f"after_{batch}x{seq_len}")
+    flags = cpu_description()["flags"]
+    latency["cpu_features"] = {flag: bool(flags.get(flag)) for flag in INT8_CPU_FLAGS}
+    latency["openvino_cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return {**results, "latency": latency}
+
+
+def target_verdict(results: dict) -> dict | None:
+    """The issue's target at the first shape (32 x 128): the fastest int8 form of a pruned model, its speed-up over
+    dense eager fp32 and its accuracy against dense eager fp32's."""
+    if "latency" not in results:
+        return None
+    shape = results["latency"]["shapes"][0]
+    int8 = [t for t in shape["timings"] if t["model"] != DENSE and "int8" in t["backend"]]
+    if not int8:
+        return None
+    best = max(int8, key=lambda t: t["speedup_vs_dense_eager_fp32"])
+    dense_accuracy = results["models"][DENSE]["forms"]["eager-fp32"]["accuracy"]
+    accuracy = results["models"][best["model"]]["forms"][best["backend"]]["accuracy"]
+    return {"shape": f"{shape['batch']} x {shape['seq_len']}", "model": best["model"], "backend": best["backend"],
+            "speedup": best["speedup_vs_dense_eager_fp32"], "accuracy": accuracy, "dense_accuracy": dense_accuracy,
+            "meets_8x": best["speedup_vs_dense_eager_fp32"] >= 8, "within_1_point": dense_accuracy - accuracy <= 0.01}
+
+
+def markdown(results: dict) -> str:
+    settings = results["settings"]
+    lines = [f"# From dense MiniLM to pruned int8: accuracy, size and latency{' (quick: synthetic, meaningless)' if settings['quick'] else ''}",
+             "",
+             f"MiniLM-L6 fine-tuned on the movie-snippet task ({settings['data_note']}); {settings['dev_examples']} dev "
+             f"examples; pruned by recipes/{RECIPE}'s mask_search stage (full method, {settings['calibration_samples']} "
+             f"calibration samples) at each target, slimmed; int8: NNCF static quantization on "
+             f"{settings['quantize_samples']} training samples. " + machine_line(results), "",
+             "## Accuracy and size", "",
+             "| model | FLOPs removed | parameters | " + " | ".join(settings["backends"]) + " | safetensors MB | IR MB | int8 IR MB |",
+             "|---|---|---|" + "---|" * (len(settings["backends"]) + 3)]
+    for name, model in results["models"].items():
+        cells = [f"{f['accuracy']:.4f}" if f.get("available") else "n/a" for f in
+                 (model["forms"][b] for b in settings["backends"])]
+        sizes = model["bytes"]
+        lines.append(f"| {name} | {model.get('flops_removed', 0):.1%} | {model['parameters']:,} | " + " | ".join(cells)
+                     + f" | {sizes['safetensors'] / 1e6:.1f} | {sizes['openvino_ir'] / 1e6:.1f} | "
+                     + (f"{sizes['openvino_int8_ir'] / 1e6:.1f} |" if "openvino_int8_ir" in sizes else "n/a |"))
+    latency = results.get("latency")
+    if latency is None:
+        lines += ["", "Latency: not measured yet (`--step latency`, alone on a quiet machine)."]
+        return "\n".join(lines) + "\n"
+    features = ", ".join(flag for flag, present in latency["cpu_features"].items() if present) or "none"
+    lines += ["", "## Latency (median of the interleaved rounds; speed-up against dense eager fp32 at the same shape)",
+              "", f"CPU features for int8/bf16: {features}; OpenVINO CPU capabilities: "
+                  f"{', '.join(latency['openvino_cpu_capabilities'])}; {latency['threads']} threads, "
+                  f"{latency['warmup']} warm-up calls, {latency['repeats']} rounds."]
+    for shape in latency["shapes"]:
+        loads = shape["load_average"]
+        lines += ["", f"### {shape['batch']} x {shape['seq_len']} tokens (1-minute load average {loads['before'][0]:.2f} "
+                      f"before, {loads['after'][0]:.2f} after)", "",
+                  "| model | backend | ms | speed-up | dev accuracy |", "|---|---|---|---|---|"]
+        for timing in sorted(shape["timings"], key=lambda t: -t["median_s"]):
+            accuracy = results["models"][timing["model"]]["forms"][timing["backend"]]["accuracy"]
+            lines.append(f"| {timing['model']} | {timing['backend']} | {1000 * timing['median_s']:.1f} | "
+                         f"{timing['speedup_vs_dense_eager_fp32']:.2f}x | {accuracy:.4f} |")
+    verdict = target_verdict(results)
+    if verdict is not None:
+        lines += ["", f"Target (pruned + int8 >= 8x dense eager fp32 at {verdict['shape']}, within 1 point of dense "
+                      f"accuracy): best {verdict['model']} on {verdict['backend']}, {verdict['speedup']:.2f}x, accuracy "
+                      f"{verdict['accuracy']:.4f} vs {verdict['dense_accuracy']:.4f}: "
+                      f"{'met' if verdict['meets_8x'] and verdict['within_1_point'] else 'not met'} "
+                      f"({'>= 8x' if verdict['meets_8x'] else '< 8x'}, "
+                      f"{'within' if verdict['within_1_point'] else 'not within'} 1 point)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = study_parser(STUDY, __doc__, epilog=(
+        "Full run on 2 quiet cores: the prune step about 10 minutes (two mask_search runs, 18 evaluations of 2000 "
+        "examples, 3 int8 quantizations); the latency step about 12 minutes (36 conversions and 12 quantizations, then "
+        "the timed rounds)."))
+    add_step_arguments(parser, STUDY, "accuracy")
+    args = parser.parse_args(argv)
+    check_step_arguments(parser, args)
+    recipe = load_recipe(RECIPE)
+    settings = {"calibration_samples": recipe.pruning[0].calibration_samples,
+                "quantize_samples": recipe.quantize.calibration_samples, **study_settings(STUDY, args.quick)}
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    run = StudyRun(STUDY, args.quick, args.out, argv)
+    with tempfile.TemporaryDirectory() as temporary:
+        models_dir = steps_models_dir(args, STUDY, temporary)
+        if args.step == "latency":
+            results = json.loads(run.stem.with_suffix(".json").read_text())
+            if not results.get("models"):
+                raise SystemExit(f"error: {run.stem}.json holds no models: run --step prune first")
+        else:
+            if models_dir.is_dir() and any(models_dir.iterdir()):
+                raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): remove it or "
+                                 f"pass another --models-dir")
+            models_dir.mkdir(parents=True, exist_ok=True)
+            results = prune_step(run, recipe, settings, models_dir)
+        if args.step == "prune":
+            run.write(results, markdown)
+            print(f"wrote {run.stem}.json (accuracy only); time it with --step latency")
+            return 0
+        results = latency_step(run, recipe, results, models_dir)
+    results["target"] = target_verdict(results)
+    print(markdown(run.write(results, markdown)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
