@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     codes = [("this checkout", REPO)]
     if args.baseline_code is not None:
         codes.insert(0, ("baseline", args.baseline_code.resolve()))
+    commits = {label: _code_commit(code) for label, code in codes}  # the code as measured, not as it is at the end
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as temporary:
         scratch = Path(temporary)
         model = write_model(scratch / "model", settings["shape"])
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             run.mark(f"after_run_{repeat + 1}")
         model_gib = sum(path.stat().st_size for path in model.glob("*.safetensors")) / GIB
     results = {"settings": settings, "model_gib": model_gib,
-               "codes": [{"label": label, "path": str(code), "commit": _code_commit(code), "runs": measured[label]}
+               "codes": [{"label": label, "path": str(code), "commit": commits[label], "runs": measured[label]}
                          for label, code in codes]}
     return run.write(results, _markdown)
 
