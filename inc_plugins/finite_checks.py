@@ -10,7 +10,8 @@ Training loops (``check_training_loss`` on each step's loss, ``check_trained_wei
 evaluations (``check_metric``, ``check_outputs``) stop the same way, naming the step or the metric and the
 model's first non-finite weight.
 
-Each check is one ``torch.isfinite(t).all()`` per tensor; the NaN/Inf counts are only computed on failure.
+Each check is ``torch.isfinite(t).all()`` per tensor (a large tensor piece by piece, so a check holds a few MB more,
+not a copy of the tensor); the NaN/Inf counts are only computed on failure.
 """
 
 from __future__ import annotations
@@ -57,10 +58,18 @@ class NonFiniteError(ValueError):
         self.layer, self.kind, self.nan, self.inf = layer, kind, nan, inf
 
 
+# elements checked at once: torch.isfinite builds an absolute-value copy and three bool tensors of its input's
+# size (~5 bytes per bf16 weight: +0.3 GB on a 32000 x 2048 embedding), so large tensors are checked piece by piece
+_CHECK_CHUNK = 1 << 22
+
+
 def _is_finite(tensor: Tensor) -> bool:
     if not tensor.is_floating_point() and not tensor.is_complex():
         return True  # integer and bool tensors cannot hold NaN or Inf
-    return bool(torch.isfinite(tensor).all())
+    if tensor.dim() == 0 or tensor.numel() <= _CHECK_CHUNK:
+        return bool(torch.isfinite(tensor).all())
+    rows = max(1, _CHECK_CHUNK // (tensor.numel() // tensor.shape[0]))  # pieces along dim 0: views, never copies
+    return all(bool(torch.isfinite(piece).all()) for piece in tensor.split(rows))
 
 
 def _counts(tensor: Tensor) -> tuple[int, int]:

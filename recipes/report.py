@@ -12,19 +12,24 @@ from inc_plugins.perf.machine import machine_description
 PRUNABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
+# Both counts use torch.count_nonzero, which allocates nothing the size of the weight: `(w != 0).sum()` sums a bool
+# tensor as int64 (9 bytes per weight: +0.56 GB on a 32000 x 2048 LM head) and `(w == 0).float()` a float32 copy.
+
+
 def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
     """Fraction of exactly-zero weights in every Linear/Conv layer (and transformers' Conv1D); a streamed model's
     weights are read one layer at a time."""
-    return {
-        name: (parameter_value(model, f"{name}.weight") == 0).float().mean().item()
-        for name, module in model.named_modules()
-        if isinstance(module, PRUNABLE) or type(module).__name__ == "Conv1D"
-    }
+    sparsity = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE) or type(module).__name__ == "Conv1D":
+            weight = parameter_value(model, f"{name}.weight")
+            sparsity[name] = (weight.numel() - int(torch.count_nonzero(weight))) / weight.numel()
+    return sparsity
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((parameter_value(model, name) != 0).sum()) for name, _ in model.named_parameters())
+    nonzero = sum(int(torch.count_nonzero(parameter_value(model, name))) for name, _ in model.named_parameters())
     return {"total": total, "nonzero": nonzero}
 
 

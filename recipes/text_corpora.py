@@ -65,14 +65,15 @@ def _cuts(tokenizer, text: str) -> list[int]:
 
 
 def text_token_ids(tokenizer, text: str) -> torch.Tensor:
-    """[n_tokens] the text's token ids without special tokens, encoded piece by piece (see PIECE_CHARS)."""
+    """[n_tokens] int32 the text's token ids without special tokens, encoded piece by piece (see PIECE_CHARS). A run
+    holds its calibration text's ids all along: int32 (every vocabulary fits) takes half of int64's 8 bytes a token."""
     bounds = [0, *_cuts(tokenizer, text), len(text)]
-    return torch.cat([torch.tensor(_ids(tokenizer, text[start:end]), dtype=torch.long)
+    return torch.cat([torch.tensor(_ids(tokenizer, text[start:end]), dtype=torch.int32)
                       for start, end in zip(bounds, bounds[1:])])
 
 
 def windows_of(ids: torch.Tensor, n_windows: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
-    """[n_windows, seq_len] windows of the token ids ``ids`` [n_tokens].
+    """[n_windows, seq_len] int64 (model inputs' dtype) windows of the token ids ``ids`` [n_tokens].
 
     With a seed, windows start at random offsets (calibration sampling); without one, they are the first
     consecutive, non-overlapping windows of the text (a fixed evaluation set).
@@ -84,7 +85,7 @@ def windows_of(ids: torch.Tensor, n_windows: int, seq_len: int, seed: int | None
     else:
         rng = random.Random(seed)
         starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(n_windows)]
-    return torch.stack([ids[s : s + seq_len] for s in starts])
+    return torch.stack([ids[s : s + seq_len] for s in starts]).long()
 
 
 def token_windows(tokenizer, text: str, n_windows: int, seq_len: int, seed: int | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Non-finite values (NaN, Inf) stop every pruner, training loop and dense evaluation with one line that names the
 layer (or batch, step, metric) where they first appear. Synthetic tiny models and data only."""
 
+import itertools
 import math
 import types
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 import inc_plugins
-from inc_plugins.finite_checks import NonFiniteError, check_model_and_calibration, first_non_finite_parameter
+from inc_plugins.finite_checks import (NonFiniteError, check_model_and_calibration, check_tensor,
+                                      first_non_finite_parameter)
 from inc_plugins.inc.wanda import NonFiniteActivationError
 from tests.fixtures.calibration_data import image_batches, token_batches
 from tests.fixtures.tiny_models import tiny_bert_classifier, tiny_cnn, tiny_llama_lm
@@ -76,6 +78,20 @@ def test_first_non_finite_parameter_names_it_with_its_counts():
     assert first_non_finite_parameter(model) == (
         "model.layers.1.mlp.down_proj.weight (holds 1 NaN and 1 Inf of 2048 values)"
     )
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(13), lambda: torch.zeros(5, 3), lambda: torch.zeros(4, 2, 3),
+                                  lambda: torch.zeros(3, 5).t(), lambda: torch.zeros(9, 1, dtype=torch.bfloat16)],
+                         ids=["vector", "matrix", "3d", "transposed", "bf16"])
+def test_a_tensor_checked_piece_by_piece_finds_a_nan_or_inf_at_any_position(monkeypatch, make):
+    monkeypatch.setattr("inc_plugins.finite_checks._CHECK_CHUNK", 4)  # every tensor here spans several pieces
+    check_tensor(make(), "layer", "weight", "a test")  # finite: no error
+    for index in itertools.product(*map(range, make().shape)):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            tensor = make()
+            tensor[index] = value
+            with pytest.raises(NonFiniteError, match=r"weight of layer 'layer' holds"):
+                check_tensor(tensor, "layer", "weight", "a test")
 
 
 # --- Wanda ---------------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ the weights the in-memory pruning gives; bad checkpoints and configs get one-lin
 Synthetic tiny models (random weights) of each streamed family, saved as sharded safetensors.
 """
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,21 @@ def test_an_opened_streamed_model_is_pruned_without_opening_the_source_again(tmp
     with pytest.raises(PruningConfigError, match="held in memory"):
         inc_plugins.prune_checkpoint(tiny_llama_lm(seed=6), tmp_path / "in_memory", config, dataloader=_batches())
     assert not (tmp_path / "again").exists() and not (tmp_path / "in_memory").exists()
+
+
+def test_a_pruned_opened_model_releases_its_weights_at_once(tmp_path):
+    """The model and its BlockStream refer to each other, so only reference counting frees a spent model's weights at
+    once; Python's cycle collector is switched off here, as it may not run for a long while in a real run."""
+    source = _save(tiny_llama_lm(seed=6), tmp_path / "source")
+    opened = open_streamed_causal_lm(source)
+    embedding, head = weakref.ref(opened.get_input_embeddings().weight), weakref.ref(opened.lm_head.weight)
+    gc.disable()
+    try:
+        inc_plugins.prune_checkpoint(opened, tmp_path / "pruned", _config("wanda"), dataloader=_batches())
+        assert embedding() is None and head() is None
+    finally:
+        gc.enable()
+    assert all(parameter.is_meta for parameter in opened.parameters())
 
 
 # --- bad input ------------------------------------------------------------------------------------------------

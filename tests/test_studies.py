@@ -197,6 +197,18 @@ def test_streaming_memory_quick(tmp_path):
     assert "Synthetic random weights" in (tmp_path / "streaming_memory_quick.md").read_text()
 
 
+def test_recipe_streaming_memory_quick(tmp_path):
+    run_study("recipe_streaming_memory", out=tmp_path)
+    data = results(tmp_path / "recipe_streaming_memory_quick.json", "settings", "codes")
+    (code,) = data["codes"]
+    (run,) = code["runs"]
+    assert {"load", "evaluate_before", "prune_0_wanda", "prune_1_wanda", "evaluate_after", "save"} <= set(
+        run["recipe"]["phases"])
+    assert all(phase["max_gib"] <= run["recipe"]["peak_gib"] for phase in run["recipe"]["phases"].values())
+    assert run["direct"]["peak_gib"] > 0.1  # (the interpreter and torch alone)
+    assert "SYNTHETIC" in (tmp_path / "recipe_streaming_memory_quick.md").read_text()
+
+
 def test_streaming_smollm2_quick(tmp_path):
     run_study("streaming_smollm2", out=tmp_path)
     data = results(tmp_path / "streaming_smollm2_quick.json", "settings", "equivalence", "ranks")

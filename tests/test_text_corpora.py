@@ -12,7 +12,7 @@ from tests.fixtures.tiny_tokenizer import tiny_tokenizer
 
 
 def _whole(tokenizer, text):
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
 
 
 @pytest.fixture
@@ -25,7 +25,8 @@ def small_pieces(monkeypatch):
 def test_pieces_give_the_whole_texts_ids(small_pieces, tokenizer):
     tokenizer, text = tokenizer(), moby_dick_text()
     assert len(text_corpora._cuts(tokenizer, text)) > 200
-    assert torch.equal(text_token_ids(tokenizer, text), _whole(tokenizer, text))
+    ids = text_token_ids(tokenizer, text)
+    assert ids.dtype == torch.int32 and torch.equal(ids, _whole(tokenizer, text))
 
 
 class StartMarking:
@@ -46,9 +47,9 @@ def test_a_tokenizer_that_marks_each_start_is_never_cut(small_pieces):
 
 
 def test_windows_are_seeded_offsets_or_the_first_consecutive_ones():
-    ids = torch.arange(1000)
+    ids = torch.arange(1000, dtype=torch.int32)  # (text_token_ids' dtype)
     first = windows_of(ids, 3, 10)
-    assert torch.equal(first, torch.arange(30).view(3, 10))
+    assert first.dtype == torch.long and torch.equal(first, torch.arange(30).view(3, 10))
     sampled = windows_of(ids, 4, 10, seed=7)
     assert torch.equal(sampled, windows_of(ids, 4, 10, seed=7))
     assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10)) for row in sampled)

@@ -204,6 +204,17 @@ class BlockStream:
             _set_parameter(self.model, name, torch.empty_like(parameter, device="meta"))
         _return_freed_memory()
 
+    def release_all(self) -> None:
+        """Every parameter held (the weights outside the blocks, a block left loaded) becomes a meta tensor again: a
+        spent model holds no weights. The model and its stream refer to each other, so without this a dropped model's
+        embeddings and LM head would stay in memory until Python's cycle collector happened to run."""
+        for module in self.model.modules():
+            for attribute, parameter in module._parameters.items():
+                if parameter is not None and not parameter.is_meta:  # (a tied weight: emptied in both modules)
+                    module._parameters[attribute] = nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                                                 requires_grad=False)
+        _return_freed_memory()
+
     def _record_path(self, index: int) -> Path:
         return self.output.directory / f"block-{index + 1:05d}.json"
 

@@ -144,8 +144,8 @@ def prune_checkpoint(source: str | os.PathLike | torch.nn.Module, output: str | 
                      memory_budget: int | None = None) -> CheckpointPruning:
     """Prune the causal LM in checkpoint directory ``source`` with ``config`` into the new directory ``output``.
 
-    ``source`` may also be the model ``open_streamed_causal_lm`` opened from that directory; it is spent afterwards
-    (open ``output`` for the pruned model).
+    ``source`` may also be the model ``open_streamed_causal_lm`` opened from that directory; it is spent afterwards,
+    its weights released (open ``output`` for the pruned model).
 
     ``config`` names one streaming type (``one_shot.streaming_types``: wanda, one_shot_magnitude, and sparse_gpt run
     by the plugins' SparseGPT, which gives INC's weights); ``dataloader`` yields its calibration batches as for
@@ -188,6 +188,8 @@ def prune_checkpoint(source: str | os.PathLike | torch.nn.Module, output: str | 
         if is_writer() and not resume:  # an error, not an interruption: resuming would meet it again
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:  # the model is spent either way: its weights go now, not when the caller drops it
+        stream.release_all()
     # (a collective: also, no rank returns before rank 0 has renamed the output)
     samples = gathered_in_rank_order(sum(map(_samples, batches)) if batches is not None else 0)
     logger.info("pruned %s into %s in %.1f s of block time", stream.reader.directory, output,
