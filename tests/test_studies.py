@@ -254,6 +254,7 @@ def test_structured_generation_quick(tmp_path):
             assert timing["same_tokens_every_round"], (backend, name)
             if backend != "eager-bf16":  # fp32: the tokens the prune step's masked and slimmed models generated
                 assert timing["tokens_equal_to_prune_step"] and timing.get("tokens_equal_to_eager_fp32", True)
+                assert timing["first_token_not_greedy"] is None  # each token the argmax given the ones before
         if backend.startswith("eager"):
             assert set(entry["prefill"]) == {"1x16", "2x16"}
         else:

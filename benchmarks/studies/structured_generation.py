@@ -23,13 +23,16 @@ the head+FFN FLOPs (MACs at the calibration length, 128 tokens, as every structu
 * each pruned model is slimmed (``inc_plugins.slim``: key/value groups and neurons physically removed) and saved
   under ``--models-dir``; recorded: perplexity of the slimmed model (the recipes' Moby Dick windows), parameters,
   pruning seconds, the units kept per block, the masked-vs-slimmed logit difference on the first evaluation window,
-  and the greedy generations (128 new tokens after a 128-token prompt from the evaluation text) of the masked and the
-  slimmed model, which must be the same tokens;
+  and the slimmed model's greedy generation (32 new tokens, KV cache, after the 128-token prompt of the evaluation
+  text the decode timing uses), which must be the masked model's greedy generation too: each token must be the
+  masked model's argmax given the tokens before it (``greedy_disagreement``: one forward without cache, which costs
+  what 2 of the 32 decode steps cost and checks the cache path against a cache-free one);
 * the ideal decode speedup: a decode step at batch 1 reads every weight once per generated token, so it is bound by
   weight bytes, not FLOPs. Ideal = dense bytes of weights read per token / the pruned model's (``measures.
   weight_bytes_per_token``: every Linear incl. the LM head, the tied embedding counted once as the LM head, plus the
   embedding row the lookup reads; KV cache reads, about 1% here, left out), in the dtype the matmuls run in: 4 bytes
-  in fp32, 2 in bf16 autocast (its weight-cast cache holds the bf16 copies for a whole generate call).
+  in fp32, 2 in bf16 autocast (its weight-cast cache holds the bf16 copies for a whole generate call; checked with
+  torch's profiler: under no_grad each decode step casts no weight again, under inference_mode it recasts all).
 
 Latency step (reads the prune step's JSON and models; time it alone). Dense vs every model of ``latency_models``,
 interleaved (every round times every model once, in a rotating order: ``inc_plugins.perf.timing``):
@@ -43,9 +46,13 @@ interleaved (every round times every model once, in a rotating order: ``inc_plug
   subtracting two noisy medians or re-implementing the loop. Backends: eager fp32 and bf16 (dynamic cache), and
   inductor fp32: transformers' own compiled decode (``cache_implementation="static"``, ``torch.compile`` of the
   forward with fullgraph and static shapes; the prefill runs eager), each model compiled by its first, untimed call
-  (a backend whose dense compile takes longer than ``max_compile_s`` is dropped, saying so);
-* every timed generation's tokens are recorded: they must be the same in every round, the same as the prune step's
-  slimmed greedy tokens on eager fp32, and the same across fp32 backends; bf16 agreement is reported, not required.
+  (a backend where a model's compile takes longer than ``max_compile_s`` is dropped, saying so). Compiling one
+  SmolLM2 decode costs about a minute of CPU on 2 cores, so the compiled backend times dense and the
+  ``compiled_models`` only (models of identical layer sizes, e.g. wanda_sp and structured_magnitude, share a compile);
+* every timed generation's tokens are recorded and checked: the same in every round; on fp32 backends, the same as
+  the prune step's (its first 32, checked there against the masked model) and as eager fp32's; each the model's
+  own greedy choice (``greedy_disagreement``: one forward of prompt + tokens without cache, under the backend's
+  autocast). bf16 agreement with fp32 is reported, not required.
 * measured decode speedup = dense decode seconds / the model's (medians); measured / ideal (issue #16's target: >=
   85%).
 
@@ -127,19 +134,37 @@ def kwon_calibration(source: CausalLMSource, settings: dict) -> list[dict]:
             for chunk in windows.split(settings["kwon_calibration_batch"])]
 
 
-@torch.inference_mode()
 def greedy_new_tokens(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> list[int]:
-    """The `new_tokens` tokens greedy decoding with the KV cache appends to `prompt` [1, prompt_len]."""
+    """The `new_tokens` tokens greedy decoding with the KV cache appends to `prompt` [1, prompt_len]. Not under
+    inference_mode: there bf16 autocast casts every weight again at each step (its cast cache works under the
+    no_grad that generate sets, for weights that require grad)."""
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id(model),
                             **generate_kwargs)
     return output[0, prompt.shape[1]:].tolist()
 
 
+def eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = model.config.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def pad_id(model) -> int:
-    config = model.generation_config
-    eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
-    return config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos or 0)
+    pad = model.generation_config.pad_token_id
+    return pad if pad is not None else (eos_ids(model) or [0])[0]
+
+
+@torch.no_grad()
+def greedy_disagreement(model, prompt: torch.Tensor, tokens: list[int]) -> int | None:
+    """The first of `tokens` (generated after `prompt` [1, prompt_len]) that is not `model`'s greedy choice, read
+    from one forward of prompt + tokens without cache (end-of-sequence excluded, as min_new_tokens excludes it);
+    None: greedy decoding by `model` gives exactly `tokens`, since each greedy token is that argmax given the ones
+    before it."""
+    ids = torch.cat([prompt, torch.tensor([tokens])], dim=1)
+    logits = model(input_ids=ids, use_cache=False).logits[0, prompt.shape[1] - 1 : -1].float()
+    logits[:, eos_ids(model)] = float("-inf")
+    return first_difference(logits.argmax(dim=-1).tolist(), tokens)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -190,12 +215,13 @@ def prune_one(method: str, fraction: float, model, source: CausalLMSource, setti
     structure = mask_structure(model)
     masked, head_mask, neuron_mask, seconds, slim = prune_masked(method, fraction, model, source, settings, kwon)
     masked.eval()
-    masked_tokens = greedy_new_tokens(masked, prompt, settings["new_tokens"])
     with torch.no_grad():
         masked_logits = masked(input_ids=evaluation[:1], use_cache=False).logits
-        slimmed = slim(masked).eval()
+        slimmed = slim(copy.deepcopy(masked)).eval()
         logit_difference = (slimmed(input_ids=evaluation[:1], use_cache=False).logits - masked_logits).abs().max().item()
-    slimmed_tokens = greedy_new_tokens(slimmed, prompt, settings["new_tokens"])
+    slimmed_tokens = greedy_new_tokens(slimmed, prompt, settings["check_tokens"])
+    masked_disagrees_at = greedy_disagreement(masked, prompt, slimmed_tokens)
+    del masked
     units = group_head_mask(head_mask, structure) != 0
     neurons = neuron_mask != 0
     seq_len = settings["calibration_len"]
@@ -206,8 +232,8 @@ def prune_one(method: str, fraction: float, model, source: CausalLMSource, setti
         "parameters": parameters_of(slimmed), "prune_seconds": seconds,
         "kept_kv_groups_per_layer": units.sum(dim=1).tolist(), "kept_neurons_per_layer": neurons.sum(dim=1).tolist(),
         "masked_vs_slimmed": {"max_abs_logit_difference_first_window": logit_difference,
-                              "greedy_tokens_equal": masked_tokens == slimmed_tokens,
-                              "first_token_difference": first_difference(masked_tokens, slimmed_tokens)},
+                              "greedy_tokens_equal": masked_disagrees_at is None,
+                              "first_token_difference": masked_disagrees_at},
         "greedy_tokens": slimmed_tokens, "decode_weight_bytes": decode_bytes(slimmed),
     }
     save_slimmed(slimmed, models_dir / row["name"])
@@ -227,7 +253,7 @@ def prune_step(run: StudyRun, source: CausalLMSource, settings: dict, models_dir
         "benchmark": STUDY, "settings": settings | {"structure": vars(structure) | {"n_head_units": structure.n_head_units}},
         "dense": {"perplexity": perplexity(model, evaluation, batch_size=settings["eval_batch"]),
                   "parameters": parameters_of(model), "tied_embeddings": bool(model.config.tie_word_embeddings),
-                  "greedy_tokens": greedy_new_tokens(model, prompt, settings["new_tokens"]),
+                  "greedy_tokens": greedy_new_tokens(model, prompt, settings["check_tokens"]),
                   "decode_weight_bytes": decode_bytes(model)},
         "models": [],
     }
@@ -242,7 +268,7 @@ def prune_step(run: StudyRun, source: CausalLMSource, settings: dict, models_dir
             if "fisher_seconds" in kwon:
                 results["fisher_seconds"] = kwon["fisher_seconds"]
             print(f"{row['name']}: perplexity {row['perplexity']:.2f}, {row['flops_removed']:.2%} FLOPs removed, "
-                  f"{row['prune_seconds']:.1f} s, tokens masked == slimmed: "
+                  f"{row['prune_seconds']:.1f} s, greedy tokens masked == slimmed: "
                   f"{row['masked_vs_slimmed']['greedy_tokens_equal']}", flush=True)
             run.write_progress(results)
     results["prune_step_seconds"] = round(time.perf_counter() - wall, 1)
@@ -287,7 +313,6 @@ def generate_kwargs(backend: str) -> dict:
     return {"disable_compile": True}
 
 
-@torch.inference_mode()
 def time_decode(models: dict, backend: str, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int,
                 max_compile_s: float) -> dict:
     """{name: decode timing and tokens} of greedy generation per model, interleaved; see the module docstring.
@@ -340,6 +365,8 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
     if missing:
         raise SystemExit(f"error: latency_models {missing} were not pruned (pruned: {', '.join(rows)})")
     models = {"dense": source.model.eval(), **{name: load_slimmed(models_dir / name) for name in names}}
+    for model in models.values():  # bf16 autocast caches its weight casts within a generate call only for weights
+        model.requires_grad_(True)  # that require grad: every model alike (generate itself runs under no_grad)
     evaluation = source.evaluation_windows(s["eval_windows"], s["eval_len"])
     prompt = evaluation[:1, : s["prompt_tokens"]]
     expected = {"dense": results["dense"]["greedy_tokens"], **{name: rows[name]["greedy_tokens"] for name in names}}
@@ -361,7 +388,10 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
                     ids = torch.cat([evaluation[:, : s["prefill_seq_len"]]] * batch)[:batch]
                     entry["prefill"][f"{batch}x{s['prefill_seq_len']}"] = time_prefill(
                         models, backend, ids, s["prefill_warmup"], s["prefill_repeats"])
-            entry["decode"] = time_decode(models, backend, prompt, s["new_tokens"], s["decode_warmup"],
+            timed = models
+            if backend.startswith("inductor") and s["compiled_models"] is not None:  # each compile takes a minute
+                timed = {name: models[name] for name in ["dense", *s["compiled_models"]] if name in models}
+            entry["decode"] = time_decode(timed, backend, prompt, s["new_tokens"], s["decode_warmup"],
                                           s["decode_repeats"], s["max_compile_s"])
         except Exception as error:  # a backend that fails is a result to record, not a reason to lose the others
             entry["error"] = f"{type(error).__name__}: {error}"
@@ -373,7 +403,10 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
             timing["speedup"] = dense["median_decode_s"] / timing["median_decode_s"]
             timing["ideal_speedup"] = bytes_per_token["dense"][dtype] / bytes_per_token[name][dtype]
             timing["of_ideal"] = timing["speedup"] / timing["ideal_speedup"]
-            timing["tokens_equal_to_prune_step"] = timing["tokens"] == expected[name]
+            # the prune step's tokens were checked against the masked model; these are the timed run's
+            timing["tokens_equal_to_prune_step"] = timing["tokens"][: len(expected[name])] == expected[name]
+            with autocast_for(backend):
+                timing["first_token_not_greedy"] = greedy_disagreement(models[name], prompt, timing["tokens"])
             if backend != "eager-fp32" and "decode" in latency["backends"].get("eager-fp32", {}):
                 reference = latency["backends"]["eager-fp32"]["decode"][name]["tokens"]
                 timing["tokens_equal_to_eager_fp32"] = timing["tokens"] == reference
@@ -402,7 +435,7 @@ def markdown(results: dict) -> str:
         f"{machine_line({'run': results['prune_step_run']}, loads=False)} Wall time {results['prune_step_seconds'] / 60:.1f} "
         f"min (pruning seconds: wall time under the load average above).", "",
         "| model | FLOPs removed | perplexity | parameters | pruning s | kept kv groups | kept neurons | "
-        "masked == slimmed greedy tokens | ideal decode speedup (fp32 / bf16) |",
+        f"slimmed greedy tokens ({s['check_tokens']}) = masked model's | ideal decode speedup (fp32 / bf16) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in results["models"]:
@@ -436,7 +469,9 @@ def markdown(results: dict) -> str:
             cells = [f"{prefill[shape][name]['median_ms']:.1f} ({prefill[shape]['dense']['median_ms'] / prefill[shape][name]['median_ms']:.2f}x)"
                      for shape in prefill]
             checks = ["same every round" if timing["same_tokens_every_round"] else "DIFFER between rounds",
-                      "= prune step" if timing["tokens_equal_to_prune_step"] else "!= prune step"]
+                      "= prune step" if timing["tokens_equal_to_prune_step"] else "!= prune step",
+                      "greedy" if timing["first_token_not_greedy"] is None
+                      else f"token {timing['first_token_not_greedy']} not greedy"]
             if "tokens_equal_to_eager_fp32" in timing:
                 checks.append("= eager fp32" if timing["tokens_equal_to_eager_fp32"]
                               else f"!= eager fp32 from token {timing['first_difference_from_eager_fp32']}")
@@ -460,6 +495,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", help="head+FFN FLOPs fractions to remove")
     parser.add_argument("--latency-models", nargs="+",
                         help="pruned models to time against dense, e.g. flap_20 (default: settings.yaml's)")
+    parser.add_argument("--compiled-models", nargs="+",
+                        help="pruned models the compiled backend times against dense (default: settings.yaml's)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS)
     parser.add_argument("--prefill-repeats", type=int)
     parser.add_argument("--decode-repeats", type=int)
@@ -476,6 +513,7 @@ def main(argv=None) -> int:
                 "kwon_calibration_batch": kwon["calibration_batch"], "stage_overrides": {},
                 **study_settings(STUDY, quick)}
     given = {"methods": args.methods, "fractions": args.fractions, "latency_models": args.latency_models,
+             "compiled_models": args.compiled_models,
              "backends": args.backends, "prefill_repeats": args.prefill_repeats,
              "decode_repeats": args.decode_repeats}
     settings.update({key: value for key, value in given.items() if value is not None})
