@@ -240,43 +240,74 @@ def prune_one(method: str, fraction: float, model, source: CausalLMSource, setti
     return row
 
 
-def prune_step(run: StudyRun, source: CausalLMSource, settings: dict, models_dir: Path) -> dict:
-    """Dense measurements, then every method at every fraction (mask_search last: its Fisher pass is the long
-    part); the results are written, marked incomplete, after each model."""
+def pruning_order(settings: dict) -> list[tuple[str, float]]:
+    """Every (method, fraction), those the latency step times first (the compiled backend's, then the others), so
+    that a prune step stopped early has already saved what the timing needs."""
+    jobs = [(method, fraction) for method in settings["methods"] for fraction in settings["fractions"]]
+    first = [*(settings["compiled_models"] or []), *(settings["latency_models"] or [])]
+    return sorted(jobs, key=lambda job: first.index(model_name(*job)) if model_name(*job) in first else len(first))
+
+
+PRUNE_SETTINGS = ("model", "methods", "fractions", "calibration_len", "eval_windows", "eval_len", "eval_batch", "seed",
+                  "kwon_calibration_samples", "kwon_calibration_batch", "stage_overrides", "prompt_tokens",
+                  "check_tokens")
+
+
+def prune_step(run: StudyRun, source: CausalLMSource, settings: dict, models_dir: Path,
+               previous: dict | None = None) -> dict:
+    """Dense measurements, then every method at every fraction in ``pruning_order``; the results are written,
+    marked incomplete, after each model. `previous`: the results of a stopped prune step with the same settings,
+    whose saved models are kept (``--resume``)."""
     wall = time.perf_counter()
     torch.manual_seed(settings["seed"])
     model = source.model.eval()
     evaluation = source.evaluation_windows(settings["eval_windows"], settings["eval_len"])
     prompt = evaluation[:1, : settings["prompt_tokens"]]
     structure = mask_structure(model)
-    results = {
-        "benchmark": STUDY, "settings": settings | {"structure": vars(structure) | {"n_head_units": structure.n_head_units}},
-        "dense": {"perplexity": perplexity(model, evaluation, batch_size=settings["eval_batch"]),
-                  "parameters": parameters_of(model), "tied_embeddings": bool(model.config.tie_word_embeddings),
-                  "greedy_tokens": greedy_new_tokens(model, prompt, settings["check_tokens"]),
-                  "decode_weight_bytes": decode_bytes(model)},
-        "models": [],
-    }
+    results = {"benchmark": STUDY,
+               "settings": settings | {"structure": vars(structure) | {"n_head_units": structure.n_head_units}}}
+    if previous is not None:
+        changed = [key for key in PRUNE_SETTINGS if previous["settings"].get(key) != settings.get(key)]
+        if changed:
+            raise SystemExit(f"error: --resume: the stopped prune step ran with other {', '.join(changed)}")
+        kept = [row for row in previous["models"] if (models_dir / row["name"]).is_dir()]
+        results |= {"dense": previous["dense"], "models": kept, "resumed_models": [row["name"] for row in kept]}
+        results |= {key: previous[key] for key in ("fisher_seconds",) if key in previous}
+    else:
+        results |= {"dense": {"perplexity": perplexity(model, evaluation, batch_size=settings["eval_batch"]),
+                              "parameters": parameters_of(model),
+                              "tied_embeddings": bool(model.config.tie_word_embeddings),
+                              "greedy_tokens": greedy_new_tokens(model, prompt, settings["check_tokens"]),
+                              "decode_weight_bytes": decode_bytes(model)},
+                    "models": []}
     print(f"dense perplexity {results['dense']['perplexity']:.2f}", flush=True)
     kwon: dict = {}
-    for method in sorted(settings["methods"], key=lambda m: m == "mask_search"):
-        for fraction in settings["fractions"]:
-            row = prune_one(method, fraction, model, source, settings, kwon, evaluation, prompt, models_dir)
-            row["ideal_decode_speedup"] = {dtype: results["dense"]["decode_weight_bytes"][dtype] / count
-                                           for dtype, count in row["decode_weight_bytes"].items()}
-            results["models"].append(row)
-            if "fisher_seconds" in kwon:
-                results["fisher_seconds"] = kwon["fisher_seconds"]
-            print(f"{row['name']}: perplexity {row['perplexity']:.2f}, {row['flops_removed']:.2%} FLOPs removed, "
-                  f"{row['prune_seconds']:.1f} s, greedy tokens masked == slimmed: "
-                  f"{row['masked_vs_slimmed']['greedy_tokens_equal']}", flush=True)
-            run.write_progress(results)
+    done = {row["name"] for row in results["models"]}
+    for method, fraction in pruning_order(settings):
+        if model_name(method, fraction) in done:
+            continue
+        row = prune_one(method, fraction, model, source, settings, kwon, evaluation, prompt, models_dir)
+        row["ideal_decode_speedup"] = {dtype: results["dense"]["decode_weight_bytes"][dtype] / count
+                                       for dtype, count in row["decode_weight_bytes"].items()}
+        results["models"].append(row)
+        if "fisher_seconds" in kwon:
+            results["fisher_seconds"] = kwon["fisher_seconds"]
+        print(f"{row['name']}: perplexity {row['perplexity']:.2f}, {row['flops_removed']:.2%} FLOPs removed, "
+              f"{row['prune_seconds']:.1f} s, greedy tokens masked == slimmed: "
+              f"{row['masked_vs_slimmed']['greedy_tokens_equal']}", flush=True)
+        run.mark(f"after_{row['name']}")
+        write_prune_progress(run, results)
     results["prune_step_seconds"] = round(time.perf_counter() - wall, 1)
-    run.mark("after_pruning")
+    write_prune_progress(run, results)
+    return results
+
+
+def write_prune_progress(run: StudyRun, results: dict) -> None:
+    """The prune step's JSON (marked incomplete until the latency step) and Markdown so far, with its run record."""
     results["prune_step_load_average"] = dict(run.load_averages)
     results["prune_step_run"] = run.record()
     run.write_progress(results)
-    return results
+    write_text(run.stem.with_suffix(".md"), markdown(results))
 
 
 # -------------------------------------------------------------------------------------------------- latency step
@@ -362,8 +393,9 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
     rows = {row["name"]: row for row in results["models"]}
     names = latency_models if latency_models is not None else list(rows)
     missing = [name for name in names if name not in rows]
-    if missing:
-        raise SystemExit(f"error: latency_models {missing} were not pruned (pruned: {', '.join(rows)})")
+    if missing:  # a prune step stopped early: time what it saved
+        print(f"not pruned, not timed: {', '.join(missing)}", flush=True)
+        names = [name for name in names if name in rows]
     models = {"dense": source.model.eval(), **{name: load_slimmed(models_dir / name) for name in names}}
     for model in models.values():  # bf16 autocast caches its weight casts within a generate call only for weights
         model.requires_grad_(True)  # that require grad: every model alike (generate itself runs under no_grad)
@@ -372,7 +404,8 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
     expected = {"dense": results["dense"]["greedy_tokens"], **{name: rows[name]["greedy_tokens"] for name in names}}
     bytes_per_token = {"dense": results["dense"]["decode_weight_bytes"],
                        **{name: rows[name]["decode_weight_bytes"] for name in names}}
-    latency = {"models": list(models), "load_average": {"start": load_average()}, "backends": {}}
+    latency = {"models": list(models), "not_pruned": missing, "load_average": {"start": load_average()},
+               "backends": {}}
     results["latency"] = latency
     for backend in s["backends"]:
         available, reason = backend_availability(backend)
@@ -432,8 +465,11 @@ def markdown(results: dict) -> str:
         f"Dense: perplexity {dense['perplexity']:.2f}, {dense['parameters'] / 1e6:.2f}M parameters, "
         f"{dense['decode_weight_bytes']['float32'] / 1e6:.1f} MB of fp32 weights read per generated token.", "",
         "## Pruning (slimmed models)", "",
-        f"{machine_line({'run': results['prune_step_run']}, loads=False)} Wall time {results['prune_step_seconds'] / 60:.1f} "
-        f"min (pruning seconds: wall time under the load average above).", "",
+        f"{machine_line({'run': results['prune_step_run']}, loads=False)} "
+        + (f"Wall time {results['prune_step_seconds'] / 60:.1f} min" if "prune_step_seconds" in results
+           else f"**Stopped after {len(results['models'])} models** (so far {results['prune_step_run']['seconds'] / 60:.1f} min)")
+        + (f", resumed after {', '.join(results['resumed_models'])}" if results.get("resumed_models") else "")
+        + " (pruning seconds: wall time under the load averages above).", "",
         "| model | FLOPs removed | perplexity | parameters | pruning s | kept kv groups | kept neurons | "
         f"slimmed greedy tokens ({s['check_tokens']}) = masked model's | ideal decode speedup (fp32 / bf16) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
@@ -501,6 +537,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-repeats", type=int)
     parser.add_argument("--decode-repeats", type=int)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--resume", action="store_true",
+                        help="--step prune: keep the models a stopped prune step saved (same settings), prune the rest")
     add_step_arguments(parser, STUDY, "perplexity")
     args = parser.parse_args(argv)
     check_step_arguments(parser, args)
@@ -527,16 +565,16 @@ def main(argv=None) -> int:
         models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
             results = json.loads(run.stem.with_suffix(".json").read_text())
-            if "prune_step_seconds" not in results:
-                raise SystemExit(f"error: {run.stem}.json holds no finished prune step: run --step prune first")
+            if not results.get("models"):
+                raise SystemExit(f"error: {run.stem}.json holds no pruned model: run --step prune first")
             # what this invocation says about the timing replaces what the prune step recorded
             results["settings"].update({key: value for key, value in settings.items()
                                         if key not in ("methods", "fractions")})
         else:
             source = causal_lm(quick)
             settings = {"quick": quick, "model": source.description, **settings}
-            results = prune_step(run, source, settings, models_dir)
-            write_text(run.stem.with_suffix(".md"), markdown(results))
+            previous = json.loads(run.stem.with_suffix(".json").read_text()) if args.resume else None
+            results = prune_step(run, source, settings, models_dir, previous)
             if args.step == "prune":
                 print(f"wrote {run.stem}.{{json,md}} (pruning only); time it with --step latency")
                 return 0
