@@ -467,7 +467,7 @@ def markdown(results: dict) -> str:
         "## Pruning (slimmed models)", "",
         f"{machine_line({'run': results['prune_step_run']}, loads=False)} "
         + (f"Wall time {results['prune_step_seconds'] / 60:.1f} min" if "prune_step_seconds" in results
-           else f"**Stopped after {len(results['models'])} models** (so far {results['prune_step_run']['seconds'] / 60:.1f} min)")
+           else f"**Not finished: {len(results['models'])} models saved** in {results['prune_step_run']['seconds'] / 60:.1f} min")
         + (f", resumed after {', '.join(results['resumed_models'])}" if results.get("resumed_models") else "")
         + " (pruning seconds: wall time under the load averages above).", "",
         "| model | FLOPs removed | perplexity | parameters | pruning s | kept kv groups | kept neurons | "
