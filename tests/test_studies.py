@@ -249,3 +249,58 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
                             "--models-dir", str(models), "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_structured_generation_quick(tmp_path):
+    """Every structured type prunes the tiny Llama (grouped-query attention: 2 key/value groups of 2 query heads of
+    8 dims, hidden 32, FFN 64, vocabulary 128, LM head not tied); the masked and the slimmed model generate the same
+    greedy tokens; the ideal decode speedup is the closed-form ratio of weight bytes; every timed generation gives the
+    tokens the prune step recorded."""
+    run_study("structured_generation", out=tmp_path)
+    data = results(tmp_path / "structured_generation_quick.json", "settings", "dense", "models", "fisher_seconds",
+                   "latency")
+    rows = data["models"]
+    assert [row["name"] for row in rows] == ["flap_20", "wanda_sp_20", "structured_magnitude_20", "mask_search_20"]
+    hidden, vocab = 32, 128
+    per_group = 2 * (hidden * 16) + 2 * (hidden * 8)  # q rows and o columns of 2 heads, k and v rows of one
+    per_neuron = 3 * hidden  # gate and up rows, down column
+
+    def weight_elements(groups, neurons, biases_per_layer=0):  # + the LM head, + one embedding row
+        return (sum(per_group * g + per_neuron * n + biases_per_layer for g, n in zip(groups, neurons))
+                + vocab * hidden + hidden)
+
+    dense_elements = weight_elements([2, 2], [64, 64])
+    assert data["dense"]["decode_weight_bytes"] == {"float32": 4 * dense_elements,
+                                                    "bfloat16": 2 * (dense_elements - hidden) + 4 * hidden}
+    assert data["dense"]["tied_embeddings"] is False
+    for row in rows:
+        check = row["masked_vs_slimmed"]
+        assert check["greedy_tokens_equal"] and check["max_abs_logit_difference_first_window"] < 1e-4, row["name"]
+        assert len(row["greedy_tokens"]) == data["settings"]["new_tokens"] == 8
+        assert 0.2 <= row["flops_removed"] < 0.5 and row["perplexity"] > 1 and row["prune_seconds"] >= 0
+        # FLAP's bias compensation adds an o_proj and a down_proj bias to every block
+        elements = weight_elements(row["kept_kv_groups_per_layer"], row["kept_neurons_per_layer"],
+                                   2 * hidden if row["method"] == "flap" else 0)
+        assert row["decode_weight_bytes"]["float32"] == 4 * elements
+        assert row["ideal_decode_speedup"]["float32"] == dense_elements / elements
+    latency = data["latency"]["backends"]
+    assert set(latency) == {"eager-fp32", "eager-bf16", "inductor-fp32"}
+    for backend, entry in latency.items():
+        if not entry["available"]:  # only bf16, on a CPU without native bf16
+            assert backend == "eager-bf16" and "bf16" in entry["reason"]
+            continue
+        assert "error" not in entry, entry
+        decode = entry["decode"]
+        assert list(decode) == ["dense", *(row["name"] for row in rows)]
+        assert decode["dense"]["speedup"] == 1 and decode["dense"]["ideal_speedup"] == 1
+        for name, timing in decode.items():
+            assert timing["decode_steps"] == 7 and timing["repeats"] == 2 and timing["tokens_per_s"] > 0
+            assert timing["same_tokens_every_round"], (backend, name)
+            if backend != "eager-bf16":  # fp32: the tokens the prune step's masked and slimmed models generated
+                assert timing["tokens_equal_to_prune_step"] and timing.get("tokens_equal_to_eager_fp32", True)
+                assert timing["first_token_not_greedy"] is None  # each token the argmax given the ones before
+        if backend.startswith("eager"):
+            assert set(entry["prefill"]) == {"1x16", "2x16"}
+        else:
+            assert all(timing["first_call_s"] >= 0 for timing in decode.values())
+    assert "QUICK SMOKE RUN" in (tmp_path / "structured_generation_quick.md").read_text()

@@ -1,4 +1,5 @@
-"""What the studies measure besides accuracy: latency of several models side by side, and whole-model MACs.
+"""What the studies measure besides accuracy: latency of several models side by side, whole-model MACs, the bytes
+of weights a decode step reads, and when generate() hands out each token.
 
 Latency goes through the interleaved timer (``inc_plugins.perf.timing``): after warm-up, every round times every
 model once, in an order that rotates each round, so slow phases of a shared machine hit all models alike.
@@ -7,6 +8,7 @@ model once, in an order that rotates each round, so slow phases of a shared mach
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -68,3 +70,41 @@ def whole_model_macs(model: nn.Module, seq_len: int) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         counted(**inputs)
     return counter.get_total_flops() // 2
+
+
+def weight_bytes_per_token(model: nn.Module, matmul_bytes: int, embedding_bytes: int) -> int:
+    """Bytes of weights one decode step reads to generate one token: every ``nn.Linear``'s weight and bias (the LM
+    head included) at `matmul_bytes` per element, plus the one row of the input embedding that the lookup reads, at
+    `embedding_bytes` per element. A tied input embedding is the LM head's matrix: it is counted once, as the LM head
+    (read whole for the logits), plus that row. Norm weights (one vector each) and the KV cache are left out."""
+    linear = sum(module.weight.numel() + (0 if module.bias is None else module.bias.numel())
+                 for module in model.modules() if isinstance(module, nn.Linear))
+    return linear * matmul_bytes + model.get_input_embeddings().embedding_dim * embedding_bytes
+
+
+class TokenClock:
+    """A ``generate(streamer=...)`` streamer that notes the time of each call: ``generate`` hands it the prompt
+    before the prefill, then every new token as soon as it is chosen. So ``times[1]`` is when the prefill's token
+    came out and ``times[-1]`` when the last one did: the decode steps lie between them."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def decode_steps(self) -> int:
+        """Forward passes after the prefill: one per new token but the first."""
+        return len(self.times) - 2
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.times[-1] - self.times[1]
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.times[1] - self.times[0]
