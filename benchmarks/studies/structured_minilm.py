@@ -18,8 +18,10 @@ Writes <out>/structured_minilm.{json,md} (--quick: structured_minilm_quick.*).
 """
 
 import copy
+import json
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -103,7 +105,8 @@ def markdown(results: dict) -> str:
         f"{s['calibration_samples']} calibration samples (seed {s['seed']}, batches of {s['batch_size']}); dev "
         f"accuracy and F1 on {s['dev_examples']} dev examples (movie snippets, SST-2-like labels, not the official "
         f"SST-2) of the slimmed model. Pruning seconds: the pruning call alone, on a machine shared with other jobs. "
-        f"{machine_line(results)}",
+        f"{machine_line(results)}" + (f" Rows measured in the runs of {', '.join(results['reused'])} (same settings), "
+                                      f"combined here." if results.get("reused") else ""),
         "",
         "| method | stage changes | accuracy | F1 | MACs removed | parameters | pruning s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -132,6 +135,10 @@ def main(argv=None) -> int:
                                                  "(two mask tunings of about a minute, eight evaluations of 2000 "
                                                  "examples); about 10 more the first time, to fine-tune MiniLM.")
     parser.add_argument("--methods", nargs="+", help="method names of settings.yaml (default: all)")
+    parser.add_argument("--name", default=STUDY, help=f"results file stem (default {STUDY})")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[],
+                        help="results files of earlier runs with the same settings (e.g. --methods split over "
+                             "processes): their dense row and methods are taken instead of measured again")
     args = parser.parse_args(argv)
     quick = args.quick
     recipe = load_recipe(RECIPE)
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     if "calibration_samples" in settings:
         template = template.model_copy(update={"calibration_samples": settings["calibration_samples"]})
     logging.getLogger("neural_compressor").setLevel(logging.WARNING)
-    run = StudyRun(STUDY, quick, args.out, argv)
+    run = StudyRun(STUDY, quick, args.out, argv, name=args.name)
     dense, tokenizer, train_examples, dev_examples = text_classification_task(recipe, quick)
     dev_examples = dev_examples[:settings["dev_examples"]] if settings.get("dev_examples") else dev_examples
     dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, recipe.data.max_length)
@@ -152,12 +159,23 @@ def main(argv=None) -> int:
                      "calibration_samples": template.calibration_samples, "batch_size": template.batch_size,
                      "seed": template.seed, "dev_examples": len(dev_examples),
                      "data_note": "movie-snippet sentiment, SST-2-like, not official SST-2"},
-        "dense": {**evaluate(dense, dev, desc="evaluate dense"), "parameters": sum(p.numel() for p in dense.parameters())},
         "methods": {},
     }
+    for path in args.reuse:
+        earlier = json.loads(path.read_text())
+        if earlier["settings"] != results["settings"]:
+            raise SystemExit(f"error: {path} was written for other settings: {earlier['settings']}")
+        results["dense"], results["structure"] = earlier["dense"], earlier["structure"]
+        results["methods"].update({name: row for name, row in earlier["methods"].items() if "error" not in row})
+        results.setdefault("reused", []).append(str(path))
+    if "dense" not in results:
+        results["dense"] = {**evaluate(dense, dev, desc="evaluate dense"),
+                            "parameters": sum(p.numel() for p in dense.parameters())}
     print(f"dense accuracy {results['dense']['accuracy']:.4f}", flush=True)
     fisher = SharedFisher(template, tokenizer, train_examples, recipe.data.max_length)
     for name, changes in methods.items():
+        if name in results["methods"]:
+            continue
         model = copy.deepcopy(dense)
         try:
             stage = stage_of(template, changes)
@@ -174,6 +192,9 @@ def main(argv=None) -> int:
                                     "parameters": sum(p.numel() for p in slimmed.parameters()), **facts}
         run.write_progress(results)
         print(f"{name}: accuracy {results['methods'][name]['accuracy']:.4f}, {facts['prune_seconds']:.0f} s", flush=True)
+    order = list(settings["methods"])  # the settings' order, also for rows of --reuse
+    results["methods"] = dict(sorted(results["methods"].items(),
+                                     key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     results = run.write(results, markdown)
     print(markdown(results))
     return 0
