@@ -398,13 +398,16 @@ class CausalLMRecipe(_TransformersRecipe):
         return self
 
     @model_validator(mode="after")
-    def _flap_biases_need_slimming(self):
-        """FLAP's compensation adds biases to Llama-like o_proj / down_proj, which the dense model's config cannot
-        describe: only a slimmed model records them, so plain from_pretrained would drop them from a masked one."""
-        compensated = [index for index, stage in enumerate(self.pruning)
-                       if stage.pruning_type == "flap" and stage.bias_compensation is not False]
+    def _compensated_biases_need_slimming(self):
+        """Bias compensation (flap's default, mask_search's option) adds biases to Llama-like o_proj / down_proj,
+        which the dense model's config cannot describe: only a slimmed model records them, so plain from_pretrained
+        would drop them from a masked one."""
+        compensated = [(index, stage.pruning_type) for index, stage in enumerate(self.pruning)
+                       if (stage.pruning_type == "flap" and stage.bias_compensation is not False)
+                       or (stage.pruning_type == "mask_search" and stage.bias_compensation)]
         if compensated and not self.slim:
-            raise ValueError(f"pruning stage {compensated[0]} (flap) compensates biases that only a slimmed decoder "
+            index, pruning_type = compensated[0]
+            raise ValueError(f"pruning stage {index} ({pruning_type}) compensates biases that only a slimmed decoder "
                              f"can save: set slim: true, or bias_compensation: false in the stage")
         return self
 

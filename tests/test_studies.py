@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from benchmarks.studies.fisher_cache import cached_mask_gradients
 from benchmarks.studies.kwon_minilm_seeds import exact_mcnemar
+from inc_plugins.post_training import MaskGradients
 from inc_plugins.perf.synthetic import NUM_LAYERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,3 +307,44 @@ def test_structured_generation_quick(tmp_path):
         else:
             assert all(timing["first_call_s"] >= 0 for timing in decode.values())
     assert "QUICK SMOKE RUN" in (tmp_path / "structured_generation_quick.md").read_text()
+
+
+def test_structured_minilm_quick(tmp_path):
+    run_study("structured_minilm", out=tmp_path)
+    data = results(tmp_path / "structured_minilm_quick.json", "settings", "dense", "methods")
+    methods = data["methods"]
+    assert len(methods) == 8 and not [name for name, row in methods.items() if "error" in row]
+    assert all(row["removed_fraction"] >= data["settings"]["target"] for row in methods.values())
+    # the methods that differ only in compensation removed the same units
+    for plain, compensated in (("mask_search (search only)", "mask_search (search only) + compensation"),
+                               ("flap without compensation", "flap")):
+        assert methods[plain]["kept_neurons"] == methods[compensated]["kept_neurons"]
+    assert (tmp_path / "structured_minilm_quick.md").is_file()
+
+
+def test_kwon_bias_smollm2_quick_reuses_its_fisher_cache(tmp_path):
+    cache = tmp_path / "fisher.safetensors"
+    run_study("kwon_bias_smollm2", "--fisher-cache", str(cache), out=tmp_path)
+    first = results(tmp_path / "kwon_bias_smollm2_quick.json", "settings", "dense", "rows", "fisher_seconds")
+    assert cache.is_file() and first["fisher_source"] == "computed in this run"
+    assert {(row["variant"], row["bias_compensation"]) for row in first["rows"]} == {
+        (variant, compensated) for variant in ("mask_search", "full") for compensated in (False, True)}
+    run_study("kwon_bias_smollm2", "--fisher-cache", str(cache), "--variants", "mask_search", out=tmp_path)
+    second = results(tmp_path / "kwon_bias_smollm2_quick.json", "settings", "dense", "rows", "fisher_seconds")
+    assert second["fisher_source"].startswith("read from")
+    assert [row["perplexity"] for row in second["rows"]] == [row["perplexity"] for row in first["rows"][:2]]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.studies.kwon_bias_smollm2", "--quick", "--out",
+                           str(tmp_path), "--fisher-cache", str(cache), "--variants", "mask_search",
+                           "--fractions", "0.3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0  # the fraction is not part of what the gradients depend on
+
+
+def test_a_fisher_cache_written_for_other_settings_is_refused(tmp_path):
+    path = tmp_path / "fisher.safetensors"
+    stored = MaskGradients(torch.randn(3, 2, 4), torch.randn(3, 2, 8), per_sample=False)
+    identity = {"model": "m", "seed": 0, "per_sample": False}
+    assert cached_mask_gradients(path, identity, lambda: stored) is stored
+    read = cached_mask_gradients(path, identity, lambda: pytest.fail("the cache was not read"))
+    assert torch.equal(read.head, stored.head) and torch.equal(read.neuron, stored.neuron)
+    with pytest.raises(ValueError, match="holds mask gradients of .*'seed': 0.*not of .*'seed': 1"):
+        cached_mask_gradients(path, {**identity, "seed": 1}, lambda: stored)

@@ -12,7 +12,10 @@ Where the result lives:
 
 * in the weights: the masks are folded in (``structure_masks.fold_structure_masks``): pruned heads' query/key/value
   rows and output-projection columns, and pruned neurons' FFN-input rows and FFN-output columns, are zero; tuned
-  scales multiply the kept columns of the output projections. The model is a plain model (no hooks).
+  scales multiply the kept columns of the output projections. With ``bias_compensation`` the removed units' mean
+  contribution is added to the output projections' biases (``post_training.bias_compensation``; Llama-like blocks
+  get biases there that their config cannot describe, as FLAP's: slim before saving). The model is a plain model
+  (no hooks).
 * ``pruning.result`` (``MaskSearchResult``): the float ``head_mask`` [n_layers, n_heads] and ``neuron_mask``
   [n_layers, n_neurons] (0 = pruned, else the tuned scale, already folded into the weights), the MACs (or seconds)
   kept, the budget and the dense cost, the Fisher gradients, the tuning log and the step checks.
@@ -31,9 +34,9 @@ from typing import Any
 
 from torch import nn
 
-from inc_plugins.models.structure_masks import fold_structure_masks, mask_structure
+from inc_plugins.models.structure_masks import mask_structure
 from inc_plugins.models.surgery_transformers import slim_model
-from inc_plugins.post_training import KwonResult, KwonSettings, prune_post_training
+from inc_plugins.post_training import KwonResult, KwonSettings, fold_kwon_result, prune_post_training
 
 from .one_shot_base import OneShotPruning, PruningResult
 from .structure_pruners import check_whole_model_entry, zeroed_structure_pruners
@@ -47,7 +50,8 @@ MaskSearchSettings = KwonSettings
 @dataclasses.dataclass(frozen=True)
 class MaskSearchResult(PruningResult, KwonResult):
     """The search's ``KwonResult`` (masks, costs, gradients, tuning) and the zeroed layers. The masks' scales are
-    already folded into the weights, so slimming removes the pruned units without scaling again."""
+    already folded into the weights, so slimming removes the pruned units without scaling again; compensated
+    biases stay in the slimmed output projections."""
 
     def slimmed(self, model: nn.Module) -> nn.Module:
         """``model`` without the pruned heads and neurons (slimmed in place: ``surgery_transformers.slim_model``)."""
@@ -74,6 +78,6 @@ class MaskSearchPruning(OneShotPruning):
     def prune(self, dataloader, loss_func) -> dict[str, Any]:
         (info,), (settings,) = self.pruners_info, self.settings
         search = prune_post_training(self._model, dataloader, settings, loss_func)
-        slices = fold_structure_masks(self._model, search.head_mask, search.neuron_mask)
+        slices = fold_kwon_result(self._model, search)
         self.pruners = zeroed_structure_pruners(info, settings, slices)
         return {field.name: getattr(search, field.name) for field in dataclasses.fields(KwonResult)}

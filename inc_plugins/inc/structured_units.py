@@ -17,10 +17,9 @@ statistics and token counts are combined (``execution.distributed``), so every r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +28,9 @@ from torch import nn
 
 from inc_plugins.algorithms.channel_moments import ChannelMoments
 from inc_plugins.algorithms.unit_selection import UnitSelection
-from inc_plugins.execution.calibration import BlockInput, run_block
+from inc_plugins.execution.calibration import BlockInput
 from inc_plugins.execution.distributed import combined_across_ranks, gathered_in_rank_order
+from inc_plugins.execution.projection_moments import layer_input_moments
 from inc_plugins.models.architectures import adapter_for
 from inc_plugins.models.batch_inputs import batch_inputs
 from inc_plugins.models.structure_masks import MaskStructure, fold_structure_masks, mask_structure, unit_slices
@@ -145,42 +145,13 @@ class StructuredUnitPruning(OneShotPruning):
         (bool) remove, in the blocks ``layers`` (default: all)."""
         fold_structure_masks(self._model, self.per_query_head(head_keep), neuron_keep.float(), layers)
 
-    @contextlib.contextmanager
-    def output_projection_moments(self, index: int, moments: tuple[ChannelMoments, ChannelMoments],
-                                  ) -> Iterator[list[torch.Tensor | None]]:
-        """Within the block, every call of block ``index``'s attention and FFN output projections adds its input's real
-        tokens to ``moments`` (attention, FFN). The caller puts the running batch's ``[batch, seq]`` token mask in
-        the yielded one-element list before each block call."""
-        block, layout = self.blocks[index], self.adapter.layout
-        current: list[torch.Tensor | None] = [None]
-
-        def accumulate(statistic: ChannelMoments):
-            def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else kwargs["input"]
-                tokens = current[0]
-                if tokens is None or tuple(x.shape[:-1]) != tuple(tokens.shape):
-                    raise RuntimeError(f"block {index}: an output projection's input {list(x.shape)} does not match "
-                                       f"the batch's tokens {None if tokens is None else list(tokens.shape)}")
-                statistic.update(x.reshape(-1, x.shape[-1])[tokens.flatten().to(x.device)])
-            return hook
-
-        handles = [block.get_submodule(name).register_forward_pre_hook(accumulate(statistic), with_kwargs=True)
-                   for name, statistic in zip((layout.attention_output, layout.ffn_out), moments)]
-        try:
-            yield current
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def block_moments(self, index: int, inputs: Sequence[BlockInput], masks: Sequence[torch.Tensor],
                       ) -> tuple[ChannelMoments, ChannelMoments]:
         """The (attention, FFN) output projections' input statistics of block ``index`` over its recorded ``inputs``
         (one per calibration batch, in order, with its real-token ``masks``), combined across ranks."""
-        moments = (ChannelMoments(), ChannelMoments())
-        with self.output_projection_moments(index, moments) as current:
-            for block_input, tokens in zip(inputs, masks, strict=True):
-                current[0] = tokens
-                run_block(self.blocks[index], block_input)
+        layout = self.adapter.layout
+        moments = layer_input_moments(self.blocks[index], (layout.attention_output, layout.ffn_out), inputs, masks,
+                                      f"block {index}")
         return tuple(combined_across_ranks(statistic) for statistic in moments)
 
     def prune(self, dataloader, loss_func) -> dict[str, Any]:

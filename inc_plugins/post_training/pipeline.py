@@ -1,13 +1,14 @@
 """The whole post-training pruning framework of Kwon et al. (2022) on one model, without retraining:
 
     Fisher mask gradients -> constrained mask search (FLOPs or latency) -> mask rearrangement -> mask tuning
+    (-> FLAP's bias compensation of the removed units, an option: ``bias_compensation``)
 
 Each step is one module of this package (or of ``inc_plugins.algorithms``). Rearrangement and tuning are each kept
 only when the model with the step agrees with the dense model's predictions on the calibration samples more often
 than the model without it (``step_checks``; ``check_steps=False`` keeps them unchecked, as the paper does).
-``prune_post_training`` returns masks and leaves the model's weights as they were;
-``inc_plugins.models.structure_masks`` applies them with hooks (``apply_structure_masks``) or writes them into the
-weights (``fold_structure_masks``).
+``prune_post_training`` returns masks (and, with compensation, bias shifts) and leaves the model's weights as they
+were; ``fold_kwon_result`` writes both into the weights (``inc_plugins.models.structure_masks`` applies masks alone
+with hooks: ``apply_structure_masks``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from inc_plugins.algorithms.fisher import diagonal_fisher
 from inc_plugins.algorithms.rearrange import rearrange_mask
 from inc_plugins.execution.distributed import rank_shard, unsharded, world_size
 from inc_plugins.finite_checks import check_batch, check_parameters
-from inc_plugins.models.structure_masks import MaskStructure, expand_head_mask, mask_structure
+from inc_plugins.models.structure_masks import (MaskStructure, UnitSlice, expand_head_mask, fold_structure_masks,
+                                                mask_structure)
 from inc_plugins.plugin_settings import PluginSettings
 
+from .bias_compensation import OutputBiasShifts, add_bias_shifts, removed_unit_bias_shifts
 from .data import average_sequence_length, batch_size, require_labels, take_samples
 from .flops_budget import (
     SEQ_LEN_DESCRIPTION,
@@ -52,7 +55,7 @@ from .mask_tuning import TuningResult, tune_mask_scales
 from .step_checks import DensePredictions, StepCheck, StepChecker
 from .teacher_targets import TeacherTargets
 
-__all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "prune_post_training"]
+__all__ = ["CONSTRAINTS", "KwonSettings", "KwonResult", "fold_kwon_result", "prune_post_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,10 @@ class KwonSettings(PluginSettings):
     check_steps: bool = Field(
         True, description="keep rearrangement and tuning only when each raises the top-1 agreement with the dense "
                           "model on the least-sure calibration samples (false: always keep them, as the paper does)")
+    bias_compensation: bool = Field(
+        False, description="add the removed units' mean contribution over the calibration tokens to the output "
+                           "projections' biases (FLAP's compensation, measured on the model under its final masks; "
+                           "a bias is added to Llama-like o_proj / down_proj, which have none)")
 
     def __init__(self, *target_sparsity: float, **settings: Any):
         if len(target_sparsity) > 1:
@@ -129,7 +136,8 @@ class KwonResult:
     ``cost`` / ``budget`` / ``dense_cost``: MACs per sequence of ``seq_len`` tokens ("flops") or seconds
     ("latency") of the kept units, the allowed cost and the dense cost. ``tuning``: the tuning log (None when
     tuning did not run), also when its check dropped the tuned scales. ``step_checks``: each checked step's
-    decision. ``phase_seconds``: where the time went (the Fisher pass is 0 when precomputed gradients were given).
+    decision. ``bias_shifts``: what ``bias_compensation`` adds to the output projections' biases (None when off).
+    ``phase_seconds``: where the time went (the Fisher pass is 0 when precomputed gradients were given).
     """
 
     head_mask: Tensor
@@ -144,7 +152,8 @@ class KwonResult:
     gradients: MaskGradients
     tuning: TuningResult | None
     step_checks: tuple[StepCheck, ...]
-    phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune", "check" (0: not run)
+    bias_shifts: OutputBiasShifts | None
+    phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune", "check", "compensate"
 
 
 def _latency_table(settings: KwonSettings):
@@ -236,7 +245,7 @@ def prune_post_training(
         seq_len = settings.seq_len
         budget, dense = latency_budget(structure, table, settings.target_sparsity)
 
-    phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune", "check"), 0.0)
+    phase_seconds = dict.fromkeys(("fisher", "search", "rearrange", "tune", "check", "compensate"), 0.0)
     start = time.perf_counter()
     # the Fisher pass runs the dense model on the calibration samples: it records, on the way, tuning's targets and
     # the dense predictions the step checks compare with (across processes, where each rank runs a share of the
@@ -298,6 +307,11 @@ def prune_post_training(
                         rejected.reason)
         masks = decide("tuning", masks, (tuning.unit_head_mask, tuning.neuron_mask))
     unit_head_mask, neuron_mask = masks
+    shifts = None
+    if settings.bias_compensation:  # after the masks are final: the means of the model that will be shipped
+        start = time.perf_counter()
+        shifts = removed_unit_bias_shifts(model, samples, unit_head_mask, neuron_mask)
+        phase_seconds["compensate"] = time.perf_counter() - start
     return KwonResult(
         head_mask=expand_head_mask(unit_head_mask, structure).clone(),
         neuron_mask=neuron_mask,
@@ -311,5 +325,17 @@ def prune_post_training(
         gradients=gradients,
         tuning=tuning,
         step_checks=tuple(checks),
+        bias_shifts=shifts,
         phase_seconds={phase: round(seconds, 3) for phase, seconds in phase_seconds.items()},
     )
+
+
+@torch.no_grad()
+def fold_kwon_result(model: nn.Module, result: KwonResult) -> list[UnitSlice]:
+    """Write ``result`` into ``model``'s weights, in place: the masks (pruned rows and columns zero, tuned scales in
+    the output projections' columns: ``fold_structure_masks``, whose slices it returns), then the bias shifts, if
+    any (``add_bias_shifts``)."""
+    slices = fold_structure_masks(model, result.head_mask, result.neuron_mask)
+    if result.bias_shifts is not None:
+        add_bias_shifts(model, result.bias_shifts)
+    return slices
