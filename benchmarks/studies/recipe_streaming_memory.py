@@ -96,6 +96,8 @@ def sampled_run(command: list[str], cwd: Path) -> dict:
     bounds = marks + [(float("inf"), "")]
     for (begin, name), (end, _) in zip(bounds, bounds[1:]):
         inside = [rss for t, rss in samples if begin <= t < end]
+        if not inside:  # a phase shorter than the sampling interval: the RSS last sampled before it ended
+            inside = [rss for t, rss in samples if t < end][-1:]
         if inside:
             phases[name] = {"start_gib": inside[0] / GIB, "max_gib": max(inside) / GIB, "end_gib": inside[-1] / GIB}
     peak = max(high_water[0], max(rss for _, rss in samples))
