@@ -55,6 +55,12 @@ def unit_scores(standardized_scores: torch.Tensor, channels_per_unit: int) -> to
     return standardized_scores.unflatten(-1, (-1, channels_per_unit)).mean(dim=-1)
 
 
+# the `bias_compensation` config key, which the flap and mask_search types share (one recipe key, one description)
+BIAS_COMPENSATION_KEY = ("add the removed units' mean contribution over the calibration tokens to the output "
+                         "projections' biases (FLAP's compensation; a bias is added to Llama-like o_proj / down_proj, "
+                         "which have none)")
+
+
 def bias_compensation(weight: torch.Tensor, mean_input: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """``[out_features]``: what the ``removed`` input channels (bool ``[in]``) contribute on average,
     ``weight[:, removed] @ mean_input[removed]``, to be added to the projection's bias (in ``weight``'s dtype)."""

@@ -17,7 +17,8 @@ import contextlib
 import torch
 from pydantic import Field
 
-from inc_plugins.algorithms.flap import bias_compensation, fluctuation_scores, standardized, unit_scores
+from inc_plugins.algorithms.flap import (BIAS_COMPENSATION_KEY, bias_compensation, fluctuation_scores, standardized,
+                                         unit_scores)
 from inc_plugins.algorithms.unit_selection import UnitSelection, global_selection
 from inc_plugins.execution.calibration import sequential_blocks
 from inc_plugins.models.output_bias import ensure_bias
@@ -31,9 +32,7 @@ __all__ = ["FlapPruning", "FlapSettings"]
 class FlapSettings(StructuredUnitSettings):
     """The keys of a ``pruning_type="flap"`` config entry."""
 
-    bias_compensation: bool = Field(True, description=(
-        "add the removed channels' mean contribution over the calibration tokens to the output projections' biases "
-        "(a bias is added to Llama-like o_proj / down_proj, which have none)"))
+    bias_compensation: bool = Field(True, description=BIAS_COMPENSATION_KEY)
 
 
 class FlapPruning(StructuredUnitPruning):

@@ -25,6 +25,7 @@ from pydantic import Field, WithJsonSchema, model_validator
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
+from inc_plugins.algorithms.flap import BIAS_COMPENSATION_KEY
 from inc_plugins.algorithms.rearrange import rearrange_mask
 from inc_plugins.execution.distributed import rank_shard, unsharded, world_size
 from inc_plugins.finite_checks import check_batch, check_parameters
@@ -99,10 +100,8 @@ class KwonSettings(PluginSettings):
     check_steps: bool = Field(
         True, description="keep rearrangement and tuning only when each raises the top-1 agreement with the dense "
                           "model on the least-sure calibration samples (false: always keep them, as the paper does)")
-    bias_compensation: bool = Field(
-        False, description="add the removed units' mean contribution over the calibration tokens to the output "
-                           "projections' biases (FLAP's compensation, measured on the model under its final masks; "
-                           "a bias is added to Llama-like o_proj / down_proj, which have none)")
+    # (mask_search measures the means on the model under its final masks, FLAP on the dense model)
+    bias_compensation: bool = Field(False, description=BIAS_COMPENSATION_KEY)
 
     def __init__(self, *target_sparsity: float, **settings: Any):
         if len(target_sparsity) > 1:
