@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -68,6 +69,15 @@ def check_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
 def steps_models_dir(args: argparse.Namespace, study: str, temporary: str) -> Path:
     """Where the slimmed models of ``add_step_arguments``' steps live."""
     return args.models_dir or (Path(temporary) if args.quick else Path(f"runs/{study}_models"))
+
+
+def prune_step_results(run: "StudyRun", key: str, what: str) -> dict:
+    """The results the prune step wrote for ``--step latency`` to time; exits with an error when they hold no `key`
+    (`what` names it: "pruned model")."""
+    results = json.loads(run.stem.with_suffix(".json").read_text())
+    if not results.get(key):
+        raise SystemExit(f"error: {run.stem}.json holds no {what}: run --step prune first")
+    return results
 
 
 def study_settings(study: str, quick: bool) -> dict:

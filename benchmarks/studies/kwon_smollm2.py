@@ -25,7 +25,6 @@ Writes <out>/kwon_smollm2.{json,md} (--quick: kwon_smollm2_quick.*).
 """
 
 import copy
-import json
 import logging
 import tempfile
 import time
@@ -35,7 +34,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
-                                       steps_models_dir, study_parser, study_settings)
+                                       prune_step_results, steps_models_dir, study_parser, study_settings)
 from benchmarks.studies.measures import compile_limits_for, time_models, whole_model_macs
 from benchmarks.studies.sources import CausalLMSource, causal_lm
 from inc_plugins.models.saving import load_slimmed, save_slimmed
@@ -304,9 +303,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}-models-") as temporary:
         models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
-            results = json.loads(run.stem.with_suffix(".json").read_text())
-            if not results.get("fractions"):
-                raise SystemExit(f"error: {run.stem}.json holds no pruned fraction: run --step prune first")
+            results = prune_step_results(run, "fractions", "pruned fraction")
             if "prune_step_seconds" not in results:  # an interrupted prune step: time the fractions it finished
                 results["prune_interrupted_after"] = [row["target"] for row in results["fractions"]]
         else:

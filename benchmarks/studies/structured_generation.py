@@ -75,7 +75,7 @@ from transformers import CompileConfig
 
 import inc_plugins
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
-                                       steps_models_dir, study_parser, study_settings)
+                                       prune_step_results, steps_models_dir, study_parser, study_settings)
 from benchmarks.studies.measures import TokenClock, compile_limits_for, weight_bytes_per_token
 from benchmarks.studies.sources import CausalLMSource, causal_lm
 from inc_plugins.atomic import write_text
@@ -564,9 +564,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}-models-") as temporary:
         models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
-            results = json.loads(run.stem.with_suffix(".json").read_text())
-            if not results.get("models"):
-                raise SystemExit(f"error: {run.stem}.json holds no pruned model: run --step prune first")
+            results = prune_step_results(run, "models", "pruned model")
             # what this invocation says about the timing replaces what the prune step recorded
             results["settings"].update({key: value for key, value in settings.items()
                                         if key not in ("methods", "fractions")})
