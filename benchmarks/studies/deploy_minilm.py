@@ -25,7 +25,6 @@ of dense accuracy. Writes <out>/deploy_minilm.{json,md} (--quick: deploy_minilm_
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -37,12 +36,11 @@ from torch import nn
 
 import inc_plugins
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
-                                       steps_models_dir, study_parser, study_settings)
+                                       prune_step_results, steps_models_dir, study_parser, study_settings)
 from benchmarks.studies.sources import text_classification_task
-from inc_plugins.deploy import convert_to_openvino
+from inc_plugins.deploy import convert_to_openvino, load_openvino
 from inc_plugins.deploy.int8_nncf import quantize_ir_int8
 from inc_plugins.deploy.openvino_export import IR_FILE, write_openvino_ir
-from inc_plugins.deploy.openvino_model import OpenVINOTokenModel
 from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.perf.backends import BACKENDS
 from inc_plugins.perf.machine import cpu_description, load_average
@@ -59,20 +57,15 @@ IR_WEIGHTS = Path(IR_FILE).with_suffix(".bin").name  # beside the IR's graph
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 
 
-class _Autocast(nn.Module):
-    """`model` under bf16 autocast: eager bf16 with free shapes, for the accuracy of the eager-bf16 backend."""
+class _BackendModel(nn.Module):
+    """An eager backend's runner (`inc_plugins.perf.backends`, shape-free) called like the model, for evaluation."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, run):
         super().__init__()
-        self.model = model
+        self.run = run
 
     def forward(self, **inputs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return SimpleNamespace(logits=self.model(**inputs).logits.float())
-
-
-def _hint(backend_id: str) -> str:
-    return BACKENDS[backend_id].settings["INFERENCE_PRECISION_HINT"]
+        return SimpleNamespace(logits=self.run(inputs))
 
 
 def _ir(model: nn.Module, example: dict, quantize_on: list[dict] | None) -> ov.Model:
@@ -80,11 +73,6 @@ def _ir(model: nn.Module, example: dict, quantize_on: list[dict] | None) -> ov.M
     `quantize_on` is given. (The timed backends leave out token_type_ids, all zeros here: the same computation.)"""
     converted = convert_to_openvino(model, example)
     return converted if quantize_on is None else quantize_ir_int8(converted, quantize_on)
-
-
-def _compiled(ir: ov.Model, hint: str) -> OpenVINOTokenModel:
-    return OpenVINOTokenModel(ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}))
 
 
 def _bytes(directory: Path) -> int:
@@ -104,17 +92,16 @@ def accuracy_of_forms(name: str, model: nn.Module, backends: list[str], dev: lis
         if not availability.available:
             forms[backend_id] = {"available": False, "reason": availability.reason}
             continue
-        if backend_id == "eager-fp32":
-            evaluated = model
-        elif backend_id == "eager-bf16":
-            evaluated = _Autocast(model)
-        elif "quantization" in BACKENDS[backend_id].settings:
+        backend = BACKENDS[backend_id]
+        if backend.name == "eager":
+            evaluated = _BackendModel(backend.prepare(model, example))
+        elif "quantization" in backend.settings:
             if int8_ir is None:
                 int8_ir = _ir(model, example, calibration)
                 write_openvino_ir(int8_ir, models_dir / f"{name}_int8_ir")
-            evaluated = _compiled(int8_ir, _hint(backend_id))
+            evaluated = load_openvino(models_dir / f"{name}_int8_ir", backend.dtype)  # the IR as written
         else:
-            evaluated = _compiled(float_ir, _hint(backend_id))
+            evaluated = load_openvino(models_dir / f"{name}_ir", backend.dtype)
         forms[backend_id] = {"available": True, **evaluate(evaluated, dev, desc=f"{name} {backend_id}")}
         print(f"{name} {backend_id}: accuracy {forms[backend_id]['accuracy']:.4f}", flush=True)
     # whole directories, and the IRs' weights files alone (the .xml, the graph, is most of a tiny model's IR)
@@ -275,9 +262,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as temporary:
         models_dir = steps_models_dir(args, STUDY, temporary)
         if args.step == "latency":
-            results = json.loads(run.stem.with_suffix(".json").read_text())
-            if not results.get("models"):
-                raise SystemExit(f"error: {run.stem}.json holds no models: run --step prune first")
+            results = prune_step_results(run, "models", "models")
         else:
             if models_dir.is_dir() and any(models_dir.iterdir()):
                 raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): remove it or "
