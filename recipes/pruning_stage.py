@@ -53,6 +53,13 @@ def calibration_batches(stage: PruningStage | Quantize, tokenizer, train_example
     return tokenized_batches(tokenizer, sample, stage.batch_size, max_length), len(sample)
 
 
+def calibration_inputs(stage: PruningStage | Quantize, tokenizer, train_examples: list[Example],
+                       max_length: int) -> list[dict]:
+    """`calibration_batches` as model inputs (labels dropped): what a quantizer calibrates on."""
+    batches, _ = calibration_batches(stage, tokenizer, train_examples, max_length)
+    return [{name: tensor for name, tensor in batch.items() if name != "labels"} for batch in batches]
+
+
 def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration: list | None = None,
                        n_calibration: int | None = None, training: list | None = None) -> StageOutcome:
     """Prunes `model` in place through `inc_plugins.prepare_pruning`: one-shot types from the `calibration`

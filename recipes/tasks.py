@@ -27,7 +27,7 @@ from .movie_snippets import load_examples, train_dev_split
 from .perplexity import perplexity
 from .streaming_choice import StreamedCheckpoint, open_streamed, streams
 from .image_classification import ImageClassificationTask
-from .pruning_stage import (StageOutcome, calibration_batches, prune_checkpoint_stage, prune_with_batches,
+from .pruning_stage import (StageOutcome, calibration_inputs, prune_checkpoint_stage, prune_with_batches,
                             run_pruning_stage)
 from .report import parameter_counts
 from .schema import CausalLMRecipe, PruningStage, Quantize, RecipeError, TextClassificationRecipe, TextSource
@@ -143,8 +143,7 @@ class TextClassificationTask(_TransformersTask):
 
     def calibration_inputs(self, settings: Quantize) -> list[dict]:
         """Model-input batches of `settings.calibration_samples` training examples drawn with `settings.seed`."""
-        batches, _ = calibration_batches(settings, self.tokenizer, self.train_examples, self.recipe.data.max_length)
-        return [{name: tensor for name, tensor in batch.items() if name != "labels"} for batch in batches]
+        return calibration_inputs(settings, self.tokenizer, self.train_examples, self.recipe.data.max_length)
 
     def macs_seq_len(self) -> int:
         return average_sequence_length(self.dev_batches)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.studies.common import StudyRun, prune_step_results
 from benchmarks.studies.fisher_cache import cached_mask_gradients
 from benchmarks.studies.kwon_minilm_seeds import exact_mcnemar
 from inc_plugins.post_training import MaskGradients
@@ -223,13 +224,17 @@ def test_streaming_smollm2_quick(tmp_path):
 
 
 def test_deploy_minilm_quick_in_two_steps(tmp_path):
-    """The prune step measures every (model, backend) form's accuracy and sizes; the latency step, run apart as on a
+    """The prune step measures every (model, backend) form's accuracy and sizes (a one-shot pruned model and one
+    fine-tuned after pruning, its pruned weights held at zero); the latency step, run apart as on a
     quiet machine, times each of them at every shape against dense eager fp32; a second prune step into the same
     models directory refuses instead of overwriting."""
     models = tmp_path / "models"
     run_study("deploy_minilm", "--step", "prune", "--models-dir", str(models), out=tmp_path)
     pruned = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
-    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40"}
+    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40", "pruned_50_retrained"}
+    assert pruned["models"]["pruned_40"]["retrain"] is None
+    retrained = pruned["models"]["pruned_50_retrained"]["retrain"]
+    assert retrained["steps"] >= 1 and retrained["zeros_held"] > 0, retrained
     backends = pruned["settings"]["backends"]
     for name, model in pruned["models"].items():
         assert set(model["forms"]) == set(backends), name
@@ -245,13 +250,22 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
         assert timed == {(name, b) for name in pruned["models"] for b in available}
         baseline = next(t for t in shape["timings"] if (t["model"], t["backend"]) == ("dense", "eager-fp32"))
         assert baseline["speedup_vs_dense_eager_fp32"] == 1.0
-    assert data["target"]["model"] == "pruned_40" and "int8" in data["target"]["backend"]
+    assert data["target"]["model"] != "dense" and "int8" in data["target"]["backend"]
     assert set(data["latency"]["cpu_features"]) >= {"avx512_vnni", "amx_int8"}
 
     again = subprocess.run([sys.executable, "-m", "benchmarks.studies.deploy_minilm", "--quick", "--step", "prune",
                             "--models-dir", str(models), "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_a_latency_step_without_its_prune_step_says_what_to_run(tmp_path):
+    run = StudyRun("deploy_minilm", quick=True, out=tmp_path, argv=[])
+    with pytest.raises(SystemExit, match="deploy_minilm_quick.json does not exist: run --step prune first"):
+        prune_step_results(run, "models", "models")
+    run.write_progress({"models": {}})
+    with pytest.raises(SystemExit, match="holds no models: run --step prune first"):
+        prune_step_results(run, "models", "models")
 
 
 def test_structured_generation_quick(tmp_path):

@@ -74,7 +74,10 @@ def steps_models_dir(args: argparse.Namespace, study: str, temporary: str) -> Pa
 def prune_step_results(run: "StudyRun", key: str, what: str) -> dict:
     """The results the prune step wrote for ``--step latency`` to time; exits with an error when they hold no `key`
     (`what` names it: "pruned model")."""
-    results = json.loads(run.stem.with_suffix(".json").read_text())
+    path = run.stem.with_suffix(".json")
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist: run --step prune first (with the same --out)")
+    results = json.loads(path.read_text())
     if not results.get(key):
         raise SystemExit(f"error: {run.stem}.json holds no {what}: run --step prune first")
     return results

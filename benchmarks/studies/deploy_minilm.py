@@ -6,7 +6,8 @@
 
 Issue #17's measurement. Models: the fine-tuned MiniLM-L6 of recipes/minilm_deploy.yaml (dense) and, for each
 fraction of settings.yaml, that recipe's pruning stage (mask_search, the full method) with its target replaced by the
-fraction, slimmed. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
+fraction, slimmed; the `retrained_fractions` are fine-tuned after pruning (pruned weights held at zero) before they
+are slimmed: deeper pruning that a one-shot search alone would pay for in accuracy. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
 bf16 (autocast), OpenVINO fp32 and bf16, and OpenVINO int8 (NNCF static int8 on the recipe's quantize settings: 300
 training samples, seed 0), whose float parts run in fp32 or bf16.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,9 +47,9 @@ from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.perf.backends import BACKENDS
 from inc_plugins.perf.machine import cpu_description, load_average
 from inc_plugins.perf.timing import interleaved_seconds, summary
-from recipes.pruning_stage import calibration_batches, run_pruning_stage
+from recipes.pruning_stage import calibration_inputs, run_pruning_stage
 from recipes.schema import load_recipe
-from recipes.text_classification import evaluate, tokenized_batches
+from recipes.text_classification import epochs_to_steps, evaluate, tokenized_batches
 
 STUDY = "deploy_minilm"
 RECIPE = "minilm_deploy.yaml"
@@ -127,26 +129,36 @@ def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path) -> dict:
                "models": {}}
     dense.save_pretrained(models_dir / DENSE, safe_serialization=True)
     results["models"][DENSE] = accuracy_of_forms(DENSE, dense, settings["backends"], dev, calibration, models_dir)
-    for fraction in settings["fractions"]:
-        name = f"pruned_{round(100 * fraction)}"
+    for fraction, retrain_steps in pruned_models(settings, len(train_examples), template.batch_size):
+        name = f"pruned_{round(100 * fraction)}" + ("_retrained" if retrain_steps else "")
         model = copy.deepcopy(dense)
-        outcome = run_pruning_stage(model, template.model_copy(update={"target_sparsity": fraction}), tokenizer,
-                                    train_examples, recipe.data.max_length)
+        stage = template.model_copy(update={"target_sparsity": fraction, "retrain_steps": retrain_steps,
+                                            "learning_rate": recipe.finetune.learning_rate})
+        outcome = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
         model = inc_plugins.slim(model, outcome.result)
         save_slimmed(model, models_dir / name)
         results["models"][name] = {"target": fraction, "prune_seconds": outcome.report["prune_seconds"],
                                    "flops_removed": outcome.report["mask_search"]["removed_fraction"],
+                                   "retrain": outcome.report.get("retrain"),
                                    **accuracy_of_forms(name, model, settings["backends"], dev, calibration, models_dir)}
         run.write_progress(results)
     results["prune_step_load_average"] = dict(run.load_averages, end=load_average())
     return results
 
 
+def pruned_models(settings: dict, n_train: int, batch_size: int) -> list[tuple[float, int]]:
+    """(fraction, retrain steps) of each pruned model: the one-shot `fractions` (0 steps), then the
+    `retrained_fractions`, fine-tuned after pruning for `retrain_epochs` epochs of the training set with every pruned
+    weight held at zero (the recipe's `retrain_steps`, at its fine-tune learning rate)."""
+    steps = epochs_to_steps(settings["retrain_epochs"], math.ceil(n_train / batch_size))
+    return ([(fraction, 0) for fraction in settings["fractions"]]
+            + [(fraction, steps) for fraction in settings["retrained_fractions"]])
+
+
 def quantize_calibration(recipe, settings: dict, tokenizer, train_examples) -> list[dict]:
     """The quantize stage's calibration batches of the recipe (its samples, seed and batch size)."""
     stage = recipe.quantize.model_copy(update={"calibration_samples": settings["quantize_samples"]})
-    batches, _ = calibration_batches(stage, tokenizer, train_examples, recipe.data.max_length)
-    return [{key: tensor for key, tensor in batch.items() if key != "labels"} for batch in batches]
+    return calibration_inputs(stage, tokenizer, train_examples, recipe.data.max_length)
 
 
 def latency_step(run: StudyRun, recipe, results: dict, models_dir: Path) -> dict:
@@ -204,7 +216,8 @@ def markdown(results: dict) -> str:
              "",
              f"MiniLM-L6 fine-tuned on the movie-snippet task ({settings['data_note']}); {settings['dev_examples']} dev "
              f"examples; pruned by recipes/{RECIPE}'s mask_search stage (full method, {settings['calibration_samples']} "
-             f"calibration samples) at each target, slimmed; int8: NNCF static quantization on "
+             f"calibration samples) at each target, slimmed (*_retrained: fine-tuned for {settings['retrain_epochs']} "
+             f"epoch(s) after pruning, pruned weights held at zero); int8: NNCF static quantization on "
              f"{settings['quantize_samples']} training samples. " + machine_line(results), "",
              "## Accuracy and size", "",
              "| model | FLOPs removed | parameters | " + " | ".join(settings["backends"]) + " | safetensors MB | IR MB | int8 IR MB |",

@@ -66,15 +66,15 @@ class RecordedOutputs(nn.Module):
         self.model, self.max_bytes = model, max_bytes
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input_ids, logits) of each call
         self.bytes = 0
+        self.full = False  # once a call's logits do not fit, none after it is kept: the kept calls stay a prefix
 
     def forward(self, **inputs):
         output = self.model(**inputs)
         logits = output.logits.detach().float()
-        if self.bytes + logits.numel() * logits.element_size() <= self.max_bytes:
+        self.full = self.full or self.bytes + logits.numel() * logits.element_size() > self.max_bytes
+        if not self.full:
             self.recorded.append((inputs["input_ids"].clone(), logits))
             self.bytes += logits.numel() * logits.element_size()
-        else:
-            self.max_bytes = self.bytes  # keep a prefix of the calls: the later ones run again
         return output
 
     def logits_for(self, call: int, inputs: dict) -> torch.Tensor:
