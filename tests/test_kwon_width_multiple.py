@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import inc_plugins
 from inc_plugins.algorithms.mask_search import search_masks_under_latency, search_masks_under_unit_costs
 from inc_plugins.algorithms.neuron_blocks import (
     neuron_blocks,
@@ -165,6 +166,14 @@ def test_the_pipeline_keeps_multiple_widths_through_rearrangement_and_tuning():
     assert ((kept % 16) == 0).all() and 0 < kept.sum() < 2 * 64
     assert torch.equal(kept, (searched.neuron_mask != 0).sum(1))
     assert not torch.equal(full.neuron_mask != 0, searched.neuron_mask != 0)  # rearrangement moved neurons
+
+
+def test_the_key_reaches_the_search_through_an_inc_config_entry():
+    model, batches = tiny_bert_classifier(), token_batches(2, 4, 12, seed=0, labels="classification")
+    config = inc_plugins.pruning_config(pruning_configs=[
+        {"pruning_type": "mask_search", "target_sparsity": 0.3, "width_multiple": 32, "tune": False}])
+    result = inc_plugins.prepare_pruning(model, config, dataloader=batches).result
+    assert result.width_multiple == 32 and ((result.neuron_mask != 0).sum(1) % 32 == 0).all()
 
 
 def test_auto_reads_the_latency_table_also_under_the_flops_constraint():

@@ -4,9 +4,10 @@
 Criterion. A kernel that prefers widths of 64 is about as fast at 1024 neurons as at 1000: its latency is a
 staircase that sits below the straight line through it at each preferred width and above it just after. So a
 straight line is fitted (least squares) to the latency over the table's longest run of consecutive measured
-widths, and the score of a candidate m is the mean of ``latency(w) / line(w)`` over the multiples w of m in the
-run: about 1 for every m when the latency has no steps (the line's fit removes the fixed cost that makes wide
-layers cheaper per neuron, so it favours no m), below 1 for the step size and its multiples when it has them. The
+widths, and the score of a candidate m is 1 + the mean of ``latency(w) - line(w)`` over the multiples w of m in
+the run, divided by the run's mean latency: 1 for every m when the latency has no steps (the line takes up the
+fixed cost that makes wide layers cheaper per neuron, so it favours no m), below 1 for the step size and its
+multiples when it has them. The
 smallest candidate is the default, and a larger m replaces the current choice only when its score is lower by more
 than ``tolerance`` (a fraction): a coarser width costs the search importance, so it has to buy measurable speed.
 The run must hold at least 2M + 1 widths, M the largest candidate, so that M has three multiples in it. The
@@ -30,8 +31,8 @@ TOLERANCE = 0.01  # a larger multiple must sit more than 1% further below the fi
 
 @dataclass(frozen=True)
 class WidthChoice:
-    """The chosen multiple, each candidate's score (mean latency over the fitted line at its multiples) and the
-    run of widths scored."""
+    """The chosen multiple, each candidate's score (1 + its multiples' mean latency above the fitted line, as a
+    fraction of the mean latency) and the run of widths scored."""
 
     multiple: int
     scores: dict[int, float]
@@ -74,11 +75,12 @@ def choose_width_multiple(table: LatencyTable, candidates: tuple[int, ...] = CAN
     latency = torch.tensor(list(run.values()), dtype=torch.float64)
     design = torch.stack([torch.ones_like(widths), widths], dim=1)
     line = design @ torch.linalg.lstsq(design, latency.unsqueeze(1)).solution.squeeze(1)
-    if (line <= 0).any():
-        raise ValueError("the latency table's timed FFN latencies do not rise above 0 over its measured run: they "
-                         "hold no measurement to choose a width multiple from")
-    ratio = dict(zip(run, (latency / line).tolist()))
-    scores = {m: sum(ratio[w] for w in run if w % m == 0) / sum(1 for w in run if w % m == 0) for m in usable}
+    mean = float(latency.mean())
+    if mean <= 0:
+        raise ValueError("the latency table's timed FFN latencies average 0 seconds or less over its measured run: "
+                         "they hold no measurement to choose a width multiple from")
+    above = dict(zip(run, ((latency - line) / mean).tolist()))
+    scores = {m: 1 + sum(above[w] for w in run if w % m == 0) / sum(1 for w in run if w % m == 0) for m in usable}
     chosen = usable[0]
     for m in usable[1:]:
         if scores[m] < scores[chosen] * (1 - tolerance):
