@@ -185,6 +185,18 @@ def test_auto_reads_the_latency_table_also_under_the_flops_constraint():
     assert result.width_multiple == 8 and ((result.neuron_mask != 0).sum(1) % 8 == 0).all()
 
 
+def test_the_latency_constraint_searches_blocks_within_the_table_budget():
+    model, batches = tiny_bert_classifier(), token_batches(2, 4, 12, seed=0, labels="classification")
+    table = LatencyTable([0.0, 2.0, 2.5, 3.0, 3.5], [0.0] + [staircase(16, fixed=0.5, per_neuron=0.1)(w)
+                                                            for w in range(1, 65)], current_machine("eager"))
+    result = prune_post_training(model, batches, KwonSettings(0.5, constraint="latency", latency_table=table,
+                                                              width_multiple=16, tune=False))
+    kept_heads, kept_neurons = (result.unit_head_mask != 0).sum(1), (result.neuron_mask != 0).sum(1)
+    assert result.width_multiple == 16 and (kept_neurons % 16 == 0).all()
+    latency = float(table.head_latency[kept_heads].sum() + table.neuron_latency[kept_neurons].sum())
+    assert latency == pytest.approx(result.cost) and latency <= 0.5 * 2 * (3.5 + 6.9) + 1e-9
+
+
 @pytest.mark.parametrize(("value", "message"), [
     (0, r"^width_multiple must be an int in \[1, 65536\] that divides the FFN width, or 'auto' \(with a "
         r"latency_table\)$"),

@@ -109,8 +109,9 @@ class KwonSettings(PluginSettings):
         False, description="one Fisher gradient per sequence (the paper's definition) instead of one per batch "
                            "(the reference code)")
     latency_table: _LatencyTableSetting = Field(
-        None, description="the latency table for constraint 'latency': a file written by inc_plugins.latency_table "
-                          "(in Python also a LatencyTable or a dict with head_latency, neuron_latency, machine)")
+        None, description="the latency table for constraint 'latency' and width_multiple 'auto': a file written by "
+                          "inc_plugins.latency_table (in Python also a LatencyTable or a dict with head_latency, "
+                          "neuron_latency, machine)")
     latency_backend: Annotated[str, Field(max_length=100)] = Field(
         "eager", description="the inference backend the table's latencies are for, checked against its metadata")
     allow_foreign_latency_table: bool = Field(
