@@ -9,11 +9,12 @@ added, so the medians are then replaced by their closest nondecreasing sequence 
 pool-adjacent-violators): noise that would make a bigger layer look cheaper is averaged out. Only some sizes are
 measured (every `head_step`-th head count, every `neuron_step`-th neuron count, and the full sizes); the rest are
 linearly interpolated. Interpolation cannot show the steps a kernel makes at its preferred widths, so
-`neuron_widths` adds neuron counts to measure (e.g. every width from 64 to 192), and the table keeps the medians
+`neuron_widths` adds neuron counts to measure (e.g. every width from 32 to 320), and the table keeps the medians
 before the nondecreasing fit (``measured_neuron_seconds``), since a width just below a step can be slower than the
-step itself, which the fit would average away (``width_choice`` picks a width multiple from them). Under grouped-query attention, heads can only be removed by whole key/value groups: sizes
-are measured in groups and the entries between multiples of the group size are interpolated. Negative neuron
-differences from timing noise are clamped to 0.
+step itself, which the fit would average away (``width_choice`` picks a width multiple from them). Under
+grouped-query attention, heads can only be removed by whole key/value groups: sizes are measured in groups and the
+entries between multiples of the group size are interpolated. Negative neuron differences from timing noise are
+clamped to 0 in the table (not in ``measured_neuron_seconds``).
 
 The layer runs on a backend of ``inc_plugins.perf.backends`` that can time a lone layer (``LAYER_BACKENDS``: eager
 so far); the table records the backend's name and the model's dtype.

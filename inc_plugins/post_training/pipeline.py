@@ -69,7 +69,7 @@ CONSTRAINTS = typing.get_args(Constraint)
 
 # tables are read from files a person names; the JSON form of latency_table is such a path
 _LatencyTableSetting = Annotated[Any, WithJsonSchema({"type": "string", "maxLength": 4096})]
-WIDTH_MULTIPLE_DESCRIPTION = (
+_WIDTH_MULTIPLE_DESCRIPTION = (
     "every block keeps a multiple of this many FFN neurons (0 and the full width included), chosen inside the search "
     "(exact for 'flops'): an int >= 1 that divides the FFN width (1: any width), or 'auto': the multiple a "
     "latency_table measured at every width of a range favours (inc_plugins.perf.width_choice). Heads are not "
@@ -125,7 +125,7 @@ class KwonSettings(PluginSettings):
                           "model on the least-sure calibration samples (false: always keep them, as the paper does)")
     # (mask_search measures the means on the model under its final masks, FLAP on the dense model)
     bias_compensation: bool = Field(False, description=BIAS_COMPENSATION_KEY)
-    width_multiple: _WidthMultipleSetting = Field(1, description=WIDTH_MULTIPLE_DESCRIPTION)
+    width_multiple: _WidthMultipleSetting = Field(1, description=_WIDTH_MULTIPLE_DESCRIPTION)
 
     def __init__(self, *target_sparsity: float, **settings: Any):
         if len(target_sparsity) > 1:
