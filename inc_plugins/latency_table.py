@@ -64,6 +64,14 @@ def _model_for_measuring(name: str, attn_implementation: str) -> nn.Module:
     return AutoModel.from_config(config, attn_implementation=attn_implementation).eval()
 
 
+def _width_range(text: str) -> range:
+    """'FIRST:LAST' -> range(FIRST, LAST + 1), both >= 1."""
+    first, _, last = text.partition(":")
+    if not (first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST with 1 <= FIRST <= LAST (e.g. 64:192), got {text!r}")
+    return range(int(first), int(last) + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inc_plugins.latency_table", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--warmup", type=int, default=2)
     measure.add_argument("--head-step", type=int, default=1, help="measure every k-th head (kv group) count")
     measure.add_argument("--neuron-step", type=int, default=64, help="measure every k-th FFN neuron count")
+    measure.add_argument("--neuron-widths", type=_width_range, default=(), metavar="FIRST:LAST",
+                         help="also measure every FFN neuron count from FIRST to LAST (the steps that width_multiple "
+                              "'auto' reads, e.g. 64:192)")
     measure.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
     measure.add_argument("--attn-implementation", default="sdpa", choices=("eager", "sdpa"))
     measure.add_argument("--output", type=Path, default=None, help="default: the per-machine file in the cache")
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     model = _model_for_measuring(args.model, args.attn_implementation)
     table = measure_latency_table(
         model, batch_size=args.batch_size, seq_len=args.seq_len, backend=args.backend, repeats=args.repeats,
-        warmup=args.warmup, head_step=args.head_step, neuron_step=args.neuron_step,
+        warmup=args.warmup, head_step=args.head_step, neuron_step=args.neuron_step, neuron_widths=args.neuron_widths,
     )
     print(save_latency_table(table, args.output))
     return 0

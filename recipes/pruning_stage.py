@@ -162,6 +162,7 @@ def mask_search_summary(pruning) -> dict:
         "kept_neurons": (result.neuron_mask != 0).sum(dim=1).tolist(),
         "heads_per_layer": result.head_mask.shape[1],
         "neurons_per_layer": result.neuron_mask.shape[1],
+        "width_multiple": result.width_multiple,
         "fisher_gradient_vectors": int(result.gradients.head.shape[0]),
         "per_sample_fisher": result.gradients.per_sample,
         "phase_seconds": result.phase_seconds,

@@ -173,6 +173,22 @@ def test_command_line_measures_and_shows(tmp_path, capsys):
     assert "matches this machine" in capsys.readouterr().out
 
 
+def test_neuron_widths_are_measured_each_and_their_medians_kept_before_the_fit(tmp_path):
+    out = tmp_path / "widths.json"
+    assert lt.main(["measure", "--model", "tiny-bert", "--batch-size", "1", "--seq-len", "4", "--repeats", "1",
+                    "--warmup", "0", "--neuron-step", "32", "--neuron-widths", "5:9", "--output", str(out)]) == 0
+    table = lt.load_latency_table(out)  # the raw medians survive the file
+    assert table.measured_neurons == [0, 5, 6, 7, 8, 9, 32, 64]
+    assert len(table.measured_neuron_seconds) == 8 and table.measured_neuron_seconds[0] == 0.0
+    # the table holds the fit of the medians (clamped at 0 and made nondecreasing), the medians stay as timed
+    fitted = layer_latency.nondecreasing_fit([max(t, 0.0) for t in table.measured_neuron_seconds])
+    assert [table.neuron_latency[w] for w in table.measured_neurons] == pytest.approx(fitted)
+    with pytest.raises(ValueError, match=r"neuron_widths must lie in \[1, 64\] \(the FFN width\), got \[65\]"):
+        lt.measure_latency_table(tiny_bert_classifier(), neuron_widths=[65], **QUICK)
+    with pytest.raises(SystemExit):
+        lt.main(["measure", "--model", "tiny-bert", "--neuron-widths", "9:5"])
+
+
 def test_tables_written_before_the_flag_list_grew_still_load_and_match(tmp_path):
     """Format-1 tables record five CPU flags; the description now has more. Only the recorded ones are compared."""
     here = lt.current_machine("eager", 32, 128)

@@ -122,6 +122,9 @@ def test_wanda_keys_pass_through():
     ({"constraint": "latency"}, r"needs latency_table"),
     ({"num_samples": 64}, r"num_samples 64 is more than calibration_samples 40"),
     ({"tnue": False}, r"unknown key 'pruning\.0\.tnue'\. Did you mean 'tune'\?"),
+    ({"width_multiple": 0}, r"'pruning\.0\.width_multiple': Value error, width_multiple must be an int in \[1, 65536\] "
+                            r"that divides the FFN width, or 'auto' \(with a latency_table\) \(got 0\)$"),
+    ({"width_multiple": "auto"}, r"width_multiple 'auto' needs latency_table"),
 ])
 def test_bad_mask_search_settings_are_refused_before_loading(tmp_path, change, message):
     with pytest.raises(RecipeError, match=message):

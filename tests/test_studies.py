@@ -362,3 +362,25 @@ def test_a_fisher_cache_written_for_other_settings_is_refused(tmp_path):
     assert torch.equal(read.head, stored.head) and torch.equal(read.neuron, stored.neuron)
     with pytest.raises(ValueError, match="holds mask gradients of .*'seed': 0.*not of .*'seed': 1"):
         cached_mask_gradients(path, {**identity, "seed": 1}, lambda: stored)
+
+
+def test_width_multiple_quick_in_two_steps(tmp_path):
+    """The prune step keeps multiples of each m per block (one Fisher pass for all m); the latency step, run apart,
+    times every (model, backend) against m = 1 on the same backend and reports the multiple 'auto' picks from one
+    layer's FFN timed at every width of the run."""
+    models = tmp_path / "models"
+    run_study("width_multiple", "--step", "prune", "--models-dir", str(models), out=tmp_path)
+    pruned = results(tmp_path / "width_multiple_quick.json", "settings", "models")
+    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "m1", "m16"}
+    assert all(kept % 16 == 0 for kept in pruned["models"]["m16"]["kept_neurons"])
+    assert pruned["models"]["m16"]["slimming_check"] < 1e-4
+
+    run_study("width_multiple", "--step", "latency", "--models-dir", str(models), out=tmp_path)
+    data = results(tmp_path / "width_multiple_quick.json", "settings", "models", "latency")
+    for shape in data["latency"]["shapes"]:
+        assert {(t["model"], t["backend"]) for t in shape["timings"]} == {
+            (name, backend) for name in pruned["models"] for backend in pruned["settings"]["backends"]
+            if backend not in data["latency"]["backends_unavailable"]}
+        assert all(t["speedup_vs_m1"] == 1.0 for t in shape["timings"] if t["model"] == "m1")
+    table = data["latency"]["ffn_width_tables"][0]
+    assert table["auto_multiple"] in (1, 8, 16) and table["measured_neurons"][1:42] == list(range(8, 49))

@@ -8,7 +8,9 @@ A table holds, for one model architecture, batch size, sequence length, backend 
   key/value group);
 - ``neuron_latency`` [n_neurons + 1]: the extra seconds that n FFN neurons add to such a layer;
 - ``machine``: ``current_machine()`` where it was measured; ``model``: the architecture, when recorded;
-  ``measured_heads`` / ``measured_neurons``: the sizes actually timed (the rest interpolated).
+  ``measured_heads`` / ``measured_neurons``: the sizes actually timed (the rest interpolated);
+  ``measured_neuron_seconds``: the medians timed at ``measured_neurons`` before they were made nondecreasing (the
+  steps of a kernel's preferred widths, which that fit would flatten: ``width_choice`` reads them), when recorded.
 
 So ``head_latency[h] + neuron_latency[n]`` estimates a layer with h heads and n neurons, and summing over layers
 estimates the stack. Both lists can also be indexed with a tensor of kept counts, as a tensor would be:
@@ -86,10 +88,14 @@ class LatencyTable:
     model: dict = field(default_factory=dict)  # the architecture (inc_plugins.perf.layer_latency.describe_model)
     measured_heads: list[int] = field(default_factory=list)  # head counts actually timed (the rest interpolated)
     measured_neurons: list[int] = field(default_factory=list)
+    measured_neuron_seconds: list[float] = field(default_factory=list)  # raw medians at measured_neurons, if recorded
 
     def __post_init__(self):
         for name in ("head_latency", "neuron_latency"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
+        if self.measured_neuron_seconds and len(self.measured_neuron_seconds) != len(self.measured_neurons):
+            raise ValueError(f"measured_neuron_seconds has {len(self.measured_neuron_seconds)} entries, "
+                             f"measured_neurons {len(self.measured_neurons)}: one latency per measured width")
         if not isinstance(self.machine, Mapping) or not isinstance(self.model, Mapping):
             raise ValueError(f"a latency table's machine and model metadata must be dicts, got "
                              f"{type(self.machine).__name__} and {type(self.model).__name__}")
@@ -228,7 +234,8 @@ def load_latency_table(path: str | os.PathLike) -> LatencyTable:
 
 def as_latency_table(source: Any) -> LatencyTable:
     """A ``LatencyTable`` from a table, a path (``load_latency_table``), a mapping with keys ``head_latency`` /
-    ``neuron_latency`` / ``machine`` (/ ``model``), or any object with those attributes."""
+    ``neuron_latency`` / ``machine`` (/ ``model`` and the ``measured_*`` lists), or any object with those
+    attributes."""
     if isinstance(source, LatencyTable):
         return source
     if isinstance(source, (str, Path)):
@@ -242,4 +249,6 @@ def as_latency_table(source: Any) -> LatencyTable:
             f"a latency table needs head_latency and neuron_latency (seconds for 0..n kept units of one block), "
             f"got a {type(source).__name__} without them"
         )
-    return LatencyTable(head, neuron, get("machine", None) or {}, get("model", None) or {})
+    return LatencyTable(head, neuron, get("machine", None) or {}, get("model", None) or {},
+                        *(list(get(name, None) or []) for name in ("measured_heads", "measured_neurons",
+                                                                   "measured_neuron_seconds")))

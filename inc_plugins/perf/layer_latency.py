@@ -8,9 +8,13 @@ few; this holds one slimmed copy of the layer per measured size in memory. Laten
 added, so the medians are then replaced by their closest nondecreasing sequence (least squares,
 pool-adjacent-violators): noise that would make a bigger layer look cheaper is averaged out. Only some sizes are
 measured (every `head_step`-th head count, every `neuron_step`-th neuron count, and the full sizes); the rest are
-linearly interpolated. Under grouped-query attention, heads can only be removed by whole key/value groups: sizes
-are measured in groups and the entries between multiples of the group size are interpolated. Negative neuron
-differences from timing noise are clamped to 0.
+linearly interpolated. Interpolation cannot show the steps a kernel makes at its preferred widths, so
+`neuron_widths` adds neuron counts to measure (e.g. every width from 32 to 320), and the table keeps the medians
+before the nondecreasing fit (``measured_neuron_seconds``), since a width just below a step can be slower than the
+step itself, which the fit would average away (``width_choice`` picks a width multiple from them). Under
+grouped-query attention, heads can only be removed by whole key/value groups: sizes are measured in groups and the
+entries between multiples of the group size are interpolated. Negative neuron differences from timing noise are
+clamped to 0 in the table (not in ``measured_neuron_seconds``).
 
 The layer runs on a backend of ``inc_plugins.perf.backends`` that can time a lone layer (``LAYER_BACKENDS``: eager
 so far); the table records the backend's name and the model's dtype.
@@ -127,11 +131,13 @@ def measure_latency_table(
     head_step: int = 1,
     neuron_step: int = 64,
     seed: int = 0,
+    neuron_widths: Sequence[int] = (),
 ) -> LatencyTable:
     """Measure a latency table for one layer of `model` (a dense bert-like or llama-like transformers model).
 
     head_step: measure every head_step-th count of key/value groups (= heads without GQA); neuron_step: every
-    neuron_step-th neuron count. Full sizes and 0 are always measured. The model is not modified.
+    neuron_step-th neuron count; neuron_widths: more neuron counts to measure, each in [1, n_neurons]. Full sizes
+    and 0 are always measured. The model is not modified.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -157,13 +163,17 @@ def measure_latency_table(
         return lambda: prepared(*args, **kwargs)
 
     head_points = [groups * group_size for groups in sample_points(n_kv, head_step)]
-    neuron_points = sample_points(n_neurons, neuron_step)
+    outside = [width for width in neuron_widths if not 1 <= width <= n_neurons]
+    if outside:
+        raise ValueError(f"neuron_widths must lie in [1, {n_neurons}] (the FFN width), got {outside[:5]}")
+    neuron_points = sorted(set(sample_points(n_neurons, neuron_step)) | set(neuron_widths))
     calls = [layer_call(heads, 0) for heads in head_points] + [layer_call(0, n) for n in neuron_points[1:]]
     with torch.inference_mode():
         seconds = interleaved_median_seconds(calls, warmup, repeats)
     head_measured = nondecreasing_fit(seconds[: len(head_points)])
     empty_layer = seconds[0]
-    neuron_measured = nondecreasing_fit([0.0] + [max(t - empty_layer, 0.0) for t in seconds[len(head_points):]])
+    neuron_seconds = [0.0] + [t - empty_layer for t in seconds[len(head_points):]]
+    neuron_measured = nondecreasing_fit([max(t, 0.0) for t in neuron_seconds])
     return LatencyTable(
         head_latency=interpolate(head_points, head_measured, n_heads),
         neuron_latency=interpolate(neuron_points, neuron_measured, n_neurons),
@@ -171,4 +181,5 @@ def measure_latency_table(
         model=description,
         measured_heads=head_points,
         measured_neurons=neuron_points,
+        measured_neuron_seconds=neuron_seconds,
     )

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from inc_plugins.algorithms.mac_cost import head_macs, model_macs, neuron_macs
-from inc_plugins.algorithms.mask_search import search_masks_under_unit_costs
+from inc_plugins.algorithms.neuron_blocks import search_blocks_under_unit_costs
 from inc_plugins.models.structure_masks import MaskStructure
 
 __all__ = ["SEQ_LEN_DESCRIPTION", "SeqLenSetting", "UnitCosts", "unit_costs", "masked_macs", "flops_budget",
@@ -89,10 +89,12 @@ def search_masks_under_flops(
     neuron_importance: torch.Tensor,
     budget: float,
     costs: UnitCosts,
+    width_multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool (unit_head_mask [n_layers, n_head_units], neuron_mask [n_layers, n_neurons]) with the largest retained
-    Fisher importance whose MACs fit ``budget``: the exact search with this family's unit costs."""
+    Fisher importance whose MACs fit ``budget``, every block keeping a multiple of ``width_multiple`` FFN neurons:
+    the exact search with this family's unit costs (``neuron_blocks``)."""
     if not 0 <= budget <= costs.dense:
         raise ValueError(f"MAC budget {budget!r} cannot be met: it must be in [0, {costs.dense}] (dense)")
-    return search_masks_under_unit_costs(head_importance, neuron_importance, budget, costs.per_head_unit,
-                                         costs.per_neuron)
+    return search_blocks_under_unit_costs(head_importance, neuron_importance, budget, costs.per_head_unit,
+                                          costs.per_neuron, width_multiple)

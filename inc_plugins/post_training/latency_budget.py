@@ -19,9 +19,11 @@ table lacks cannot be compared: a warning names it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from inc_plugins.algorithms.mask_search import search_masks_under_latency
+from inc_plugins.algorithms.neuron_blocks import search_blocks_under_latency
 from inc_plugins.models.structure_masks import MaskStructure
 from inc_plugins.perf.latency_table import (
     LatencyTable,
@@ -69,8 +71,7 @@ def unit_latency_table(structure: MaskStructure, table: LatencyTable) -> Latency
             + (f" or {structure.n_heads + 1} (per query head)" if structure.grouped else "")
             + f" and {n_neurons + 1}"
         )
-    return LatencyTable(head, table.neuron_latency, table.machine, table.model, table.measured_heads,
-                        table.measured_neurons)
+    return dataclasses.replace(table, head_latency=head)
 
 
 def latency_budget(structure: MaskStructure, table: LatencyTable, target_sparsity: float) -> tuple[float, float]:
@@ -95,11 +96,13 @@ def latency_budget(structure: MaskStructure, table: LatencyTable, target_sparsit
 
 
 def search_masks_under_latency_table(
-    head_importance: torch.Tensor, neuron_importance: torch.Tensor, budget: float, table: LatencyTable
+    head_importance: torch.Tensor, neuron_importance: torch.Tensor, budget: float, table: LatencyTable,
+    width_multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool (unit_head_mask, neuron_mask) fitting ``budget`` seconds (``search_masks_under_latency``); ``table``
-    from ``unit_latency_table``."""
-    return search_masks_under_latency(
+    """Bool (unit_head_mask, neuron_mask) fitting ``budget`` seconds (``search_masks_under_latency``), every block
+    keeping a multiple of ``width_multiple`` FFN neurons (``neuron_blocks``); ``table`` from ``unit_latency_table``."""
+    return search_blocks_under_latency(
         head_importance, neuron_importance, budget,
         torch.tensor(table.head_latency, dtype=torch.float64), torch.tensor(table.neuron_latency, dtype=torch.float64),
+        width_multiple,
     )

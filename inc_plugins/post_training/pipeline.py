@@ -1,6 +1,7 @@
 """The whole post-training pruning framework of Kwon et al. (2022) on one model, without retraining:
 
-    Fisher mask gradients -> constrained mask search (FLOPs or latency) -> mask rearrangement -> mask tuning
+    Fisher mask gradients -> constrained mask search (FLOPs or latency; optionally FFN widths in multiples of m)
+    -> mask rearrangement -> mask tuning
     (-> FLAP's bias compensation of the removed units, an option: ``bias_compensation``)
 
 Each step is one module of this package (or of ``inc_plugins.algorithms``). Rearrangement and tuning are each kept
@@ -21,16 +22,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, WithJsonSchema, model_validator
+from pydantic import Field, ValidationError, WithJsonSchema, WrapValidator, model_validator
 from torch import Tensor, nn
 
 from inc_plugins.algorithms.fisher import diagonal_fisher
 from inc_plugins.algorithms.flap import BIAS_COMPENSATION_KEY
+from inc_plugins.algorithms.neuron_blocks import check_width_multiple
 from inc_plugins.algorithms.rearrange import rearrange_mask
 from inc_plugins.execution.distributed import rank_shard, unsharded, world_size
 from inc_plugins.finite_checks import check_batch, check_parameters
 from inc_plugins.models.structure_masks import (MaskStructure, UnitSlice, expand_head_mask, fold_structure_masks,
                                                 mask_structure)
+from inc_plugins.perf.width_choice import choose_width_multiple
 from inc_plugins.plugin_settings import PluginSettings
 
 from .bias_compensation import OutputBiasShifts, add_bias_shifts, removed_unit_bias_shifts
@@ -66,6 +69,25 @@ CONSTRAINTS = typing.get_args(Constraint)
 
 # tables are read from files a person names; the JSON form of latency_table is such a path
 _LatencyTableSetting = Annotated[Any, WithJsonSchema({"type": "string", "maxLength": 4096})]
+_WIDTH_MULTIPLE_DESCRIPTION = (
+    "every block keeps a multiple of this many FFN neurons (0 and the full width included), chosen inside the search "
+    "(exact for 'flops'): an int >= 1 that divides the FFN width (1: any width), or 'auto': the multiple a "
+    "latency_table measured at every width of a range favours (inc_plugins.perf.width_choice). Heads are not "
+    "rounded: each is already head_dim (64) wide in every projection")
+
+
+def _width_multiple_value(value: Any, handler) -> Any:
+    """One error naming what is allowed, instead of one per member of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        # no value in the message: the recipe's error line and pydantic's context both show it
+        raise ValueError("width_multiple must be an int in [1, 65536] that divides the FFN width, or 'auto' (with a "
+                         "latency_table)") from None
+
+
+_WidthMultipleSetting = Annotated[Annotated[int, Field(ge=1, le=65_536)] | Literal["auto"],
+                                  WrapValidator(_width_multiple_value)]
 
 
 class KwonSettings(PluginSettings):
@@ -87,8 +109,9 @@ class KwonSettings(PluginSettings):
         False, description="one Fisher gradient per sequence (the paper's definition) instead of one per batch "
                            "(the reference code)")
     latency_table: _LatencyTableSetting = Field(
-        None, description="the latency table for constraint 'latency': a file written by inc_plugins.latency_table "
-                          "(in Python also a LatencyTable or a dict with head_latency, neuron_latency, machine)")
+        None, description="the latency table for constraint 'latency' and width_multiple 'auto': a file written by "
+                          "inc_plugins.latency_table (in Python also a LatencyTable or a dict with head_latency, "
+                          "neuron_latency, machine)")
     latency_backend: Annotated[str, Field(max_length=100)] = Field(
         "eager", description="the inference backend the table's latencies are for, checked against its metadata")
     allow_foreign_latency_table: bool = Field(
@@ -102,6 +125,7 @@ class KwonSettings(PluginSettings):
                           "model on the least-sure calibration samples (false: always keep them, as the paper does)")
     # (mask_search measures the means on the model under its final masks, FLAP on the dense model)
     bias_compensation: bool = Field(False, description=BIAS_COMPENSATION_KEY)
+    width_multiple: _WidthMultipleSetting = Field(1, description=_WIDTH_MULTIPLE_DESCRIPTION)
 
     def __init__(self, *target_sparsity: float, **settings: Any):
         if len(target_sparsity) > 1:
@@ -120,8 +144,12 @@ class KwonSettings(PluginSettings):
         if self.constraint == "latency" and self.latency_table is None:
             raise ValueError("constraint 'latency' needs latency_table: a table path, or an object with "
                              "head_latency, neuron_latency and machine")
-        if self.constraint == "flops" and self.latency_table is not None:
-            logger.warning("latency_table is ignored with constraint 'flops'")
+        if self.width_multiple == "auto" and self.latency_table is None:
+            raise ValueError("width_multiple 'auto' needs latency_table: a table measured at every FFN width of a range "
+                             "(python -m inc_plugins.latency_table measure --neuron-widths FIRST:LAST); or give an "
+                             "int >= 1 that divides the FFN width")
+        if self.constraint == "flops" and self.latency_table is not None and self.width_multiple != "auto":
+            logger.warning("latency_table is ignored with constraint 'flops' (unless width_multiple is 'auto')")
         return self
 
 
@@ -137,6 +165,7 @@ class KwonResult:
     tuning did not run), also when its check dropped the tuned scales. ``step_checks``: each checked step's
     decision. ``bias_shifts``: what ``bias_compensation`` adds to the output projections' biases (None when off).
     ``phase_seconds``: where the time went (the Fisher pass is 0 when precomputed gradients were given).
+    ``width_multiple``: every block kept a multiple of it of FFN neurons (the setting, 'auto' resolved).
     """
 
     head_mask: Tensor
@@ -153,12 +182,24 @@ class KwonResult:
     step_checks: tuple[StepCheck, ...]
     bias_shifts: OutputBiasShifts | None
     phase_seconds: dict[str, float]  # wall time of "fisher", "search", "rearrange", "tune", "check", "compensate"
+    width_multiple: int
 
 
 def _latency_table(settings: KwonSettings):
     table = as_latency_table(settings.latency_table)
     check_machine(table, current_machine(settings.latency_backend), settings.allow_foreign_latency_table)
     return table
+
+
+def _width_multiple(settings: KwonSettings, structure: MaskStructure, table) -> int:
+    """The FFN width multiple to search with: the setting, or for 'auto' the one ``table`` favours."""
+    if settings.width_multiple != "auto":
+        check_width_multiple(settings.width_multiple, structure.n_neurons)
+        return settings.width_multiple
+    choice = choose_width_multiple(unit_latency_table(structure, table))
+    logger.info("mask_search: width_multiple 'auto' chose %d (mean latency over the fitted line at each multiple: "
+                "%s)", choice.multiple, {m: round(score, 4) for m, score in choice.scores.items()})
+    return choice.multiple
 
 
 def _check_gradients(gradients: MaskGradients, structure: MaskStructure, settings: KwonSettings) -> None:
@@ -234,7 +275,9 @@ def prune_post_training(
     check_parameters(model, "mask_search")
     for index, batch in enumerate(samples):
         check_batch(batch, index, "mask_search")
-    table = unit_latency_table(structure, _latency_table(settings)) if settings.constraint == "latency" else None
+    reads_table = settings.constraint == "latency" or settings.width_multiple == "auto"
+    table = unit_latency_table(structure, _latency_table(settings)) if reads_table else None
+    multiple = _width_multiple(settings, structure, table)
 
     if settings.constraint == "flops":
         seq_len = settings.seq_len or average_sequence_length(samples)
@@ -262,10 +305,12 @@ def prune_post_training(
     start = time.perf_counter()
     head_importance, neuron_importance = diagonal_fisher(gradients.head), diagonal_fisher(gradients.neuron)
     if settings.constraint == "flops":
-        unit_keep, neuron_keep = search_masks_under_flops(structure, head_importance, neuron_importance, budget, costs)
+        unit_keep, neuron_keep = search_masks_under_flops(structure, head_importance, neuron_importance, budget, costs,
+                                                          multiple)
         cost = float(masked_macs(structure, unit_keep, neuron_keep, seq_len))
     else:
-        unit_keep, neuron_keep = search_masks_under_latency_table(head_importance, neuron_importance, budget, table)
+        unit_keep, neuron_keep = search_masks_under_latency_table(head_importance, neuron_importance, budget, table,
+                                                                  multiple)
         cost = float(table.head_latency[unit_keep.sum(dim=1)].sum() + table.neuron_latency[neuron_keep.sum(dim=1)].sum())
     phase_seconds["search"] = time.perf_counter() - start
     logger.info(
@@ -326,6 +371,7 @@ def prune_post_training(
         step_checks=tuple(checks),
         bias_shifts=shifts,
         phase_seconds={phase: round(seconds, 3) for phase, seconds in phase_seconds.items()},
+        width_multiple=multiple,
     )
 
 
