@@ -2,6 +2,7 @@
 whose heads and neurons a structured stage removed (mask_search, flap, wanda_sp, structured_magnitude), and counts
 the attention-head and FFN MACs a model still computes."""
 
+import copy
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from inc_plugins.inc.one_shot_base import PruningResult
 from inc_plugins.models.structure_masks import MaskStructure, mask_structure
 from inc_plugins.post_training import masked_macs
 
+from .distillation import distillation_loss
 from .movie_snippets import Example
 from .schema import PruningStage, Quantize, RecipeError
 from .text_classification import tokenized_batches, train
@@ -73,6 +75,8 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
             # say the count explicitly, so the Fisher estimate uses exactly the calibration samples drawn
             settings["num_samples"] = n_calibration
         config = inc_plugins.pruning_config(pruning_configs=[settings])
+        # the model as it was before this stage: what the retraining learns, when it distils
+        teacher = copy.deepcopy(model) if stage.distillation_temperature is not None else None
         start = time.perf_counter()
         pruning = inc_plugins.prepare_pruning(model, config, dataloader=calibration)
         report = {"mode": "one-shot", "calibration_samples": n_calibration,
@@ -82,8 +86,11 @@ def prune_with_batches(model: torch.nn.Module, stage: PruningStage, calibration:
         elif stage.pruning_type in one_shot.structured_types():
             report["structure"] = structure_summary(pruning.result)
         if stage.retrain_steps:
+            loss_of = None if teacher is None else distillation_loss(teacher, stage.distillation_temperature)
             report["retrain"] = finetune_holding_zeros(model, training, stage.retrain_steps, stage.learning_rate,
-                                                        stage.seed, desc=f"fine-tune after {stage.pruning_type}")
+                                                        stage.seed, desc=f"fine-tune after {stage.pruning_type}",
+                                                        loss_of=loss_of)
+            report["retrain"]["distillation_temperature"] = stage.distillation_temperature
         return StageOutcome(report, pruning.result)
 
     if stage.training_steps < 1:
@@ -126,10 +133,10 @@ def prune_checkpoint_stage(source: Path | torch.nn.Module, output: Path, stage: 
 
 
 def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, learning_rate: float, seed: int,
-                           desc: str = "fine-tune") -> dict:
-    """Fine-tunes a pruned model for `steps` steps over the (cycled) `batches`; every weight that is exactly zero
-    when it starts (what pruning removed) is set back to zero after each optimizer step, so the sparsity and the
-    pruned structures survive."""
+                           desc: str = "fine-tune", loss_of=None) -> dict:
+    """Fine-tunes a pruned model for `steps` steps over the (cycled) `batches` (on the labels, or on `loss_of`:
+    `text_classification.train`); every weight that is exactly zero when it starts (what pruning removed) is set
+    back to zero after each optimizer step, so the sparsity and the pruned structures survive."""
     with torch.no_grad():
         zeros = {name: p == 0 for name, p in model.named_parameters() if p.dtype.is_floating_point and not p.all()}
     parameters = dict(model.named_parameters())
@@ -141,7 +148,7 @@ def finetune_holding_zeros(model: torch.nn.Module, batches: list, steps: int, le
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    losses = train(model, batches, steps, learning_rate, desc=desc, after_step=hold_zeros)
+    losses = train(model, batches, steps, learning_rate, desc=desc, after_step=hold_zeros, loss_of=loss_of)
     return {"steps": steps, "learning_rate": learning_rate, "final_loss": losses[-1],
             "zeros_held": int(sum(int(mask.sum()) for mask in zeros.values())),
             "seconds": round(time.perf_counter() - start, 3)}

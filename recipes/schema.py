@@ -156,6 +156,9 @@ class _StageCommon(Strict):
     sparsity_decay_type: Literal["exp", "cos", "linear", "cube"] = "exp"
     training_steps: Steps = 0
     retrain_steps: Steps = 0  # one-shot types: retrain after pruning, zeros held (`finetune` is before pruning)
+    # with retrain_steps: learn the model's own outputs from before this stage instead of the labels (knowledge
+    # distillation); the temperature softens both sides' logits. None: the labels.
+    distillation_temperature: Annotated[float, Field(gt=0, le=100)] | None = None
     learning_rate: LearningRate = 5e-5
     batch_size: BatchSize = 32
     calibration_samples: CalibrationSamples | None = None
@@ -202,6 +205,9 @@ class _StageCommon(Strict):
         if self.retrain_steps and not one_shot_type:
             raise ValueError(f"retrain_steps is for one-shot pruning types; {self.pruning_type!r} already trains "
                              f"while it prunes: raise training_steps instead")
+        if self.distillation_temperature is not None and not self.retrain_steps:
+            raise ValueError("distillation_temperature applies to the retraining after pruning: set retrain_steps "
+                             ">= 1 in the stage, or remove distillation_temperature")
         return self
 
     def inc_settings(self) -> dict:

@@ -38,8 +38,10 @@ def cycle(batches: list) -> Iterator:
 
 def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate: float, desc: str,
           optimizer: torch.optim.Optimizer | None = None,
-          after_step: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW with linear decay for `steps` steps over the (cycled) batches; returns the loss of each step.
+          after_step: Callable[[int], None] | None = None,
+          loss_of: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None) -> list[float]:
+    """AdamW with linear decay for `steps` steps over the (cycled) batches; returns the loss of each step. The loss
+    is the model's own (the labels') unless `loss_of(model, batch)` is given (`recipes.distillation`).
 
     A non-finite loss (checked every step) or weight (checked at the end) raises NonFiniteError naming the step."""
     model.train()
@@ -48,7 +50,7 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, learning_rate
     losses = []
     steps_done = progress(range(steps), desc=desc, unit="step", leave=True)
     for step, batch in zip(steps_done, cycle(batches)):
-        loss = model(**batch).loss
+        loss = model(**batch).loss if loss_of is None else loss_of(model, batch)
         losses.append(loss.item())
         check_training_loss(model, losses[-1], step + 1, desc)  # before the update spreads NaN to every weight
         loss.backward()

@@ -81,3 +81,17 @@ def test_retrain_steps_on_a_training_aware_type_is_refused(tmp_path):
     stage = {"pruning_type": "magnitude", "target_sparsity": 0.5, "training_steps": 5, "retrain_steps": 5}
     with pytest.raises(RecipeError, match="retrain_steps is for one-shot pruning types; 'magnitude' already trains"):
         recipe(tmp_path, tmp_path, [stage])
+
+
+def test_a_recipe_stage_distils_when_it_names_a_temperature(workspace):
+    tmp_path, model_dir = workspace
+    stage = wanda(retrain_steps=3, distillation_temperature=2.0)
+    run_dir = apply.run(recipe(model_dir, tmp_path / "runs", [stage]), run_dir=tmp_path / "runs" / "distilled")
+    retrain = json.loads((run_dir / "report.json").read_text())["pruning_stages"][0]["retrain"]
+    assert retrain["steps"] == 3 and retrain["zeros_held"] > 0 and retrain["distillation_temperature"] == 2.0
+
+
+def test_a_temperature_without_retraining_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="distillation_temperature applies to the retraining after pruning: set "
+                                          "retrain_steps >= 1"):
+        recipe(tmp_path, tmp_path, [wanda(distillation_temperature=2.0)])
