@@ -5,12 +5,14 @@ separable task stays within tolerance, and missing calibration data is refused."
 import json
 import random
 
+import openvino as ov
 import pytest
 import torch
 
 from inc_plugins.deploy import convert_to_openvino
 from inc_plugins.deploy.int8_inc import quantize_pytorch_int8_inc
 from inc_plugins.deploy.int8_nncf import calibration_items, quantize_ir_int8
+from inc_plugins.models.surgery_transformers import slim_model
 from inc_plugins.deploy.pruned_zeros import zeros_kept_in_ir, zeros_kept_in_quantized_torch
 from recipes import apply
 from recipes.schema import RecipeError, parse_recipe
@@ -65,6 +67,34 @@ def test_inc_int8_keeps_every_pruned_zero_and_leaves_the_model_alone():
     assert zeros["layers"] == 12 and zeros["layers_int8"] == 12
     assert zeros["all_kept"] and zeros["zeros"] == zeros["zeros_kept"] == _zeros(model)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("empty", ["heads", "neurons"])
+def test_nncf_int8_of_a_slimmed_model_with_a_layer_that_kept_no_head_or_no_neuron(empty):
+    """Deep structured pruning can empty a layer (MiniLM at 70%: layer 4 kept no head; width multiples of 32 and 64:
+    a layer kept no neuron): slimming leaves Linears of width 0 there. The IR computes them without a matrix product
+    of width 0 (which OpenVINO's CPU plugin cannot build, and on which NNCF's bias correction fails): it compiles,
+    its int8 form too, and both match the PyTorch model."""
+    model = tiny_bert_classifier()
+    head_mask, neuron_mask = torch.ones(2, 4), torch.ones(2, 64)
+    if empty == "heads":
+        head_mask[1] = 0
+    else:
+        neuron_mask[1] = 0
+    slimmed = slim_model(model, head_mask, neuron_mask).eval()
+    converted = convert_to_openvino(slimmed, token_batches(1, 2, 8)[0])
+    assert not [op.get_friendly_name() for op in converted.get_ordered_ops()
+                if any(dim.is_static and dim.get_length() == 0 for port in op.inputs() + op.outputs()
+                       for dim in port.get_partial_shape()) and op.get_type_name() == "MatMul"]
+    batch = token_batches(1, 3, 12, seed=5)[0]
+    with torch.no_grad():
+        expected = slimmed(**batch).logits
+    feed = {name: tensor.numpy() for name, tensor in batch.items()}
+    core = ov.Core()
+    float_ir = torch.from_numpy(core.compile_model(converted, "CPU")(feed)[0])
+    assert (float_ir - expected).abs().max() < 1e-3
+    int8 = torch.from_numpy(core.compile_model(quantize_ir_int8(converted, CALIBRATION), "CPU")(feed)[0])
+    assert (int8 - expected).abs().max() < 0.05 * expected.abs().max() + 1e-3
 
 
 def test_nncf_calibrates_one_sample_at_a_time_without_padding():

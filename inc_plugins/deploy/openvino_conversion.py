@@ -47,6 +47,38 @@ def _without_pytree_notice():
         yield
 
 
+@contextlib.contextmanager
+def _zero_width_linears_as_what_they_compute(model: nn.Module):
+    """While exporting, each Linear with no output features returns its empty output without a matrix product, and
+    each with no input features returns its bias (or zeros), broadcast. Slimming leaves such Linears where a layer
+    kept no FFN neuron ([0, hidden] and [hidden, 0]) or no head (BERT's attention output projection, [hidden, 0]);
+    OpenVINO's CPU plugin cannot build an inner product with an output of width 0, and NNCF's bias correction fails
+    on an input of width 0. The outputs are the same tensors."""
+    replaced = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and 0 in (module.in_features, module.out_features):
+            module.forward = _empty_output if module.out_features == 0 else _bias_only(module)
+            replaced.append(module)
+    try:
+        yield
+    finally:
+        for module in replaced:
+            del module.forward  # the class's forward again
+
+
+def _empty_output(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs[..., :0]
+
+
+def _bias_only(linear: nn.Linear):
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        shape = (*inputs.shape[:-1], linear.out_features)
+        if linear.bias is None:
+            return inputs.new_zeros(shape)
+        return linear.bias.expand(shape)
+    return forward
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else '(no message)'}"[:300]
@@ -72,7 +104,7 @@ def convert_to_openvino(model: nn.Module, example_inputs: dict[str, torch.Tensor
     args = tuple(example_inputs.values())
     dynamic_shapes = ((({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},) * len(args)),) if dynamic else None
     try:
-        with torch.no_grad(), _without_pytree_notice():
+        with torch.no_grad(), _without_pytree_notice(), _zero_width_linears_as_what_they_compute(model):
             exported = torch.export.export(TokensToLogits(model.eval(), names), args, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # torch.export raises many types; the first line says what it could not trace
         raise OpenVINOExportError(f"cannot export {family} to OpenVINO: torch.export.export could not trace it "
