@@ -4,6 +4,7 @@ published run) and writes its results file with the machine description and the 
 Each study runs in a subprocess, as its command does (the studies set torch's threads and compile settings)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,14 +228,15 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
     """The prune step measures every (model, backend) form's accuracy and sizes (a one-shot pruned model and one
     fine-tuned after pruning, its pruned weights held at zero); the latency step, run apart as on a
     quiet machine, times each of them at every shape against dense eager fp32; a second prune step into the same
-    models directory refuses instead of overwriting."""
+    models directory refuses instead of overwriting, and with --resume makes only the models it lacks."""
     models = tmp_path / "models"
     run_study("deploy_minilm", "--step", "prune", "--models-dir", str(models), out=tmp_path)
     pruned = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
-    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40", "pruned_50_retrained"}
+    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40", "pruned_50_distilled"}
     assert pruned["models"]["pruned_40"]["retrain"] is None
-    retrained = pruned["models"]["pruned_50_retrained"]["retrain"]
+    retrained = pruned["models"]["pruned_50_distilled"]["retrain"]
     assert retrained["steps"] >= 1 and retrained["zeros_held"] > 0, retrained
+    assert retrained["distillation_temperature"] == pruned["settings"]["distillation_temperature"]
     backends = pruned["settings"]["backends"]
     for name, model in pruned["models"].items():
         assert set(model["forms"]) == set(backends), name
@@ -257,6 +259,13 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
                             "--models-dir", str(models), "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+    # --resume keeps what is on disk and makes only the model that is missing
+    shutil.rmtree(models / "pruned_40")
+    run_study("deploy_minilm", "--step", "prune", "--resume", "--models-dir", str(models), out=tmp_path)
+    resumed = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
+    assert resumed["resumed_models"] == ["dense", "pruned_50_distilled"] and (models / "pruned_40").is_dir()
+    assert resumed["models"]["pruned_40"]["forms"] == pruned["models"]["pruned_40"]["forms"]  # seeded: the same again
 
 
 def test_a_latency_step_without_its_prune_step_says_what_to_run(tmp_path):

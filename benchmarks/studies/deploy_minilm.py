@@ -6,8 +6,9 @@
 
 Issue #17's measurement. Models: the fine-tuned MiniLM-L6 of recipes/minilm_deploy.yaml (dense) and, for each
 fraction of settings.yaml, that recipe's pruning stage (mask_search, the full method) with its target replaced by the
-fraction, slimmed; the `retrained_fractions` are fine-tuned after pruning (pruned weights held at zero) before they
-are slimmed: deeper pruning that a one-shot search alone would pay for in accuracy. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
+fraction, slimmed; the `retrained_fractions` and `distilled_fractions` are fine-tuned after pruning (pruned weights
+held at zero; on the labels, or on the dense model's outputs: knowledge distillation) before they are slimmed: deeper
+pruning that a one-shot search alone would pay for in accuracy. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
 bf16 (autocast), OpenVINO fp32 and bf16, and OpenVINO int8 (NNCF static int8 on the recipe's quantize settings: 300
 training samples, seed 0), whose float parts run in fp32 or bf16.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,6 +56,8 @@ from recipes.text_classification import epochs_to_steps, evaluate, tokenized_bat
 STUDY = "deploy_minilm"
 RECIPE = "minilm_deploy.yaml"
 DENSE = "dense"
+# what a resumed prune step must share with the one it continues (the models it adds may differ)
+RESUMABLE_SETTINGS = ("calibration_samples", "quantize_samples", "backends", "dev_examples")
 BASELINE = (DENSE, "eager-fp32")  # what every speed-up is measured against
 IR_WEIGHTS = Path(IR_FILE).with_suffix(".bin").name  # beside the IR's graph
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
@@ -115,8 +119,10 @@ def accuracy_of_forms(name: str, model: nn.Module, backends: list[str], dev: lis
     return {"forms": forms, "bytes": sizes, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path) -> dict:
-    """Prunes and slims at each fraction, saves the models under `models_dir`, measures every form's accuracy."""
+def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path, previous: dict | None = None) -> dict:
+    """Prunes and slims at each fraction, saves the models under `models_dir`, measures every form's accuracy.
+    `previous`: the results of an earlier prune step with the same settings (`--resume`): its models whose
+    directories are still in `models_dir` are kept, the others are made."""
     dense, tokenizer, train_examples, dev_examples = text_classification_task(recipe, run.quick)
     dev_examples = dev_examples[: settings["dev_examples"]] if settings["dev_examples"] else dev_examples
     dev = tokenized_batches(tokenizer, dev_examples, recipe.evaluation.batch_size, recipe.data.max_length)
@@ -127,15 +133,26 @@ def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path) -> dict:
                             "quantize_samples": sum(len(b["input_ids"]) for b in calibration),
                             "data_note": "movie-snippet sentiment, SST-2-like, not official SST-2"},
                "models": {}}
-    dense.save_pretrained(models_dir / DENSE, safe_serialization=True)
-    results["models"][DENSE] = accuracy_of_forms(DENSE, dense, settings["backends"], dev, calibration, models_dir)
-    for fraction, retrain_steps in pruned_models(settings, len(train_examples), template.batch_size):
-        name = f"pruned_{round(100 * fraction)}" + ("_retrained" if retrain_steps else "")
+    if previous is not None:
+        changed = [key for key in RESUMABLE_SETTINGS if previous["settings"].get(key) != results["settings"][key]]
+        if changed:
+            raise SystemExit(f"error: --resume: the earlier prune step ran with other {', '.join(changed)}")
+        results["models"] = {name: model for name, model in previous["models"].items() if (models_dir / name).is_dir()}
+        results["resumed_models"] = list(results["models"])
+    if DENSE not in results["models"]:
+        dense.save_pretrained(models_dir / DENSE, safe_serialization=True)
+        results["models"][DENSE] = accuracy_of_forms(DENSE, dense, settings["backends"], dev, calibration, models_dir)
+    for name, fraction, retrain_steps, temperature in pruned_models(settings, len(train_examples),
+                                                                    template.batch_size):
+        if name in results["models"] and made_as(results["models"][name], fraction, retrain_steps, temperature):
+            continue  # resumed
         model = copy.deepcopy(dense)
         stage = template.model_copy(update={"target_sparsity": fraction, "retrain_steps": retrain_steps,
+                                            "distillation_temperature": temperature,
                                             "learning_rate": recipe.finetune.learning_rate})
         outcome = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
         model = inc_plugins.slim(model, outcome.result)
+        shutil.rmtree(models_dir / name, ignore_errors=True)  # a model an interrupted run left half-written
         save_slimmed(model, models_dir / name)
         results["models"][name] = {"target": fraction, "prune_seconds": outcome.report["prune_seconds"],
                                    "flops_removed": outcome.report["mask_search"]["removed_fraction"],
@@ -146,13 +163,24 @@ def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path) -> dict:
     return results
 
 
-def pruned_models(settings: dict, n_train: int, batch_size: int) -> list[tuple[float, int]]:
-    """(fraction, retrain steps) of each pruned model: the one-shot `fractions` (0 steps), then the
-    `retrained_fractions`, fine-tuned after pruning for `retrain_epochs` epochs of the training set with every pruned
-    weight held at zero (the recipe's `retrain_steps`, at its fine-tune learning rate)."""
+def made_as(model: dict, fraction: float, retrain_steps: int, temperature: float | None) -> bool:
+    """Whether a pruned model's results say it was made with these settings (a resumed prune step keeps it)."""
+    retrain = model.get("retrain") or {}
+    return ((model.get("target"), retrain.get("steps", 0), retrain.get("distillation_temperature"))
+            == (fraction, retrain_steps, temperature))
+
+
+def pruned_models(settings: dict, n_train: int, batch_size: int) -> list[tuple[str, float, int, float | None]]:
+    """(name, fraction, retrain steps, distillation temperature) of each pruned model: the one-shot `fractions`,
+    then the `retrained_fractions` and the `distilled_fractions`, fine-tuned after pruning for `retrain_epochs`
+    epochs of the training set with every pruned weight held at zero (the recipe's `retrain_steps`, at its fine-tune
+    learning rate), on the labels or on the dense model's outputs at `distillation_temperature`."""
     steps = epochs_to_steps(settings["retrain_epochs"], math.ceil(n_train / batch_size))
-    return ([(fraction, 0) for fraction in settings["fractions"]]
-            + [(fraction, steps) for fraction in settings["retrained_fractions"]])
+    name = lambda fraction: f"pruned_{round(100 * fraction)}"  # noqa: E731
+    return ([(name(f), f, 0, None) for f in settings["fractions"]]
+            + [(f"{name(f)}_retrained", f, steps, None) for f in settings["retrained_fractions"]]
+            + [(f"{name(f)}_distilled", f, steps, settings["distillation_temperature"])
+               for f in settings["distilled_fractions"]])
 
 
 def quantize_calibration(recipe, settings: dict, tokenizer, train_examples) -> list[dict]:
@@ -216,8 +244,9 @@ def markdown(results: dict) -> str:
              "",
              f"MiniLM-L6 fine-tuned on the movie-snippet task ({settings['data_note']}); {settings['dev_examples']} dev "
              f"examples; pruned by recipes/{RECIPE}'s mask_search stage (full method, {settings['calibration_samples']} "
-             f"calibration samples) at each target, slimmed (*_retrained: fine-tuned for {settings['retrain_epochs']} "
-             f"epoch(s) after pruning, pruned weights held at zero); int8: NNCF static quantization on "
+             f"calibration samples) at each target, slimmed (*_retrained / *_distilled: fine-tuned for "
+             f"{settings['retrain_epochs']} epoch(s) after pruning, pruned weights held at zero, on the labels / on "
+             f"the dense model's outputs at temperature {settings.get('distillation_temperature')}); int8: NNCF static quantization on "
              f"{settings['quantize_samples']} training samples. " + machine_line(results), "",
              "## Accuracy and size", "",
              "| model | FLOPs removed | parameters | " + " | ".join(settings["backends"]) + " | safetensors MB | IR MB | int8 IR MB |",
@@ -263,6 +292,9 @@ def main(argv=None) -> int:
         "Full run on 2 quiet cores: the prune step about 10 minutes (two mask_search runs, 18 evaluations of 2000 "
         "examples, 3 int8 quantizations); the latency step about 12 minutes (36 conversions and 12 quantizations, then "
         "the timed rounds)."))
+    parser.add_argument("--resume", action="store_true",
+                        help="--step prune: keep the models an earlier prune step saved (same settings), make the ones "
+                             "settings.yaml adds or it did not finish")
     add_step_arguments(parser, STUDY, "accuracy")
     args = parser.parse_args(argv)
     check_step_arguments(parser, args)
@@ -277,11 +309,12 @@ def main(argv=None) -> int:
         if args.step == "latency":
             results = prune_step_results(run, "models", "models")
         else:
-            if models_dir.is_dir() and any(models_dir.iterdir()):
-                raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): remove it or "
-                                 f"pass another --models-dir")
+            if not args.resume and models_dir.is_dir() and any(models_dir.iterdir()):
+                raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): remove it, "
+                                 f"pass another --models-dir, or --resume to add the models it lacks")
             models_dir.mkdir(parents=True, exist_ok=True)
-            results = prune_step(run, recipe, settings, models_dir)
+            previous = prune_step_results(run, "models", "models") if args.resume else None
+            results = prune_step(run, recipe, settings, models_dir, previous)
         if args.step == "prune":
             run.write(results, markdown)
             print(f"wrote {run.stem}.json (accuracy only); time it with --step latency")
