@@ -152,7 +152,8 @@ def prune_step(run: StudyRun, recipe, settings: dict, models_dir: Path, previous
                                             "learning_rate": recipe.finetune.learning_rate})
         outcome = run_pruning_stage(model, stage, tokenizer, train_examples, recipe.data.max_length)
         model = inc_plugins.slim(model, outcome.result)
-        shutil.rmtree(models_dir / name, ignore_errors=True)  # a model an interrupted run left half-written
+        for stale in (name, f"{name}_ir", f"{name}_int8_ir"):  # what an earlier run left of this model
+            shutil.rmtree(models_dir / stale, ignore_errors=True)
         save_slimmed(model, models_dir / name)
         results["models"][name] = {"target": fraction, "prune_seconds": outcome.report["prune_seconds"],
                                    "flops_removed": outcome.report["mask_search"]["removed_fraction"],
