@@ -71,6 +71,16 @@ def steps_models_dir(args: argparse.Namespace, study: str, temporary: str) -> Pa
     return args.models_dir or (Path(temporary) if args.quick else Path(f"runs/{study}_models"))
 
 
+def claim_models_dir(models_dir: Path, resume: bool | None = None) -> None:
+    """Creates the prune step's models directory; refuses one that holds files (an earlier prune step's models),
+    unless `resume` (None: the study cannot resume, and the message does not offer it)."""
+    if not resume and models_dir.is_dir() and any(models_dir.iterdir()):
+        remedy = "remove it or pass another --models-dir" + ("" if resume is None else ", or --resume to add the "
+                                                              "models it lacks")
+        raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): {remedy}")
+    models_dir.mkdir(parents=True, exist_ok=True)
+
+
 def prune_step_results(run: "StudyRun", key: str, what: str) -> dict:
     """The results the prune step wrote for ``--step latency`` to time; exits with an error when they hold no `key`
     (`what` names it: "pruned model")."""

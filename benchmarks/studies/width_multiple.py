@@ -32,8 +32,9 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
-                                       prune_step_results, steps_models_dir, study_parser, study_settings)
+from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, claim_models_dir,
+                                       machine_line, prune_step_results, steps_models_dir, study_parser,
+                                       study_settings)
 from benchmarks.studies.sources import text_classification_task
 from benchmarks.studies.structured_minilm import SharedFisher, stage_of
 from inc_plugins.latency_table import measure_latency_table
@@ -209,10 +210,7 @@ def main(argv=None) -> int:
         if args.step == "latency":
             results = prune_step_results(run, "models", "models")
         else:
-            if models_dir.is_dir() and any(models_dir.iterdir()):
-                raise SystemExit(f"error: {models_dir} is not empty (an earlier prune step's models?): remove it or "
-                                 f"pass another --models-dir")
-            models_dir.mkdir(parents=True, exist_ok=True)
+            claim_models_dir(models_dir)
             results = prune_step(run, recipe, settings, models_dir)
         if args.step == "prune":
             run.write(results, markdown)
