@@ -42,6 +42,7 @@ import inc_plugins
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, claim_models_dir,
                                        machine_line, prune_step_results, steps_models_dir, study_parser,
                                        study_settings)
+from benchmarks.studies.measures import backend_forms_latency
 from benchmarks.studies.sources import text_classification_task
 from inc_plugins.deploy import convert_to_openvino, load_openvino
 from inc_plugins.deploy.int8_nncf import quantize_ir_int8
@@ -49,7 +50,6 @@ from inc_plugins.deploy.openvino_export import IR_FILE, write_openvino_ir
 from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.perf.backends import BACKENDS
 from inc_plugins.perf.machine import cpu_description, load_average
-from inc_plugins.perf.timing import interleaved_seconds, summary
 from recipes.pruning_stage import calibration_inputs, run_pruning_stage
 from recipes.schema import load_recipe
 from recipes.text_classification import epochs_to_steps, evaluate, tokenized_batches
@@ -199,25 +199,16 @@ def latency_step(run: StudyRun, recipe, results: dict, models_dir: Path) -> dict
     calibration = quantize_calibration(recipe, settings, tokenizer, train_examples)
     models = {DENSE: dense, **{name: load_slimmed(models_dir / name) for name in results["models"] if name != DENSE}}
     available = [b for b in settings["backends"] if BACKENDS[b].availability().available]
-    generator = torch.Generator().manual_seed(0)
     latency = {"warmup": settings["warmup"], "repeats": settings["repeats"], "threads": torch.get_num_threads(),
                "shapes": []}
-    for batch, seq_len in settings["shapes"]:
-        inputs = {"input_ids": torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=generator),
-                  "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-        print(f"[latency {batch} x {seq_len}] preparing {len(models) * len(available)} runners", flush=True)
-        runners = {(name, backend): BACKENDS[backend].prepare(model, inputs, calibration)
-                   for name, model in models.items() for backend in available}
-        load_before = load_average()
-        samples = interleaved_seconds([lambda run=runner: run(inputs) for runner in runners.values()],
-                                      settings["warmup"], settings["repeats"])
-        timed = {key: summary(seconds) for key, seconds in zip(runners, samples)}
+    for shape in backend_forms_latency(models, available, settings["shapes"], dense.config.vocab_size,
+                                       settings["warmup"], settings["repeats"], calibration,
+                                       after_shape=lambda shape: run.mark(f"after_{shape}")):
+        timed = shape.pop("timed")
         baseline = timed[BASELINE]["median_s"]
-        latency["shapes"].append({
-            "batch": batch, "seq_len": seq_len, "load_average": {"before": load_before, "after": load_average()},
-            "timings": [{"model": name, "backend": backend, **stats, "speedup_vs_dense_eager_fp32":
-                         baseline / stats["median_s"]} for (name, backend), stats in timed.items()]})
-        run.mark(f"after_{batch}x{seq_len}")
+        latency["shapes"].append({**shape, "timings": [
+            {"model": name, "backend": backend, **stats, "speedup_vs_dense_eager_fp32": baseline / stats["median_s"]}
+            for (name, backend), stats in timed.items()]})
     flags = cpu_description()["flags"]
     latency["cpu_features"] = {flag: bool(flags.get(flag)) for flag in INT8_CPU_FLAGS}
     latency["openvino_cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from inc_plugins.perf.backends import BACKENDS
+from inc_plugins.perf.machine import load_average
 from inc_plugins.perf.timing import interleaved_seconds, seconds_of, summary
 
 
@@ -58,6 +61,32 @@ def interleaved_latency(models: dict[str, nn.Module], batch: torch.Tensor, warmu
         model.eval()
     samples = interleaved_seconds([lambda model=model: model(batch) for model in models.values()], warmup, repeats)
     return {name: summary(seconds) for name, seconds in zip(models, samples)}
+
+
+def backend_forms_latency(models: dict[str, nn.Module], backends: list[str], shapes: list, vocab_size: int,
+                          warmup: int, repeats: int, calibration: list[dict] | None = None,
+                          after_shape: Callable[[str], None] | None = None) -> list[dict]:
+    """Every (model, backend id of ``inc_plugins.perf.backends``) form timed at each [batch, tokens] of `shapes`, on
+    random token ids (one generator seeded 0, shapes in order), all forms of one shape in each round. Per shape:
+    {batch, seq_len, load_average: {before, after}, timed: {(model, backend): summary}}; int8 backends quantize on
+    `calibration` (default: the timed inputs). `after_shape("<batch>x<tokens>")` runs after each shape's rounds."""
+    generator = torch.Generator().manual_seed(0)
+    measured = []
+    for batch, seq_len in shapes:
+        inputs = {"input_ids": torch.randint(0, vocab_size, (batch, seq_len), generator=generator),
+                  "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+        print(f"[latency {batch} x {seq_len}] preparing {len(models) * len(backends)} runners", flush=True)
+        runners = {(name, backend): BACKENDS[backend].prepare(model, inputs, calibration)
+                   for name, model in models.items() for backend in backends}
+        load_before = load_average()
+        samples = interleaved_seconds([lambda run=runner: run(inputs) for runner in runners.values()], warmup,
+                                      repeats)
+        measured.append({"batch": batch, "seq_len": seq_len,
+                         "load_average": {"before": load_before, "after": load_average()},
+                         "timed": {key: summary(seconds) for key, seconds in zip(runners, samples)}})
+        if after_shape is not None:
+            after_shape(f"{batch}x{seq_len}")
+    return measured
 
 
 def whole_model_macs(model: nn.Module, seq_len: int) -> int:

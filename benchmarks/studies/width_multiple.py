@@ -35,6 +35,7 @@ import torch
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, claim_models_dir,
                                        machine_line, prune_step_results, steps_models_dir, study_parser,
                                        study_settings)
+from benchmarks.studies.measures import backend_forms_latency
 from benchmarks.studies.sources import text_classification_task
 from benchmarks.studies.structured_minilm import SharedFisher, stage_of
 from inc_plugins.latency_table import measure_latency_table
@@ -42,7 +43,6 @@ from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.models.surgery_transformers import slim_model
 from inc_plugins.perf.backends import BACKENDS
 from inc_plugins.perf.machine import load_average
-from inc_plugins.perf.timing import interleaved_seconds, summary
 from inc_plugins.perf.width_choice import choose_width_multiple
 from recipes.pruning_stage import mask_search_summary
 from recipes.schema import load_recipe
@@ -118,26 +118,17 @@ def latency_step(run: StudyRun, recipe, results: dict, models_dir: Path) -> dict
     dense, *_ = text_classification_task(recipe, run.quick)
     models = {DENSE: dense, **{name: load_slimmed(models_dir / name) for name in results["models"] if name != DENSE}}
     available = [b for b in settings["backends"] if BACKENDS[b].availability().available]
-    generator = torch.Generator().manual_seed(0)
     latency = {"warmup": settings["warmup"], "repeats": settings["repeats"], "threads": torch.get_num_threads(),
                "backends_unavailable": [b for b in settings["backends"] if b not in available], "shapes": []}
-    for batch, seq_len in settings["shapes"]:
-        inputs = {"input_ids": torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=generator),
-                  "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-        print(f"[latency {batch} x {seq_len}] preparing {len(models) * len(available)} runners", flush=True)
-        runners = {(name, backend): BACKENDS[backend].prepare(model, inputs)
-                   for name, model in models.items() for backend in available}
-        load_before = load_average()
-        samples = interleaved_seconds([lambda run=runner: run(inputs) for runner in runners.values()],
-                                      settings["warmup"], settings["repeats"])
-        timed = {key: summary(seconds) for key, seconds in zip(runners, samples)}
-        latency["shapes"].append({
-            "batch": batch, "seq_len": seq_len, "load_average": {"before": load_before, "after": load_average()},
-            "timings": [{"model": name, "backend": backend, **stats,
-                         "speedup_vs_m1": timed[(model_name(1), backend)]["median_s"] / stats["median_s"]
-                         if (model_name(1), backend) in timed else None}
-                        for (name, backend), stats in timed.items()]})
-        run.mark(f"after_{batch}x{seq_len}")
+    for shape in backend_forms_latency(models, available, settings["shapes"], dense.config.vocab_size,
+                                       settings["warmup"], settings["repeats"],
+                                       after_shape=lambda shape: run.mark(f"after_{shape}")):
+        timed = shape.pop("timed")
+        latency["shapes"].append({**shape, "timings": [
+            {"model": name, "backend": backend, **stats,
+             "speedup_vs_m1": timed[(model_name(1), backend)]["median_s"] / stats["median_s"]
+             if (model_name(1), backend) in timed else None}
+            for (name, backend), stats in timed.items()]})
     latency["ffn_width_tables"] = ffn_width_tables(dense, settings)
     return {**results, "latency": latency}
 
