@@ -97,6 +97,25 @@ def test_nncf_int8_of_a_slimmed_model_with_a_layer_that_kept_no_head_or_no_neuro
     assert (int8 - expected).abs().max() < 0.05 * expected.abs().max() + 1e-3
 
 
+def test_openvino_conversion_gives_the_width_0_linears_their_own_forward_back():
+    """The conversion computes a width-0 Linear without a matrix product only while it traces: afterwards the
+    Linear runs its class's forward again, or the forward its instance held before (a user's wrapper)."""
+    head_mask, neuron_mask = torch.ones(2, 4), torch.ones(2, 64)
+    head_mask[1], neuron_mask[0] = 0, 0
+    slimmed = slim_model(tiny_bert_classifier(), head_mask, neuron_mask).eval()
+    empty = [m for m in slimmed.modules() if isinstance(m, torch.nn.Linear) and 0 in (m.in_features, m.out_features)]
+    assert len(empty) == 3  # layer 0's FFN ([0, hidden] and [hidden, 0]), layer 1's attention output ([hidden, 0])
+    wrapped = empty[0]
+    calls = []
+    wrapped.forward = lambda inputs, own=wrapped.forward: calls.append(1) or own(inputs)
+    own_forward = wrapped.forward
+    convert_to_openvino(slimmed, token_batches(1, 2, 8)[0])
+    assert wrapped.forward is own_forward and all("forward" not in m.__dict__ for m in empty[1:])
+    with torch.no_grad():
+        slimmed(**token_batches(1, 1, 4)[0])
+    assert calls == [1]
+
+
 def test_nncf_calibrates_one_sample_at_a_time_without_padding():
     batch = token_batches(1, 4, 10, seed=1)[0]
     items = calibration_items([batch])

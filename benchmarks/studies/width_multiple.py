@@ -103,12 +103,17 @@ def ffn_width_tables(dense, settings: dict) -> list[dict]:
         table = measure_latency_table(dense, batch_size=batch, seq_len=seq_len, repeats=settings["repeats"],
                                       warmup=settings["warmup"], neuron_step=dense.config.intermediate_size,
                                       neuron_widths=range(first, last + 1))
-        choice = choose_width_multiple(table)
-        tables.append({"batch": batch, "seq_len": seq_len, "backend": "eager-fp32 (lone layer)",
-                       "auto_multiple": choice.multiple, "scores": choice.scores, "widths": list(choice.widths),
-                       "measured_neurons": table.measured_neurons,
-                       "measured_neuron_seconds": table.measured_neuron_seconds})
-        print(f"[table {batch} x {seq_len}] auto picks {choice.multiple}: {choice.scores}", flush=True)
+        entry = {"batch": batch, "seq_len": seq_len, "backend": "eager-fp32 (lone layer)",
+                 "measured_neurons": table.measured_neurons, "measured_neuron_seconds": table.measured_neuron_seconds}
+        try:
+            choice = choose_width_multiple(table)
+        except ValueError as error:  # a table without signal (a tiny layer's timings lost in noise): 'auto' refuses
+            entry.update(auto_multiple=None, scores={}, widths=[first, last], no_choice=str(error))
+            print(f"[table {batch} x {seq_len}] auto picks nothing: {error}", flush=True)
+        else:
+            entry.update(auto_multiple=choice.multiple, scores=choice.scores, widths=list(choice.widths))
+            print(f"[table {batch} x {seq_len}] auto picks {choice.multiple}: {choice.scores}", flush=True)
+        tables.append(entry)
     return tables
 
 
@@ -175,9 +180,9 @@ def markdown(results: dict) -> str:
               "| shape | backend | widths | auto | score per candidate (1 + mean latency above the fitted line at its "
               "multiples, over the mean latency) |", "|---|---|---|---:|---|"]
     for table in latency["ffn_width_tables"]:
-        scores = ", ".join(f"{m}: {score:.4f}" for m, score in table["scores"].items())
+        scores = ", ".join(f"{m}: {score:.4f}" for m, score in table["scores"].items()) or table.get("no_choice")
         lines.append(f"| {table['batch']} x {table['seq_len']} | {table['backend']} | {table['widths'][0]}-"
-                     f"{table['widths'][1]} | {table['auto_multiple']} | {scores} |")
+                     f"{table['widths'][1]} | {table['auto_multiple'] or 'none'} | {scores} |")
     return "\n".join(lines) + "\n"
 
 

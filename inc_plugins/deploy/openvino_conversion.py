@@ -54,16 +54,19 @@ def _zero_width_linears_as_what_they_compute(model: nn.Module):
     kept no FFN neuron ([0, hidden] and [hidden, 0]) or no head (BERT's attention output projection, [hidden, 0]);
     OpenVINO's CPU plugin cannot build an inner product with an output of width 0, and NNCF's bias correction fails
     on an input of width 0. The outputs are the same tensors."""
-    replaced = []
+    replaced = []  # (module, the forward its instance held before, if any: a hook or wrapper a user set)
     for module in model.modules():
         if isinstance(module, nn.Linear) and 0 in (module.in_features, module.out_features):
+            replaced.append((module, module.__dict__.get("forward")))
             module.forward = _empty_output if module.out_features == 0 else _bias_only(module)
-            replaced.append(module)
     try:
         yield
     finally:
-        for module in replaced:
-            del module.forward  # the class's forward again
+        for module, own_forward in replaced:
+            if own_forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = own_forward
 
 
 def _empty_output(inputs: torch.Tensor) -> torch.Tensor:
