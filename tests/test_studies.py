@@ -232,9 +232,9 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
     models = tmp_path / "models"
     run_study("deploy_minilm", "--step", "prune", "--models-dir", str(models), out=tmp_path)
     pruned = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
-    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40", "pruned_50_distilled"}
+    assert "latency" not in pruned and set(pruned["models"]) == {"dense", "pruned_40", "pruned_50_distilled_0.1ep"}
     assert pruned["models"]["pruned_40"]["retrain"] is None
-    retrained = pruned["models"]["pruned_50_distilled"]["retrain"]
+    retrained = pruned["models"]["pruned_50_distilled_0.1ep"]["retrain"]
     assert retrained["steps"] >= 1 and retrained["zeros_held"] > 0, retrained
     assert retrained["distillation_temperature"] == pruned["settings"]["distillation_temperature"]
     backends = pruned["settings"]["backends"]
@@ -267,7 +267,7 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
     shutil.rmtree(models / "pruned_40")
     run_study("deploy_minilm", "--step", "prune", "--resume", "--models-dir", str(models), out=tmp_path)
     resumed = results(tmp_path / "deploy_minilm_quick.json", "settings", "models")
-    assert resumed["resumed_models"] == ["dense", "pruned_50_distilled"] and (models / "pruned_40").is_dir()
+    assert resumed["resumed_models"] == ["dense", "pruned_50_distilled_0.1ep"] and (models / "pruned_40").is_dir()
     assert resumed["models"]["pruned_40"]["forms"] == pruned["models"]["pruned_40"]["forms"]  # seeded: the same again
 
 
@@ -312,12 +312,16 @@ def test_structured_generation_quick(tmp_path):
                                    2 * hidden if row["method"] == "flap" else 0)
         assert row["decode_weight_bytes"]["float32"] == 4 * elements
         assert row["ideal_decode_speedup"]["float32"] == dense_elements / elements
+        row["elements"] = elements
     latency = data["latency"]["backends"]
-    assert set(latency) == {"eager-fp32", "eager-bf16", "inductor-fp32"}
+    assert set(latency) == {"eager-fp32", "eager-bf16", "eager-bf16-weights", "inductor-fp32"}
     for backend, entry in latency.items():
         if not entry["available"]:  # only bf16, on a CPU without native bf16
-            assert backend == "eager-bf16" and "bf16" in entry["reason"]
+            assert backend.startswith("eager-bf16") and "bf16" in entry["reason"]
             continue
+        if backend == "eager-bf16-weights":  # every weight read in bf16, the embedding row too: a ratio of elements
+            assert all(entry["decode"][row["name"]]["ideal_speedup"] == dense_elements / row["elements"]
+                       for row in rows)
         assert "error" not in entry, entry
         decode = entry["decode"]
         assert list(decode) == ["dense", *(row["name"] for row in rows)]
@@ -325,7 +329,7 @@ def test_structured_generation_quick(tmp_path):
         for name, timing in decode.items():
             assert timing["decode_steps"] == 7 and timing["repeats"] == 2 and timing["tokens_per_s"] > 0
             assert timing["same_tokens_every_round"], (backend, name)
-            if backend != "eager-bf16":  # fp32: the tokens the prune step's masked and slimmed models generated
+            if not backend.startswith("eager-bf16"):  # fp32: the tokens the prune step's masked and slimmed models made
                 assert timing["tokens_equal_to_prune_step"] and timing.get("tokens_equal_to_eager_fp32", True)
                 assert timing["first_token_not_greedy"] is None  # each token the argmax given the ones before
         if backend.startswith("eager"):
@@ -346,6 +350,17 @@ def test_structured_minilm_quick(tmp_path):
                                ("flap without compensation", "flap")):
         assert methods[plain]["kept_neurons"] == methods[compensated]["kept_neurons"]
     assert (tmp_path / "structured_minilm_quick.md").is_file()
+
+    # the latency of each method's slimmed shape; methods that kept the same counts share one timing
+    run_study("structured_minilm_latency", out=tmp_path)
+    latency = results(tmp_path / "structured_minilm_latency_quick.json", "settings", "pruned", "shapes")
+    for shape in latency["shapes"]:
+        timed = {(t["method"], t["backend"]): t for t in shape["timings"]}
+        assert set(timed) == {(m, b) for m in ["dense", *methods] for b in latency["settings"]["backends"]}
+        for backend in latency["settings"]["backends"]:
+            assert timed[("dense", backend)]["speedup_vs_dense_same_backend"] == 1.0
+            assert timed[("flap", backend)]["median_s"] == timed[("flap without compensation", backend)]["median_s"]
+            assert timed[("flap", backend)]["parameters"] == methods["flap"]["parameters"]
 
 
 def test_kwon_bias_smollm2_quick_reuses_its_fisher_cache(tmp_path):
@@ -395,4 +410,6 @@ def test_width_multiple_quick_in_two_steps(tmp_path):
             if backend not in data["latency"]["backends_unavailable"]}
         assert all(t["speedup_vs_m1"] == 1.0 for t in shape["timings"] if t["model"] == "m1")
     table = data["latency"]["ffn_width_tables"][0]
-    assert table["auto_multiple"] in (1, 8, 16) and table["measured_neurons"][1:42] == list(range(8, 49))
+    assert table["measured_neurons"][1:42] == list(range(8, 49))
+    # the tiny layer's timings may hold no signal; 'auto' then picks nothing and the study says why instead of failing
+    assert table["auto_multiple"] in (1, 8, 16) or "no measurement" in table["no_choice"], table

@@ -6,9 +6,9 @@
 
 Issue #17's measurement. Models: the fine-tuned MiniLM-L6 of recipes/minilm_deploy.yaml (dense) and, for each
 fraction of settings.yaml, that recipe's pruning stage (mask_search, the full method) with its target replaced by the
-fraction, slimmed; the `retrained_fractions` and `distilled_fractions` are fine-tuned after pruning (pruned weights
-held at zero; on the labels, or on the dense model's outputs: knowledge distillation) before they are slimmed: deeper
-pruning that a one-shot search alone would pay for in accuracy. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
+fraction, slimmed; the `retrained` and `distilled` ones ([fraction, epochs]) are fine-tuned after pruning (pruned
+weights held at zero; on the labels, or on the dense model's outputs: knowledge distillation) before they are slimmed:
+deeper pruning that a one-shot search alone would pay for in accuracy. Each model runs on the backends of settings.yaml (`inc_plugins.perf.backends`): eager fp32, eager
 bf16 (autocast), OpenVINO fp32 and bf16, and OpenVINO int8 (NNCF static int8 on the recipe's quantize settings: 300
 training samples, seed 0), whose float parts run in fp32 or bf16.
 
@@ -175,15 +175,15 @@ def made_as(model: dict, fraction: float, retrain_steps: int, temperature: float
 
 def pruned_models(settings: dict, n_train: int, batch_size: int) -> list[tuple[str, float, int, float | None]]:
     """(name, fraction, retrain steps, distillation temperature) of each pruned model: the one-shot `fractions`,
-    then the `retrained_fractions` and the `distilled_fractions`, fine-tuned after pruning for `retrain_epochs`
-    epochs of the training set with every pruned weight held at zero (the recipe's `retrain_steps`, at its fine-tune
-    learning rate), on the labels or on the dense model's outputs at `distillation_temperature`."""
-    steps = epochs_to_steps(settings["retrain_epochs"], math.ceil(n_train / batch_size))
+    then each [fraction, epochs] of `retrained` and `distilled`, fine-tuned after pruning for that many epochs of the
+    training set with every pruned weight held at zero (the recipe's `retrain_steps`, at its fine-tune learning
+    rate), on the labels or on the dense model's outputs at `distillation_temperature`."""
+    steps = lambda epochs: epochs_to_steps(epochs, math.ceil(n_train / batch_size))  # noqa: E731
     name = lambda fraction: f"pruned_{round(100 * fraction)}"  # noqa: E731
     return ([(name(f), f, 0, None) for f in settings["fractions"]]
-            + [(f"{name(f)}_retrained", f, steps, None) for f in settings["retrained_fractions"]]
-            + [(f"{name(f)}_distilled", f, steps, settings["distillation_temperature"])
-               for f in settings["distilled_fractions"]])
+            + [(f"{name(f)}_retrained_{e:g}ep", f, steps(e), None) for f, e in settings["retrained"]]
+            + [(f"{name(f)}_distilled_{e:g}ep", f, steps(e), settings["distillation_temperature"])
+               for f, e in settings["distilled"]])
 
 
 def quantize_calibration(recipe, settings: dict, tokenizer, train_examples) -> list[dict]:
@@ -249,8 +249,8 @@ def markdown(results: dict) -> str:
              "",
              f"MiniLM-L6 fine-tuned on the movie-snippet task ({settings['data_note']}); {settings['dev_examples']} dev "
              f"examples; pruned by recipes/{RECIPE}'s mask_search stage (full method, {settings['calibration_samples']} "
-             f"calibration samples) at each target, slimmed (*_retrained / *_distilled: fine-tuned for "
-             f"{settings['retrain_epochs']} epoch(s) after pruning, pruned weights held at zero, on the labels / on "
+             f"calibration samples) at each target, slimmed (*_retrained_Nep / *_distilled_Nep: fine-tuned for "
+             f"N epochs after pruning, pruned weights held at zero, on the labels / on "
              f"the dense model's outputs at temperature {settings.get('distillation_temperature')}); int8: NNCF static quantization on "
              f"{settings['quantize_samples']} training samples. " + machine_line(results), "",
              "## Accuracy and size", "",

@@ -37,13 +37,16 @@ the head+FFN FLOPs (MACs at the calibration length, 128 tokens, as every structu
 Latency step (reads the prune step's JSON and models; time it alone). Dense vs every model of ``latency_models``,
 interleaved (every round times every model once, in a rotating order: ``inc_plugins.perf.timing``):
 
-* prefill: one forward of 1 x 128 and 8 x 128 tokens of the evaluation text, use_cache off, eager fp32 and eager bf16
-  (autocast; only where the CPU has native bf16, ``inc_plugins.perf.backends.native_bf16``);
+* prefill: one forward of 1 x 128 and 8 x 128 tokens of the evaluation text, use_cache off, eager fp32, eager bf16
+  (autocast: fp32 weights, bf16 matmuls) and eager bf16-weights (the models cast to bf16, as ``torch_dtype=
+  torch.bfloat16`` loads them; no autocast, whose per-operation casts and cache lookups are a fixed cost per decode
+  step that pruning does not shrink); bf16 only where the CPU has native bf16 (``inc_plugins.perf.backends.
+  native_bf16``);
 * decode: ``generate`` at batch 1, the 128-token prompt, exactly 128 new tokens (min_new_tokens: no early stop),
   greedy, KV cache. Only the decode part is timed, inside the same generate call: a streamer (``measures.TokenClock``)
   notes when each token comes out, and decode seconds = last token - first token (the first comes from the prefill),
   over 127 decode steps. That times real ``generate`` (its sampling loop and cache updates included) without
-  subtracting two noisy medians or re-implementing the loop. Backends: eager fp32 and bf16 (dynamic cache), and
+  subtracting two noisy medians or re-implementing the loop. Backends: the eager ones (dynamic cache), and
   inductor fp32: transformers' own compiled decode (``cache_implementation="static"``, ``torch.compile`` of the
   forward with fullgraph and static shapes; the prefill runs eager), each model compiled by its first, untimed call
   (a backend where a model's compile takes longer than ``max_compile_s`` is dropped, saying so). Compiling one
@@ -96,9 +99,12 @@ RECIPE_STAGES = {"flap": ("smollm2_flap.yaml", "flap"), "wanda_sp": ("smollm2_wa
                  "structured_magnitude": ("smollm2_wanda_sp.yaml", "structured_magnitude")}
 METHODS = (*RECIPE_STAGES, "mask_search")
 CORPUS_RECIPE = "smollm2_flap.yaml"  # the corpus and evaluation settings every SmolLM2 recipe shares
-BACKENDS = ("eager-fp32", "eager-bf16", "inductor-fp32")
+BACKENDS = ("eager-fp32", "eager-bf16", "eager-bf16-weights", "inductor-fp32")
 BYTES = {"float32": 4, "bfloat16": 2}  # per weight element, in the dtype the matmuls run in
-BACKEND_DTYPE = {"eager-fp32": "float32", "eager-bf16": "bfloat16", "inductor-fp32": "float32"}
+BACKEND_DTYPE = {"eager-fp32": "float32", "eager-bf16": "bfloat16", "eager-bf16-weights": "bfloat16",
+                 "inductor-fp32": "float32"}
+AUTOCAST_BACKENDS = ("eager-bf16",)  # fp32 weights, matmuls in bf16 under torch.autocast
+CAST_BACKENDS = ("eager-bf16-weights",)  # weights stored in bf16 (torch_dtype=bfloat16), no autocast
 # transformers compiles the decode forward itself once a static cache is asked for; on CPU only with this flag
 STATIC_DECODE_COMPILE = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
 STATIC_DECODE_COMPILE._compile_all_devices = True
@@ -314,7 +320,14 @@ def write_prune_progress(run: StudyRun, results: dict) -> None:
 
 
 def autocast_for(backend: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if BACKEND_DTYPE[backend] == "bfloat16" else nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if backend in AUTOCAST_BACKENDS else nullcontext()
+
+
+def models_for(models: dict, backend: str) -> dict:
+    """The models as `backend` runs them: copies with bf16 weights for a cast backend, else the models."""
+    if backend not in CAST_BACKENDS:
+        return models
+    return {name: copy.deepcopy(model).to(torch.bfloat16) for name, model in models.items()}
 
 
 def backend_availability(backend: str) -> tuple[bool, str]:
@@ -414,14 +427,15 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
             continue
         print(f"[{backend}]", flush=True)
         torch._dynamo.reset()
+        backend_models = models_for(models, backend)
         try:
             if not backend.startswith("inductor"):  # prefill: eager only (a compile per model and shape is too slow)
                 entry["prefill"] = {}
                 for batch in s["prefill_batches"]:
                     ids = torch.cat([evaluation[:, : s["prefill_seq_len"]]] * batch)[:batch]
                     entry["prefill"][f"{batch}x{s['prefill_seq_len']}"] = time_prefill(
-                        models, backend, ids, s["prefill_warmup"], s["prefill_repeats"])
-            timed = models
+                        backend_models, backend, ids, s["prefill_warmup"], s["prefill_repeats"])
+            timed = backend_models
             if backend.startswith("inductor") and s["compiled_models"] is not None:  # each compile takes a minute
                 timed = {name: models[name] for name in ["dense", *s["compiled_models"]] if name in models}
             entry["decode"] = time_decode(timed, backend, prompt, s["new_tokens"], s["decode_warmup"],
@@ -432,14 +446,20 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
             continue
         dtype = BACKEND_DTYPE[backend]
         dense = entry["decode"]["dense"]
+        if backend in CAST_BACKENDS:  # the embedding row is read in bf16 too
+            read = {name: weight_bytes_per_token(model, BYTES[dtype], BYTES[dtype])
+                    for name, model in backend_models.items()}
+        else:
+            read = {name: bytes_per_token[name][dtype] for name in entry["decode"]}
         for name, timing in entry["decode"].items():
             timing["speedup"] = dense["median_decode_s"] / timing["median_decode_s"]
-            timing["ideal_speedup"] = bytes_per_token["dense"][dtype] / bytes_per_token[name][dtype]
+            timing["ideal_speedup"] = read["dense"] / read[name]
             timing["of_ideal"] = timing["speedup"] / timing["ideal_speedup"]
             # the prune step's tokens were checked against the masked model; these are the timed run's
             timing["tokens_equal_to_prune_step"] = timing["tokens"][: len(expected[name])] == expected[name]
             with autocast_for(backend):
-                timing["first_token_not_greedy"] = greedy_disagreement(models[name], prompt, timing["tokens"])
+                timing["first_token_not_greedy"] = greedy_disagreement(backend_models[name], prompt,
+                                                                       timing["tokens"])
             if backend != "eager-fp32" and "decode" in latency["backends"].get("eager-fp32", {}):
                 reference = latency["backends"]["eager-fp32"]["decode"][name]["tokens"]
                 timing["tokens_equal_to_eager_fp32"] = timing["tokens"] == reference
