@@ -413,3 +413,60 @@ def test_width_multiple_quick_in_two_steps(tmp_path):
     assert table["measured_neurons"][1:42] == list(range(8, 49))
     # the tiny layer's timings may hold no signal; 'auto' then picks nothing and the study says why instead of failing
     assert table["auto_multiple"] in (1, 8, 16) or "no measurement" in table["no_choice"], table
+
+
+def test_width_multiple_smollm2_quick_in_two_steps(tmp_path):
+    """The prune step keeps multiples of each m per block on the tiny Llama (2 blocks of 2 key/value groups of 2
+    query heads of 8 dims, hidden 32, FFN 64, vocabulary 128, LM head not tied), the slimmed model computes what the
+    masked one does, and the bytes a decode step reads are the closed-form count of the kept weights; the latency
+    step, run apart, times every (model, backend) available and gives the prune step's tokens on fp32."""
+    models = tmp_path / "models"
+    run_study("width_multiple_smollm2", "--step", "prune", "--models-dir", str(models), out=tmp_path)
+    pruned = results(tmp_path / "width_multiple_smollm2_quick.json", "settings", "dense", "models", "fisher_seconds")
+    assert "latency" not in pruned and pruned["steps"] == ["prune"]
+    assert "Prune step only" in (tmp_path / "width_multiple_smollm2_quick.md").read_text()
+    hidden, vocab = 32, 128
+    per_group = 2 * (hidden * 16) + 2 * (hidden * 8)  # q rows and o columns of 2 heads, k and v rows of one
+    per_neuron = 3 * hidden  # gate and up rows, down column
+
+    def weight_elements(groups, neurons):  # + the LM head, + one embedding row
+        return sum(per_group * g + per_neuron * n for g, n in zip(groups, neurons)) + vocab * hidden + hidden
+
+    dense_elements = weight_elements([2, 2], [64, 64])
+    assert pruned["dense"]["decode_weight_bytes"] == {"eager-fp32": 4 * dense_elements,
+                                                      "eager-bf16-weights": 2 * dense_elements}
+    rows = {row["name"]: row for row in pruned["models"]}
+    assert list(rows) == ["m1", "m16"]
+    for name, row in rows.items():
+        search = row["search"]
+        assert row["width_multiple"] == int(name[1:])
+        assert all(kept % row["width_multiple"] == 0 for kept in search["kept_neurons_per_layer"]), row
+        assert 0.2 <= search["flops_removed"] < 0.5
+        assert row["max_abs_logit_difference_masked_vs_slimmed"] < 1e-4
+        elements = weight_elements(search["kept_kv_groups_per_layer"], search["kept_neurons_per_layer"])
+        assert row["decode_weight_bytes"] == {"eager-fp32": 4 * elements, "eager-bf16-weights": 2 * elements}
+        assert row["ideal_decode_speedup"]["eager-fp32"] == dense_elements / elements
+        assert row["ideal_decode_speedup_vs_m1"]["eager-fp32"] == (
+            rows["m1"]["decode_weight_bytes"]["eager-fp32"] / (4 * elements))
+
+    run_study("width_multiple_smollm2", "--step", "latency", "--models-dir", str(models), out=tmp_path)
+    data = results(tmp_path / "width_multiple_smollm2_quick.json", "settings", "dense", "models", "latency")
+    assert data["steps"] == ["prune", "latency"] and data["models"] == pruned["models"]
+    backends = data["latency"]["backends"]
+    assert set(backends) == {"eager-fp32", "eager-bf16-weights"} and backends["eager-fp32"]["available"]
+    for backend, entry in backends.items():
+        if not entry["available"]:  # only bf16, on a CPU without native bf16
+            assert backend == "eager-bf16-weights" and "bf16" in entry["reason"]
+            continue
+        decode = entry["decode"]
+        assert list(decode) == ["dense", "m1", "m16"]
+        assert decode["m1"]["speedup_vs_m1"] == 1.0 and decode["m1"]["prefill_speedup_vs_m1"] == 1.0
+        assert decode["dense"]["speedup_vs_dense"] == 1.0 and decode["dense"]["ideal_speedup_vs_dense"] == 1.0
+        for name, timing in decode.items():
+            assert timing["decode_steps"] == 7 and timing["repeats"] == 2 and timing["tokens_per_s"] > 0
+            assert timing["prefill_median_ms"] > 0 and timing["same_tokens_every_round"], (backend, name)
+            if name != "dense":
+                assert timing["ideal_speedup_vs_dense"] == rows[name]["ideal_decode_speedup"][backend]
+            if backend == "eager-fp32":  # the tokens of the slimmed model the prune step saved
+                assert timing["tokens_equal_to_prune_step"], name
+    assert "QUICK SMOKE RUN" in (tmp_path / "width_multiple_smollm2_quick.md").read_text()

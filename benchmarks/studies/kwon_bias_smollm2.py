@@ -38,6 +38,14 @@ RECIPE = "smollm2_wanda.yaml"  # the calibration and evaluation text settings ev
 LABELS = {"mask_search": "search only", "rearrange": "+ rearrangement", "full": "+ rearrangement + tuning (full)"}
 
 
+def fisher_identity(model_description: str, settings: dict) -> dict:
+    """What the Fisher pass's gradients depend on (``fisher_cache``'s identity): the model and kwon_smollm2's
+    calibration (SOTU windows: count, length, batch, seed). width_multiple_smollm2 reads the same cache file."""
+    return {"model": model_description, "text": "sotu",
+            **{key: settings[key] for key in ("calibration_samples", "calibration_len", "calibration_batch")},
+            "seed": settings["seed"], "per_sample": False}
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
@@ -108,8 +116,7 @@ def main(argv=None) -> int:
                "rows": []}
     print(f"dense perplexity {results['dense']['perplexity']:.2f}", flush=True)
 
-    identity = {"model": source.description, "text": "sotu", **{key: settings[key] for key in keys[2:5]},
-                "seed": settings["seed"], "per_sample": False}
+    identity = fisher_identity(source.description, settings)
     start = time.perf_counter()
     cached = args.fisher_cache is not None and args.fisher_cache.is_file()
     gradients = cached_mask_gradients(args.fisher_cache, identity, lambda: collect_mask_gradients(model, samples))
