@@ -266,9 +266,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = study_parser(STUDY, __doc__, epilog=(
-        "On 2 cores: the prune step about 10 minutes with a filled --fisher-cache (else 16 more for the Fisher pass): "
-        "a minute of SOTU tokenizing, per m a search call and a perplexity of 8 x 512 tokens; the latency step about "
-        "8 minutes (4 models x 6 generations of 128 tokens on each of 2 backends)."))
+        "On 2 cores: the prune step about 3 minutes with a filled --fisher-cache (else 16 more for the Fisher pass): "
+        "per m a search call, a perplexity of 8 x 512 tokens and a greedy generation; the latency step about 6-8 "
+        "minutes (4 models x 6 generations of 128 tokens and 11 prefills on each of 2 backends)."))
     add_step_arguments(parser, STUDY, "perplexity")
     parser.add_argument("--multiples", type=int, nargs="+", help="width multiples to prune with (default: settings)")
     parser.add_argument("--fisher-cache", type=Path,
