@@ -32,7 +32,8 @@ the head+FFN FLOPs (MACs at the calibration length, 128 tokens, as every structu
   weight_bytes_per_token``: every Linear incl. the LM head, the tied embedding counted once as the LM head, plus the
   embedding row the lookup reads; KV cache reads, about 1% here, left out), in the dtype the matmuls run in: 4 bytes
   in fp32, 2 in bf16 autocast (its weight-cast cache holds the bf16 copies for a whole generate call; checked with
-  torch's profiler: under no_grad each decode step casts no weight again, under inference_mode it recasts all).
+  torch's profiler: under no_grad each decode step casts no weight again, under inference_mode it recasts all) and
+  2 with bf16 weights (the embedding row too).
 
 Latency step (reads the prune step's JSON and models; time it alone). Dense vs every model of ``latency_models``,
 interleaved (every round times every model once, in a rotating order: ``inc_plugins.perf.timing``):
