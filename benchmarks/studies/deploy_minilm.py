@@ -293,9 +293,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = study_parser(STUDY, __doc__, epilog=(
-        "Full run: the prune step about 95 minutes on 2 shared cores (six mask_search runs, four one-epoch "
-        "fine-tunes, 42 evaluations of 2000 examples, 7 int8 quantizations); the latency step 13 minutes alone (84 "
-        "conversions and 28 quantizations, then the timed rounds)."))
+        "Full run: the prune step about 2.5 hours on 2 shared cores (eight mask_search runs, six fine-tunes: four "
+        "of one epoch, two of three; 54 evaluations of 2000 examples, 9 int8 quantizations); the latency step 17 "
+        "minutes alone (108 conversions and 36 quantizations, then the timed rounds)."))
     parser.add_argument("--resume", action="store_true",
                         help="--step prune: keep the models an earlier prune step saved (same settings), make the ones "
                              "settings.yaml adds or it did not finish")

@@ -267,7 +267,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = study_parser(STUDY, __doc__, epilog=(
         "On 2 cores: the prune step about 3 minutes with a filled --fisher-cache (else 16 more for the Fisher pass): "
-        "per m a search call, a perplexity of 8 x 512 tokens and a greedy generation; the latency step about 6-8 "
+        "per m a search call, a perplexity of 8 x 512 tokens and a greedy generation; the latency step about 5 "
         "minutes (4 models x 6 generations of 128 tokens and 11 prefills on each of 2 backends)."))
     add_step_arguments(parser, STUDY, "perplexity")
     parser.add_argument("--multiples", type=int, nargs="+", help="width multiples to prune with (default: settings)")
