@@ -179,11 +179,16 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
+def backend_weight_bytes(model, backend: str) -> int:
+    """Bytes of weights one decode step on `backend` reads (``weight_bytes_per_token``): the matmuls' weights in the
+    backend's dtype; the embedding row in fp32 under autocast (the lookup is not autocast), else in that dtype."""
+    size = BYTES[BACKEND_DTYPE[backend]]
+    return weight_bytes_per_token(model, size, BYTES["float32"] if backend in AUTOCAST_BACKENDS else size)
+
+
 def decode_bytes(model) -> dict:
-    """{dtype: bytes of weights read per generated token} (``weight_bytes_per_token``); the embedding lookup stays
-    fp32 under bf16 autocast."""
-    return {"float32": weight_bytes_per_token(model, BYTES["float32"], BYTES["float32"]),
-            "bfloat16": weight_bytes_per_token(model, BYTES["bfloat16"], BYTES["float32"])}
+    """{dtype: bytes of weights read per generated token} with fp32 weights, the matmuls in fp32 or bf16 autocast."""
+    return {"float32": backend_weight_bytes(model, "eager-fp32"), "bfloat16": backend_weight_bytes(model, "eager-bf16")}
 
 
 def parameters_of(model) -> int:
@@ -416,8 +421,6 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
     evaluation = source.evaluation_windows(s["eval_windows"], s["eval_len"])
     prompt = evaluation[:1, : s["prompt_tokens"]]
     expected = {"dense": results["dense"]["greedy_tokens"], **{name: rows[name]["greedy_tokens"] for name in names}}
-    bytes_per_token = {"dense": results["dense"]["decode_weight_bytes"],
-                       **{name: rows[name]["decode_weight_bytes"] for name in names}}
     latency = {"models": list(models), "not_pruned": missing, "load_average": {"start": load_average()},
                "backends": {}}
     results["latency"] = latency
@@ -445,13 +448,8 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
             entry["error"] = f"{type(error).__name__}: {error}"
             print(f"{backend} failed: {entry['error']}", flush=True)
             continue
-        dtype = BACKEND_DTYPE[backend]
         dense = entry["decode"]["dense"]
-        if backend in CAST_BACKENDS:  # the embedding row is read in bf16 too
-            read = {name: weight_bytes_per_token(model, BYTES[dtype], BYTES[dtype])
-                    for name, model in backend_models.items()}
-        else:
-            read = {name: bytes_per_token[name][dtype] for name in entry["decode"]}
+        read = {name: backend_weight_bytes(model, backend) for name, model in backend_models.items()}
         for name, timing in entry["decode"].items():
             timing["speedup"] = dense["median_decode_s"] / timing["median_decode_s"]
             timing["ideal_speedup"] = read["dense"] / read[name]

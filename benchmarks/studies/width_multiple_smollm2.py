@@ -45,10 +45,10 @@ from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_
 from benchmarks.studies.fisher_cache import cached_mask_gradients
 from benchmarks.studies.kwon_bias_smollm2 import fisher_identity
 from benchmarks.studies.kwon_smollm2 import calibration_batches, perplexity_of, summary
-from benchmarks.studies.measures import weight_bytes_per_token
 from benchmarks.studies.sources import CausalLMSource, causal_lm
-from benchmarks.studies.structured_generation import (backend_availability, first_difference, greedy_new_tokens,
-                                                      models_for, time_decode, time_prefill)
+from benchmarks.studies.structured_generation import (backend_availability, backend_weight_bytes, first_difference,
+                                                      greedy_new_tokens, models_for, parameters_of, time_decode,
+                                                      time_prefill)
 from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.models.structure_masks import mask_structure
 from inc_plugins.models.surgery_transformers import slim_model
@@ -59,9 +59,8 @@ from recipes.schema import load_recipe
 STUDY = "width_multiple_smollm2"
 RECIPE = "smollm2_wanda.yaml"  # the calibration and evaluation text settings every SmolLM2 recipe shares
 DENSE = "dense"
-# bytes per weight element a decode step reads on each backend this study times (bf16-weights: every weight, the
-# embedding row included, is stored in bf16)
-WEIGHT_BYTES = {"eager-fp32": 4, "eager-bf16-weights": 2}
+# the backends whose decode bytes the prune step records (structured_generation.backend_weight_bytes)
+DECODE_BACKENDS = ("eager-fp32", "eager-bf16-weights")
 # what --step latency reads from settings.yaml at its own run (the prompt and new tokens stay the prune step's: its
 # greedy tokens are what the timed fp32 generations must give)
 TIMING_KEYS = ("backends", "prefill_seq_len", "prefill_warmup", "prefill_repeats", "decode_warmup", "decode_repeats")
@@ -72,12 +71,8 @@ def model_name(multiple: int) -> str:
 
 
 def decode_bytes(model) -> dict:
-    """{backend: bytes of weights one decode step reads} (``weight_bytes_per_token``)."""
-    return {backend: weight_bytes_per_token(model, size, size) for backend, size in WEIGHT_BYTES.items()}
-
-
-def parameters_of(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """{backend: bytes of weights one decode step reads}."""
+    return {backend: backend_weight_bytes(model, backend) for backend in DECODE_BACKENDS}
 
 
 # ---------------------------------------------------------------------------------------------------- prune step
@@ -199,7 +194,7 @@ def markdown(results: dict) -> str:
     s, dense = results["settings"], results["dense"]
     loads = results["prune_step_load_average"]
     seen = ", ".join(f"{values[0]:.2f} {point.replace('_', ' ')}" for point, values in loads.items() if values)
-    backends = list(WEIGHT_BYTES)
+    backends = list(DECODE_BACKENDS)
     lines = [
         "# width_multiple on a decoder: FFN widths in multiples of m on SmolLM2-135M (issue #16 item 5)", "",
         f"{'**QUICK SMOKE RUN: tiny synthetic model and data, not a measurement.** ' if s['quick'] else ''}"
