@@ -7,7 +7,7 @@ import torch
 
 from inc_plugins.perf import memory
 from inc_plugins.perf.memory import PeakRss
-from inc_plugins.perf.timing import ReferenceBetweenRounds, interleaved_seconds, summary
+from inc_plugins.perf.timing import ReferenceBetweenRounds, interleaved_seconds, median_ratio, summary
 
 
 def test_every_call_is_timed_once_per_round_in_rotated_order():
@@ -24,6 +24,17 @@ def test_summary_of_samples():
     assert (stats["median_s"], stats["min_s"], stats["max_s"], stats["repeats"]) == (3.0, 1.0, 5.0, 5)
     assert stats["q1_s"] <= stats["median_s"] <= stats["q3_s"]
     assert summary([0.5]) == {"median_s": 0.5, "min_s": 0.5, "max_s": 0.5, "q1_s": 0.5, "q3_s": 0.5, "repeats": 1}
+
+
+def test_median_ratio_pairs_samples_by_round():
+    # a model 2x faster; slow phases (x3) hit rounds 2 and 5 whole and the dense sample of round 3 only: the
+    # ratio of medians says 6x, the paired ratios 2x in four rounds of five
+    dense, pruned = [2.0, 6.0, 6.0, 2.0, 6.0], [1.0, 3.0, 1.0, 1.0, 3.0]
+    assert summary(dense)["median_s"] / summary(pruned)["median_s"] == 6.0
+    assert median_ratio(dense, pruned) == 2.0
+    assert median_ratio([4.0, 6.0, 12.0], [2.0, 2.0, 2.0]) == 3.0
+    with pytest.raises(ValueError, match="paired by round"):
+        median_ratio([1.0, 2.0], [1.0])
 
 
 def test_a_reference_between_rounds_is_timed_before_each_round():

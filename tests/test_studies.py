@@ -15,6 +15,7 @@ import torch
 from benchmarks.studies.common import StudyRun, prune_step_results
 from benchmarks.studies.fisher_cache import cached_mask_gradients
 from benchmarks.studies.kwon_minilm_seeds import exact_mcnemar
+from benchmarks.studies.measures import per_token_cost_fit
 from inc_plugins.post_training import MaskGradients
 from inc_plugins.perf.synthetic import NUM_LAYERS
 
@@ -251,7 +252,9 @@ def test_deploy_minilm_quick_in_two_steps(tmp_path):
         timed = {(t["model"], t["backend"]) for t in shape["timings"]}
         assert timed == {(name, b) for name in pruned["models"] for b in available}
         baseline = next(t for t in shape["timings"] if (t["model"], t["backend"]) == ("dense", "eager-fp32"))
-        assert baseline["speedup_vs_dense_eager_fp32"] == 1.0
+        assert baseline["speedup_vs_dense_eager_fp32"] == 1.0 and baseline["paired_speedup_vs_dense_eager_fp32"] == 1.0
+        assert all(len(t["samples_s"]) == t["repeats"] and t["paired_speedup_vs_dense_eager_fp32"] > 0
+                   for t in shape["timings"])
     fastest = data["target"]["fastest"]
     assert fastest["model"] != "dense" and "int8" in fastest["backend"]
     within = data["target"]["fastest_within_1_point"]
@@ -326,8 +329,10 @@ def test_structured_generation_quick(tmp_path):
         decode = entry["decode"]
         assert list(decode) == ["dense", *(row["name"] for row in rows)]
         assert decode["dense"]["speedup"] == 1 and decode["dense"]["ideal_speedup"] == 1
+        assert decode["dense"]["paired_speedup"] == 1 and set(entry["per_token_fit"]) == {"fixed_ms", "gb_per_s", "r2"}
         for name, timing in decode.items():
             assert timing["decode_steps"] == 7 and timing["repeats"] == 2 and timing["tokens_per_s"] > 0
+            assert len(timing["decode_s_per_round"]) == 2 and timing["paired_speedup"] > 0
             assert timing["same_tokens_every_round"], (backend, name)
             if not backend.startswith("eager-bf16"):  # fp32: the tokens the prune step's masked and slimmed models made
                 assert timing["tokens_equal_to_prune_step"] and timing.get("tokens_equal_to_eager_fp32", True)
@@ -337,6 +342,17 @@ def test_structured_generation_quick(tmp_path):
         else:
             assert all(timing["first_call_s"] >= 0 for timing in decode.values())
     assert "QUICK SMOKE RUN" in (tmp_path / "structured_generation_quick.md").read_text()
+
+
+def test_per_token_cost_fit_recovers_a_fixed_cost_and_a_read_rate():
+    weight_bytes = [540_000_000, 450_000_000, 410_000_000]
+    fit = per_token_cost_fit([0.010 + b / 5e9 for b in weight_bytes], weight_bytes)  # 10 ms + bytes at 5 GB/s
+    assert fit["fixed_ms"] == pytest.approx(10.0) and fit["gb_per_s"] == pytest.approx(5.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    noisy = per_token_cost_fit([0.118, 0.095, 0.094], weight_bytes)  # off the line: r2 below 1
+    assert 0 < noisy["r2"] < 1
+    with pytest.raises(ValueError, match="different weight bytes"):
+        per_token_cost_fit([0.1, 0.1], [5, 5])
 
 
 def test_structured_minilm_quick(tmp_path):
@@ -464,7 +480,7 @@ def test_width_multiple_smollm2_quick_in_two_steps(tmp_path):
         assert decode["dense"]["speedup_vs_dense"] == 1.0 and decode["dense"]["ideal_speedup_vs_dense"] == 1.0
         for name, timing in decode.items():
             assert timing["decode_steps"] == 7 and timing["repeats"] == 2 and timing["tokens_per_s"] > 0
-            assert timing["prefill_median_ms"] > 0 and timing["same_tokens_every_round"], (backend, name)
+            assert timing["prefill"]["median_ms"] > 0 and timing["same_tokens_every_round"], (backend, name)
             if name != "dense":
                 assert timing["ideal_speedup_vs_dense"] == rows[name]["ideal_decode_speedup"][backend]
             if backend == "eager-fp32":  # the tokens of the slimmed model the prune step saved

@@ -50,6 +50,7 @@ from inc_plugins.deploy.openvino_export import IR_FILE, write_openvino_ir
 from inc_plugins.models.saving import load_slimmed, save_slimmed
 from inc_plugins.perf.backends import BACKENDS
 from inc_plugins.perf.machine import cpu_description, load_average
+from inc_plugins.perf.timing import median_ratio
 from recipes.pruning_stage import calibration_inputs, run_pruning_stage
 from recipes.schema import load_recipe
 from recipes.text_classification import epochs_to_steps, evaluate, tokenized_batches
@@ -205,9 +206,11 @@ def latency_step(run: StudyRun, recipe, results: dict, models_dir: Path) -> dict
                                        settings["warmup"], settings["repeats"], calibration,
                                        after_shape=lambda shape: run.mark(f"after_{shape}")):
         timed = shape.pop("timed")
-        baseline = timed[BASELINE]["median_s"]
+        baseline = timed[BASELINE]
         latency["shapes"].append({**shape, "timings": [
-            {"model": name, "backend": backend, **stats, "speedup_vs_dense_eager_fp32": baseline / stats["median_s"]}
+            {"model": name, "backend": backend, **stats,
+             "speedup_vs_dense_eager_fp32": baseline["median_s"] / stats["median_s"],
+             "paired_speedup_vs_dense_eager_fp32": median_ratio(baseline["samples_s"], stats["samples_s"])}
             for (name, backend), stats in timed.items()]})
     flags = cpu_description()["flags"]
     latency["cpu_features"] = {flag: bool(flags.get(flag)) for flag in INT8_CPU_FLAGS}
@@ -268,7 +271,8 @@ def markdown(results: dict) -> str:
         lines += ["", "Latency: not measured yet (`--step latency`, alone on a quiet machine)."]
         return "\n".join(lines) + "\n"
     features = ", ".join(flag for flag, present in latency["cpu_features"].items() if present) or "none"
-    lines += ["", "## Latency (median of the interleaved rounds; speed-up against dense eager fp32 at the same shape)",
+    lines += ["", "## Latency (median of the interleaved rounds; speed-up against dense eager fp32 at the same shape: "
+                  "ratio of the medians, and paired: the median over rounds of the ratio within a round)",
               "", f"CPU features for int8/bf16: {features}; OpenVINO CPU capabilities: "
                   f"{', '.join(latency['openvino_cpu_capabilities'])}; {latency['threads']} threads, "
                   f"{latency['warmup']} warm-up calls, {latency['repeats']} rounds."]
@@ -276,11 +280,12 @@ def markdown(results: dict) -> str:
         loads = shape["load_average"]
         lines += ["", f"### {shape['batch']} x {shape['seq_len']} tokens (1-minute load average {loads['before'][0]:.2f} "
                       f"before, {loads['after'][0]:.2f} after)", "",
-                  "| model | backend | ms | speed-up | dev accuracy |", "|---|---|---|---|---|"]
+                  "| model | backend | ms | speed-up | paired speed-up | dev accuracy |", "|---|---|---|---|---|---|"]
         for timing in sorted(shape["timings"], key=lambda t: -t["median_s"]):
             accuracy = results["models"][timing["model"]]["forms"][timing["backend"]]["accuracy"]
             lines.append(f"| {timing['model']} | {timing['backend']} | {1000 * timing['median_s']:.1f} | "
-                         f"{timing['speedup_vs_dense_eager_fp32']:.2f}x | {accuracy:.4f} |")
+                         f"{timing['speedup_vs_dense_eager_fp32']:.2f}x | "
+                         f"{timing['paired_speedup_vs_dense_eager_fp32']:.2f}x | {accuracy:.4f} |")
     verdict = target_verdict(results)
     if verdict is not None:
         lines += ["", f"Target (pruned + int8 >= {TARGET_SPEEDUP}x dense eager fp32 at {verdict['shape']}, within 1 point "

@@ -1,5 +1,6 @@
 """What the studies measure besides accuracy: latency of several models side by side, whole-model MACs, the bytes
-of weights a decode step reads, and when generate() hands out each token.
+of weights a decode step reads, how a decode step's time splits into a fixed and a per-byte part, and when
+generate() hands out each token.
 
 Latency goes through the interleaved timer (``inc_plugins.perf.timing``): after warm-up, every round times every
 model once, in an order that rotates each round, so slow phases of a shared machine hit all models alike.
@@ -68,7 +69,8 @@ def backend_forms_latency(models: dict[str, nn.Module], backends: list[str], sha
                           after_shape: Callable[[str], None] | None = None) -> list[dict]:
     """Every (model, backend id of ``inc_plugins.perf.backends``) form timed at each [batch, tokens] of `shapes`, on
     random token ids (one generator seeded 0, shapes in order), all forms of one shape in each round. Per shape:
-    {batch, seq_len, load_average: {before, after}, timed: {(model, backend): summary}}; int8 backends quantize on
+    {batch, seq_len, load_average: {before, after}, timed: {(model, backend): summary + samples_s (the seconds of
+    each round, in round order: paired by round across forms)}}; int8 backends quantize on
     `calibration` (default: the timed inputs). `after_shape("<batch>x<tokens>")` runs after each shape's rounds."""
     generator = torch.Generator().manual_seed(0)
     measured = []
@@ -83,7 +85,8 @@ def backend_forms_latency(models: dict[str, nn.Module], backends: list[str], sha
                                       repeats)
         measured.append({"batch": batch, "seq_len": seq_len,
                          "load_average": {"before": load_before, "after": load_average()},
-                         "timed": {key: summary(seconds) for key, seconds in zip(runners, samples)}})
+                         "timed": {key: {**summary(seconds), "samples_s": seconds}
+                                   for key, seconds in zip(runners, samples)}})
         if after_shape is not None:
             after_shape(f"{batch}x{seq_len}")
     return measured
@@ -109,6 +112,25 @@ def weight_bytes_per_token(model: nn.Module, matmul_bytes: int, embedding_bytes:
     linear = sum(module.weight.numel() + (0 if module.bias is None else module.bias.numel())
                  for module in model.modules() if isinstance(module, nn.Linear))
     return linear * matmul_bytes + model.get_input_embeddings().embedding_dim * embedding_bytes
+
+
+def per_token_cost_fit(seconds_per_step: list[float], weight_bytes: list[int]) -> dict:
+    """Least-squares line through (weight bytes read per decode step, seconds per step) of several models on one
+    backend: ``fixed_ms`` (the intercept: per-step cost that fewer weights do not shrink, e.g. Python, kernel launches,
+    sampling, cache updates), ``gb_per_s`` (1 / slope: the rate at which the weights are read) and ``r2``. A fixed
+    cost bounds the decode speedup below the bytes ratio, more so where weights are read faster (bf16)."""
+    n = len(weight_bytes)
+    if n < 2 or len(set(weight_bytes)) < 2 or len(seconds_per_step) != n:
+        raise ValueError(f"need at least 2 models of different weight bytes, got {weight_bytes}")
+    mean_x, mean_y = sum(weight_bytes) / n, sum(seconds_per_step) / n
+    sxx = sum((x - mean_x) ** 2 for x in weight_bytes)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(weight_bytes, seconds_per_step))
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(weight_bytes, seconds_per_step))
+    total = sum((y - mean_y) ** 2 for y in seconds_per_step)
+    return {"fixed_ms": 1000 * intercept, "gb_per_s": 1e-9 / slope if slope > 0 else None,
+            "r2": 1 - residual / total if total > 0 else 1.0}
 
 
 class TokenClock:

@@ -58,7 +58,11 @@ interleaved (every round times every model once, in a rotating order: ``inc_plug
   own greedy choice (``greedy_disagreement``: one forward of prompt + tokens without cache, under the backend's
   autocast). bf16 agreement with fp32 is reported, not required.
 * measured decode speedup = dense decode seconds / the model's (medians); measured / ideal (issue #16's target: >=
-  85%).
+  85%). Also the paired speedup: the median over rounds of dense / model seconds of the same round, which a slow
+  phase of the machine that hits one round of one model's sample but not the other's cannot skew as much;
+* per backend, a line through (weight bytes read per step, median seconds per step) of all timed models
+  (``measures.per_token_cost_fit``): its intercept is the per-step cost that pruning does not shrink, which bounds the
+  decode speedup below the bytes ratio.
 
 Writes <out>/structured_generation.{json,md} (--quick: structured_generation_quick.*).
 """
@@ -80,7 +84,7 @@ from transformers import CompileConfig
 import inc_plugins
 from benchmarks.studies.common import (StudyRun, add_step_arguments, check_step_arguments, machine_line,
                                        prune_step_results, steps_models_dir, study_parser, study_settings)
-from benchmarks.studies.measures import TokenClock, compile_limits_for, weight_bytes_per_token
+from benchmarks.studies.measures import TokenClock, compile_limits_for, per_token_cost_fit, weight_bytes_per_token
 from benchmarks.studies.sources import CausalLMSource, causal_lm
 from inc_plugins.atomic import write_text
 from inc_plugins.models.saving import load_slimmed, save_slimmed
@@ -88,7 +92,7 @@ from inc_plugins.models.structure_masks import fold_structure_masks, group_head_
 from inc_plugins.models.surgery_transformers import slim_model
 from inc_plugins.perf.backends import native_bf16
 from inc_plugins.perf.machine import cpu_description, load_average
-from inc_plugins.perf.timing import interleaved_seconds, summary
+from inc_plugins.perf.timing import interleaved_seconds, median_ratio, summary
 from inc_plugins.post_training import KwonSettings, collect_mask_gradients, masked_macs, prune_post_training, unit_costs
 from recipes.perplexity import perplexity
 from recipes.pruning_stage import prune_with_batches
@@ -399,6 +403,7 @@ def time_decode(models: dict, backend: str, prompt: torch.Tensor, new_tokens: in
         results[name].update(
             decode_steps=timed[0].decode_steps, median_decode_s=decode["median_s"], min_decode_s=decode["min_s"],
             max_decode_s=decode["max_s"], repeats=decode["repeats"],
+            decode_s_per_round=[clock.decode_seconds for clock in timed],
             tokens_per_s=timed[0].decode_steps / decode["median_s"],
             median_prefill_in_generate_s=summary([clock.prefill_seconds for clock in timed])["median_s"],
             tokens=runs[0], same_tokens_every_round=all(run == runs[0] for run in runs))
@@ -454,6 +459,8 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
             timing["speedup"] = dense["median_decode_s"] / timing["median_decode_s"]
             timing["ideal_speedup"] = read["dense"] / read[name]
             timing["of_ideal"] = timing["speedup"] / timing["ideal_speedup"]
+            timing["paired_speedup"] = median_ratio(dense["decode_s_per_round"], timing["decode_s_per_round"])
+            timing["paired_of_ideal"] = timing["paired_speedup"] / timing["ideal_speedup"]
             # the prune step's tokens were checked against the masked model; these are the timed run's
             timing["tokens_equal_to_prune_step"] = timing["tokens"][: len(expected[name])] == expected[name]
             with autocast_for(backend):
@@ -463,6 +470,9 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
                 reference = latency["backends"]["eager-fp32"]["decode"][name]["tokens"]
                 timing["tokens_equal_to_eager_fp32"] = timing["tokens"] == reference
                 timing["first_difference_from_eager_fp32"] = first_difference(timing["tokens"], reference)
+        entry["per_token_fit"] = per_token_cost_fit(
+            [timing["median_decode_s"] / timing["decode_steps"] for timing in entry["decode"].values()],
+            [read[name] for name in entry["decode"]])
     latency["load_average"]["end"] = load_average()
     latency["seconds"] = round(time.perf_counter() - wall, 1)
     return results
@@ -518,8 +528,8 @@ def markdown(results: dict) -> str:
         lines += [f"### {backend}", ""]
         prefill = entry.get("prefill", {})
         header = "| model | " + "".join(f"prefill {shape} ms (speedup) | " for shape in prefill)
-        header += "decode tokens/s | decode speedup | ideal | measured / ideal | tokens |"
-        lines += [header, "|---|" + "---:|" * (len(prefill) + 4) + "---|"]
+        header += "decode tokens/s | decode speedup | ideal | measured / ideal | paired speedup (/ ideal) | tokens |"
+        lines += [header, "|---|" + "---:|" * (len(prefill) + 5) + "---|"]
         for name, timing in entry["decode"].items():
             cells = [f"{prefill[shape][name]['median_ms']:.1f} ({prefill[shape]['dense']['median_ms'] / prefill[shape][name]['median_ms']:.2f}x)"
                      for shape in prefill]
@@ -533,8 +543,15 @@ def markdown(results: dict) -> str:
             compiled = f", compile {timing['first_call_s']:.0f} s" if "first_call_s" in timing else ""
             lines.append(f"| {name} | " + "".join(f"{cell} | " for cell in cells)
                          + f"{timing['tokens_per_s']:.1f} | {timing['speedup']:.3f}x | {timing['ideal_speedup']:.3f}x | "
-                         f"{100 * timing['of_ideal']:.0f}% | {'; '.join(checks)}{compiled} |")
-        lines.append("")
+                         f"{100 * timing['of_ideal']:.0f}% | {timing['paired_speedup']:.3f}x "
+                         f"({100 * timing['paired_of_ideal']:.0f}%) | {'; '.join(checks)}{compiled} |")
+        fit = entry["per_token_fit"]
+        dense = entry["decode"]["dense"]
+        fixed_share = fit["fixed_ms"] / (1000 * dense["median_decode_s"] / dense["decode_steps"])
+        rate = f"{fit['gb_per_s']:.1f} GB/s" if fit["gb_per_s"] else "no rate (slope not positive)"
+        lines += ["", f"Per decode step: {fit['fixed_ms']:.1f} ms fixed + weight bytes at {rate} (line through the "
+                      f"models above, R² {fit['r2']:.2f}); the fixed part is {100 * fixed_share:.0f}% of the dense "
+                      f"model's step.", ""]
     lines.append(f"Latency step: {latency['seconds'] / 60:.1f} min; prefill median of {s['prefill_repeats']} "
                  f"interleaved rounds after {s['prefill_warmup']} warm-up, decode median of {s['decode_repeats']} "
                  f"after {s['decode_warmup']}.")

@@ -170,7 +170,6 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path) -> dic
         decode = time_decode(backend_models, backend, prompt, s["new_tokens"], s["decode_warmup"],
                              s["decode_repeats"], max_compile_s=float("inf"))
         for name, timing in decode.items():
-            timing["prefill_median_ms"] = prefill[name]["median_ms"]
             timing["prefill"] = prefill[name]
             timing["speedup_vs_dense"] = decode[DENSE]["median_decode_s"] / timing["median_decode_s"]
             timing["speedup_vs_m1"] = decode[m1]["median_decode_s"] / timing["median_decode_s"] if m1 else None
@@ -250,7 +249,7 @@ def markdown(results: dict) -> str:
                       else f"!= prune step from token {timing['first_difference_from_prune_step']}"]
             vs_m1 = (timing["prefill_speedup_vs_m1"], timing["speedup_vs_m1"])
             lines.append(
-                f"| {name} | {timing['prefill_median_ms']:.1f} | "
+                f"| {name} | {timing['prefill']['median_ms']:.1f} | "
                 f"{'' if vs_m1[0] is None else f'{vs_m1[0]:.3f}x'} | {timing['prefill_speedup_vs_dense']:.3f}x | "
                 f"{timing['tokens_per_s']:.2f} | {'' if vs_m1[1] is None else f'{vs_m1[1]:.3f}x'} | "
                 f"{timing['speedup_vs_dense']:.3f}x | {timing['ideal_speedup_vs_dense']:.3f}x | "

@@ -44,6 +44,15 @@ def interleaved_median_seconds(calls: Sequence[Callable[[], object]], warmup: in
     return [statistics.median(samples) for samples in interleaved_seconds(calls, warmup, repeats)]
 
 
+def median_ratio(reference: Sequence[float], candidate: Sequence[float]) -> float:
+    """The median over rounds of reference / candidate, for samples of ``interleaved_seconds`` paired by round: a
+    speedup from which a slow phase of the machine that hits a whole round cancels, where a ratio of the two
+    medians keeps it when the slow rounds are not the same for both."""
+    if len(reference) != len(candidate) or not reference:
+        raise ValueError(f"need samples paired by round, got {len(reference)} and {len(candidate)}")
+    return statistics.median(r / c for r, c in zip(reference, candidate))
+
+
 def summary(samples: Sequence[float]) -> dict:
     """{median_s, min_s, max_s, q1_s, q3_s, repeats} of timed samples in seconds (quartiles: the median when there
     is one sample)."""
