@@ -18,12 +18,13 @@ PRUNABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
     """Fraction of exactly-zero weights in every Linear/Conv layer (and transformers' Conv1D); a streamed model's
-    weights are read one layer at a time."""
+    weights are read one layer at a time. A layer that slimming emptied (no heads or neurons left: a weight with no
+    elements) holds no zeros: 0.0, as every other slimmed layer."""
     sparsity = {}
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE) or type(module).__name__ == "Conv1D":
             weight = parameter_value(model, f"{name}.weight")
-            sparsity[name] = (weight.numel() - int(torch.count_nonzero(weight))) / weight.numel()
+            sparsity[name] = (weight.numel() - int(torch.count_nonzero(weight))) / max(weight.numel(), 1)
     return sparsity
 
 

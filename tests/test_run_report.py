@@ -35,3 +35,12 @@ def test_counts_are_exact(tmp_path, streamed):
         model = open_streamed_causal_lm(tmp_path / "model")
     assert layer_sparsity(model) == expected_sparsity
     assert parameter_counts(model) == expected_counts
+
+
+def test_a_layer_slimming_emptied_reports_no_zeros():
+    """Slimming at 70% of MiniLM's FLOPs left a block no attention head: its query/key/value Linears have no weights
+    (0 x 384). The report says 0.0 for them (nothing is zero), as for every slimmed layer, instead of failing."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 0), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[0, :2] = 0.0
+    assert layer_sparsity(model) == {"0": 0.0, "1": 2 / 32}

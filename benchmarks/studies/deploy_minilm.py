@@ -298,9 +298,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = study_parser(STUDY, __doc__, epilog=(
-        "Full run: the prune step about 2.5 hours on 2 shared cores (eight mask_search runs, six fine-tunes: four "
-        "of one epoch, two of three; 54 evaluations of 2000 examples, 9 int8 quantizations); the latency step 17 "
-        "minutes alone (108 conversions and 36 quantizations, then the timed rounds)."))
+        "Full run: the prune step about 3 hours on 2 shared cores (ten mask_search runs, eight fine-tunes: four "
+        "of one epoch, four of three; 66 evaluations of 2000 examples, 11 int8 quantizations); the latency step 21 "
+        "minutes alone (132 conversions and 44 quantizations, then the timed rounds)."))
     parser.add_argument("--resume", action="store_true",
                         help="--step prune: keep the models an earlier prune step saved (same settings), make the ones "
                              "settings.yaml adds or it did not finish")

@@ -562,7 +562,7 @@ def main(argv=None) -> int:
     parser = study_parser(
         STUDY, __doc__,
         epilog="Prune step on 2 cores: about 45 minutes (one 16-minute Fisher pass, 9 recipe prunings, 13 perplexity "
-               "evaluations, 25 greedy generations). Latency step with the defaults: about 15 minutes.")
+               "evaluations, 25 greedy generations). Latency step with the defaults: about 20 minutes.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="pruning types (default: all)")
     parser.add_argument("--fractions", type=float, nargs="+", help="head+FFN FLOPs fractions to remove")
     parser.add_argument("--latency-models", nargs="+",
