@@ -9,6 +9,7 @@ model once, in an order that rotates each round, so slow phases of a shared mach
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable
 
@@ -119,18 +120,12 @@ def per_token_cost_fit(seconds_per_step: list[float], weight_bytes: list[int]) -
     backend: ``fixed_ms`` (the intercept: per-step cost that fewer weights do not shrink, e.g. Python, kernel launches,
     sampling, cache updates), ``gb_per_s`` (1 / slope: the rate at which the weights are read) and ``r2``. A fixed
     cost bounds the decode speedup below the bytes ratio, more so where weights are read faster (bf16)."""
-    n = len(weight_bytes)
-    if n < 2 or len(set(weight_bytes)) < 2 or len(seconds_per_step) != n:
+    if len(set(weight_bytes)) < 2 or len(seconds_per_step) != len(weight_bytes):
         raise ValueError(f"need at least 2 models of different weight bytes, got {weight_bytes}")
-    mean_x, mean_y = sum(weight_bytes) / n, sum(seconds_per_step) / n
-    sxx = sum((x - mean_x) ** 2 for x in weight_bytes)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(weight_bytes, seconds_per_step))
-    slope = sxy / sxx
-    intercept = mean_y - slope * mean_x
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(weight_bytes, seconds_per_step))
-    total = sum((y - mean_y) ** 2 for y in seconds_per_step)
-    return {"fixed_ms": 1000 * intercept, "gb_per_s": 1e-9 / slope if slope > 0 else None,
-            "r2": 1 - residual / total if total > 0 else 1.0}
+    slope, intercept = statistics.linear_regression(weight_bytes, seconds_per_step)
+    # a least-squares line's R² is the squared correlation; all-equal times lie on the (flat) line exactly
+    r2 = statistics.correlation(weight_bytes, seconds_per_step) ** 2 if len(set(seconds_per_step)) > 1 else 1.0
+    return {"fixed_ms": 1000 * intercept, "gb_per_s": 1e-9 / slope if slope > 0 else None, "r2": r2}
 
 
 class TokenClock:
