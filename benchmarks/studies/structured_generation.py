@@ -50,9 +50,12 @@ interleaved (every round times every model once, in a rotating order: ``inc_plug
   subtracting two noisy medians or re-implementing the loop. Backends: the eager ones (dynamic cache), and
   inductor fp32: transformers' own compiled decode (``cache_implementation="static"``, ``torch.compile`` of the
   forward with fullgraph and static shapes; the prefill runs eager), each model compiled by its first, untimed call
-  (a backend where a model's compile takes longer than ``max_compile_s`` is dropped, saying so). Compiling one
-  SmolLM2 decode costs about a minute of CPU on 2 cores, so the compiled backend times dense and the
-  ``compiled_models`` only (models of identical layer sizes, e.g. wanda_sp and structured_magnitude, share a compile);
+  (a backend where a model's compile takes longer than ``max_compile_s`` is dropped, saying so); inductor-freezing
+  bf16-weights: the same with the weights cast to bf16 and inductor's freezing, which folds the weights into the
+  graph and prepacks each Linear's for oneDNN (without it a bf16 Linear at batch 1 runs the slower unpacked kernel:
+  decode_step_costs). Compiling one SmolLM2 decode costs about a minute of CPU on 2 cores, so the compiled backends
+  time dense and the ``compiled_models`` only (models of identical layer sizes, e.g. wanda_sp and
+  structured_magnitude, share a compile);
 * every timed generation's tokens are recorded and checked: the same in every round; on fp32 backends, the same as
   the prune step's (its first 32, checked there against the masked model) and as eager fp32's; each the model's
   own greedy choice (``greedy_disagreement``: one forward of prompt + tokens without cache, under the backend's
@@ -104,15 +107,21 @@ RECIPE_STAGES = {"flap": ("smollm2_flap.yaml", "flap"), "wanda_sp": ("smollm2_wa
                  "structured_magnitude": ("smollm2_wanda_sp.yaml", "structured_magnitude")}
 METHODS = (*RECIPE_STAGES, "mask_search")
 CORPUS_RECIPE = "smollm2_flap.yaml"  # the corpus and evaluation settings every SmolLM2 recipe shares
-BACKENDS = ("eager-fp32", "eager-bf16", "eager-bf16-weights", "inductor-fp32")
+BACKENDS = ("eager-fp32", "eager-bf16", "eager-bf16-weights", "inductor-fp32", "inductor-freezing-bf16-weights")
 BYTES = {"float32": 4, "bfloat16": 2}  # per weight element, in the dtype the matmuls run in
 BACKEND_DTYPE = {"eager-fp32": "float32", "eager-bf16": "bfloat16", "eager-bf16-weights": "bfloat16",
-                 "inductor-fp32": "float32"}
+                 "inductor-fp32": "float32", "inductor-freezing-bf16-weights": "bfloat16"}
 AUTOCAST_BACKENDS = ("eager-bf16",)  # fp32 weights, matmuls in bf16 under torch.autocast
-CAST_BACKENDS = ("eager-bf16-weights",)  # weights stored in bf16 (torch_dtype=bfloat16), no autocast
+# weights stored in bf16 (torch_dtype=bfloat16), no autocast
+CAST_BACKENDS = ("eager-bf16-weights", "inductor-freezing-bf16-weights")
 # transformers compiles the decode forward itself once a static cache is asked for; on CPU only with this flag
 STATIC_DECODE_COMPILE = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
 STATIC_DECODE_COMPILE._compile_all_devices = True
+# torch.compile takes a mode or options, not both ("default" mode is no options)
+FROZEN_DECODE_COMPILE = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=None,
+                                      options={"freezing": True})
+FROZEN_DECODE_COMPILE._compile_all_devices = True
+DECODE_COMPILE = {"inductor-fp32": STATIC_DECODE_COMPILE, "inductor-freezing-bf16-weights": FROZEN_DECODE_COMPILE}
 
 
 def model_name(method: str, fraction: float) -> str:
@@ -337,7 +346,13 @@ def models_for(models: dict, backend: str) -> dict:
     """The models as `backend` runs them: copies with bf16 weights for a cast backend, else the models."""
     if backend not in CAST_BACKENDS:
         return models
-    return {name: copy.deepcopy(model).to(torch.bfloat16) for name, model in models.items()}
+    cast = {}
+    for name, model in models.items():
+        cast[name] = copy.deepcopy(model).to(torch.bfloat16)
+        # generate keeps a static cache on the model (an earlier compiled fp32 decode's) and reuses it whatever the
+        # dtype: the copy must make its own
+        vars(cast[name]).pop("_cache", None)
+    return cast
 
 
 def backend_availability(backend: str) -> tuple[bool, str]:
@@ -362,8 +377,8 @@ def time_prefill(models: dict, backend: str, ids: torch.Tensor, warmup: int, rep
 
 
 def generate_kwargs(backend: str) -> dict:
-    if backend.startswith("inductor"):
-        return {"cache_implementation": "static", "compile_config": STATIC_DECODE_COMPILE}
+    if backend in DECODE_COMPILE:
+        return {"cache_implementation": "static", "compile_config": DECODE_COMPILE[backend]}
     return {"disable_compile": True}
 
 
@@ -446,7 +461,7 @@ def latency_step(source: CausalLMSource, results: dict, models_dir: Path, latenc
                         backend_models, backend, ids, s["prefill_warmup"], s["prefill_repeats"])
             timed = backend_models
             if backend.startswith("inductor") and s["compiled_models"] is not None:  # each compile takes a minute
-                timed = {name: models[name] for name in ["dense", *s["compiled_models"]] if name in models}
+                timed = {name: backend_models[name] for name in ["dense", *s["compiled_models"]] if name in models}
             entry["decode"] = time_decode(timed, backend, prompt, s["new_tokens"], s["decode_warmup"],
                                           s["decode_repeats"], s["max_compile_s"])
         except Exception as error:  # a backend that fails is a result to record, not a reason to lose the others
@@ -562,7 +577,7 @@ def main(argv=None) -> int:
     parser = study_parser(
         STUDY, __doc__,
         epilog="Prune step on 2 cores: about 45 minutes (one 16-minute Fisher pass, 9 recipe prunings, 13 perplexity "
-               "evaluations, 25 greedy generations). Latency step with the defaults: about 20 minutes.")
+               "evaluations, 25 greedy generations). Latency step with the defaults: about 27 minutes.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="pruning types (default: all)")
     parser.add_argument("--fractions", type=float, nargs="+", help="head+FFN FLOPs fractions to remove")
     parser.add_argument("--latency-models", nargs="+",
