@@ -359,8 +359,8 @@ def test_per_token_cost_fit_recovers_a_fixed_cost_and_a_read_rate():
 def test_decode_step_costs_quick(tmp_path):
     """Every part runs on tiny shapes: each Linear form's timing streams at least kernel_stream_mb of weights and
     gets a per-call floor and rate; a decode step is profiled over exactly the decode steps (new tokens - 1: the
-    prefill's token is not profiled), the operators' self times within its wall time; the uniform slim keeps the closed-form units
-    (1 of 2 key/value groups, 48 of 64 neurons), so its ideal is a ratio of weight elements."""
+    prefill's token is not profiled), the operators' self times within its wall time; the uniform slim keeps the
+    closed-form units (1 of 2 key/value groups, 48 of 64 neurons), so its ideal is a ratio of weight elements."""
     run_study("decode_step_costs", out=tmp_path)
     data = results(tmp_path / "decode_step_costs_quick.json", "settings", "kernels", "operators", "scale")
     for dtype, forms in data["kernels"].items():

@@ -381,8 +381,9 @@ def markdown(results: dict) -> str:
                   f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, greedy, batch 1, KV cache. "
                   f"Decode ms/step: unprofiled, median of {s['decode_repeats']} interleaved rounds after "
                   f"{s['decode_warmup']} warm-up. Profiled: the wall time per step of a profiled generate call, "
-                  f"median of {s['profile_rounds']} interleaved rounds (the profiler adds a cost per operator), split into operators' self CPU time (matmul: "
-                  f"every Linear's operators; attention: scaled_dot_product_*) and the time outside operators "
+                  f"median of {s['profile_rounds']} interleaved rounds (the profiler adds a cost per operator), "
+                  f"split into operators' self CPU time (matmul: every Linear's operators; attention: "
+                  f"scaled_dot_product_*) and the time outside operators "
                   f"(generate's Python loop). {UNIFORM}: every block keeps round({s['keep']} x groups) "
                   f"key/value groups and round({s['keep']} x neurons) FFN neurons in multiples of "
                   f"{s['neuron_multiple']}.", "", *operators_markdown(results["operators"])]
