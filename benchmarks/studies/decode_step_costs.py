@@ -56,12 +56,10 @@ from benchmarks.studies.common import StudyRun, machine_line, study_parser, stud
 from benchmarks.studies.measures import per_token_cost_fit
 from benchmarks.studies.sources import causal_lm
 from benchmarks.studies.structured_generation import (CAST_BACKENDS, backend_availability, backend_weight_bytes,
-                                                      greedy_new_tokens, models_for, time_decode)
+                                                      greedy_new_tokens, models_for, parameters_of, time_decode)
 from inc_plugins.models.saving import load_slimmed
 from inc_plugins.models.structure_masks import expand_head_mask, mask_structure
 from inc_plugins.models.surgery_transformers import slim_model
-from inc_plugins.perf.backends import native_bf16
-from inc_plugins.perf.machine import cpu_description
 from inc_plugins.perf.synthetic import seeded_model
 from inc_plugins.perf.timing import interleaved_seconds, median_ratio, seconds_of, summary
 
@@ -81,13 +79,11 @@ UNIFORM = "uniform"  # the name of every uniform slim in the results
 
 
 def form_availability(dtype: str, form: str) -> tuple[bool, str]:
-    if dtype == "bfloat16":
-        native = native_bf16(cpu_description()["flags"])
-        if not native.available:
-            return False, native.reason
-    if form == "prepacked" and not torch.backends.mkldnn.is_available():
+    # a dtype runs where structured_generation's eager backend of that dtype does (bf16: only natively)
+    available, reason = backend_availability("eager-bf16-weights" if dtype == "bfloat16" else "eager-fp32")
+    if available and form == "prepacked" and not torch.backends.mkldnn.is_available():
         return False, "this torch build has no oneDNN (mkldnn)"
-    return True, f"torch {torch.__version__}"
+    return available, reason
 
 
 def streamed_linear_seconds(rows: int, columns: int, dtype: torch.dtype, form: str, stream_bytes: int,
@@ -219,8 +215,8 @@ def operators_part(source, settings: dict, models_dir: Path | None) -> dict:
             row["unprofiled_ms_per_step"] = 1000 * timed[name]["median_decode_s"] / timed[name]["decode_steps"]
             row["decode_s_per_round"] = timed[name]["decode_s_per_round"]
             row["ideal_speedup"] = dense_bytes / backend_weight_bytes(model, backend)
-        for name, row in rows.items():
-            dense = rows["dense"]
+        dense = rows["dense"]
+        for row in rows.values():
             row["speedup"] = dense["unprofiled_ms_per_step"] / row["unprofiled_ms_per_step"]
             row["paired_speedup"] = median_ratio(dense["decode_s_per_round"], row["decode_s_per_round"])
             row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
@@ -279,7 +275,7 @@ def scale_part(settings: dict) -> dict:
             if not available:
                 continue
             models = layout_models(shape, settings, backend)
-            entry["parameters"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+            entry["parameters"] = {name: parameters_of(model) for name, model in models.items()}
             decode = time_decode(models, backend, prompt, settings["scale_new_tokens"], settings["decode_warmup"],
                                  settings["decode_repeats"], math.inf)
             read = {name: backend_weight_bytes(model, backend) for name, model in models.items()}
